@@ -1,0 +1,97 @@
+"""The contract every service-LLM backend fulfils.
+
+A backend turns one `ChatRequest` into one `Completion`, or raises
+`TransientError` (worth retrying: 429, 5xx, timeouts, dropped connections) or
+`PermanentError` (not worth retrying: 400, 401, 404, a refused request).
+Retries, rate limits, caching, JSON validation and accounting live in
+`llamaduo_nb.llm.client`, once, for every backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple  # ({"role": "system"|"user"|"assistant", "content": str}, ...)
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    json_schema: Optional[dict] = None  # ask for (and validate against) this JSON schema
+    repeat: int = 0  # keeps M repeated judgements of the same prompt distinct in the cache
+    # Fields whose integer "score" a local stand-in judge reads from its probability
+    # distribution instead of sampling digits (API backends ignore this).
+    score_fields: tuple = ()
+
+    def key(self, backend: str, model: str, base_url: Optional[str] = None) -> str:
+        """Cache key: everything that changes the answer."""
+        body = asdict(self)
+        body.update(backend=backend, model=model, base_url=base_url or "")
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def estimated_tokens(self) -> int:
+        """A cheap upper-bound guess for the tokens/min limiter (4 characters per token)."""
+        chars = sum(len(m.get("content", "")) for m in self.messages)
+        return chars // 4 + self.max_tokens
+
+
+@dataclass
+class Completion:
+    """What one API call returned."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str = ""
+
+
+@dataclass
+class ChatResult:
+    """The outcome of one request after retries and re-asks."""
+
+    ok: bool
+    text: Optional[str] = None
+    parsed: Any = None  # the validated JSON object when the request had a schema
+    error: Optional[str] = None  # why it failed (ok=False)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached: bool = False  # answered entirely from the response cache
+    api_calls: int = 0
+    retries: int = 0
+    reasks: int = 0
+
+
+class TransientError(Exception):
+    """Worth retrying. `retry_after` (seconds) comes from the server when it says so."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None, status: Optional[int] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class PermanentError(Exception):
+    """Not worth retrying (bad request, authentication, unknown model)."""
+
+
+class Backend:
+    """Base class: one request at a time (async) or, for in-process models, in batches."""
+
+    name = "base"
+    supports_batch = False  # True: the client calls complete_batch() in a worker thread
+
+    def __init__(self, config):
+        self.config = config
+
+    async def complete(self, request: ChatRequest) -> Completion:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def complete_batch(self, requests: list[ChatRequest]) -> list[Completion]:  # pragma: no cover
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,56 @@
+"""A persistent response cache: a re-run or a resumed run never pays twice.
+
+SQLite in the run folder, one row per API call, written as soon as the answer
+arrives (WAL mode, one transaction per row), so a run killed mid-way keeps every
+answer it had already paid for.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from .base import Completion
+
+
+class ResponseCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, backend TEXT, model TEXT,"
+            " text TEXT, input_tokens INTEGER, output_tokens INTEGER, finish_reason TEXT, created REAL)"
+        )
+        self._db.commit()
+
+    def get(self, key: str) -> Optional[Completion]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT text, input_tokens, output_tokens, finish_reason FROM responses WHERE key=?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return Completion(text=row[0], input_tokens=row[1], output_tokens=row[2], finish_reason=row[3] or "")
+
+    def put(self, key: str, backend: str, model: str, completion: Completion) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?,?)",
+                (key, backend, model, completion.text, completion.input_tokens, completion.output_tokens,
+                 completion.finish_reason, time.time()),
+            )
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

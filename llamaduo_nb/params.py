@@ -1,0 +1,264 @@
+"""Typed, validated experiment parameters.
+
+The schema's defaults are the paper's settings; a params file overrides only what
+differs (see `params/quickstart.yaml`). An unknown key, a wrong type or a missing
+file is refused with one line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROMPTS_DIR = PROJECT_ROOT / "params" / "prompts"
+
+# Task name (used in paths and tables) -> No Robots category.
+TASK_CATEGORIES = {
+    "summarization": "Summarize",
+    "classification": "Classify",
+    "coding": "Coding",
+    "closed_qa": "Closed QA",
+}
+TaskName = Literal["summarization", "classification", "coding", "closed_qa"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CoverageParams(Strict):
+    source: Literal["bundled", "hub", "file"] = "bundled"  # bundled: the set shipped in the package
+    path: Optional[str] = None  # JSONL or parquet in No Robots' schema, for source: file
+    hub_dataset: str = "HuggingFaceH4/no_robots"  # for source: hub (needs internet)
+    test_fraction: float = Field(0.25, gt=0, lt=1)  # for sources without a test split of their own
+    max_test_prompts: Optional[PositiveInt] = None  # cap on test prompts per task used downstream
+
+    @model_validator(mode="after")
+    def _file_needs_path(self):
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs coverage.path")
+        return self
+
+
+class ServiceParams(Strict):
+    """One service LLM (a synthesiser or a judge)."""
+
+    name: Optional[str] = None  # label in tables; default "<backend>:<model>"
+    backend: Literal["local", "openai", "anthropic", "gemini"] = "openai"
+    model: str = "gpt-4o"
+    base_url: Optional[str] = None  # any OpenAI-compatible server (vLLM, llama.cpp, Ollama) or an emulator
+    api_key_env: Optional[str] = None  # NAME of the environment variable holding the key, never the key
+    max_concurrency: PositiveInt = 16
+    requests_per_minute: Optional[float] = Field(None, gt=0)
+    tokens_per_minute: Optional[float] = Field(None, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)  # transient errors (429, 5xx, timeouts) per request
+    max_reasks: int = Field(2, ge=0)  # extra tries when the output is not valid JSON for the schema
+    price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million input tokens (editable price table)
+    price_output_per_mtok: float = Field(0.0, ge=0)
+    batch_size: PositiveInt = 8  # local backend: prompts generated together
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.backend}:{self.model}"
+
+    @model_validator(mode="after")
+    def _key_env_is_a_name(self):
+        if self.api_key_env and (not self.api_key_env.replace("_", "").isalnum() or self.api_key_env.startswith("sk-")):
+            raise ValueError("api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key")
+        return self
+
+
+class SynthesizeParams(Strict):
+    prompt: str = "synthesize"  # params/prompts/<prompt>.yaml or a path
+    samples_per_task: PositiveInt = 300_000  # raw pairs to request per task
+    pairs_per_call: PositiveInt = 5
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: PositiveInt = 2048
+
+
+class DeduplicateParams(Strict):
+    num_perm: PositiveInt = 128  # MinHash permutations
+    shingle_size: PositiveInt = 3  # words per shingle
+    lsh_threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard above which pairs are candidates
+    rouge_l_threshold: float = Field(0.7, gt=0, le=1)  # ROUGE-L F above which a candidate is a duplicate
+
+
+class LoraParams(Strict):
+    r: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class FinetuneParams(Strict):
+    base_models: list[str] = Field(default_factory=lambda: ["google/gemma-2b-it"], min_length=1)
+    volumes: list[PositiveInt] = Field(default_factory=lambda: [1000 * 2**n for n in range(9)], min_length=1)
+    quantization: Literal["none", "nf4"] = "nf4"  # nf4 = QLoRA; needs CUDA
+    lora: LoraParams = Field(default_factory=LoraParams)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    per_device_train_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt = 2
+    max_length: PositiveInt = 2048
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
+    chat_template: Optional[str] = None  # Jinja template for base models that ship none
+    logging_steps: PositiveInt = 1
+
+    @field_validator("volumes")
+    @classmethod
+    def _sorted_unique(cls, v):
+        return sorted(set(v))
+
+
+class InferParams(Strict):
+    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    k: PositiveInt = 4  # answers per test prompt
+    max_new_tokens: PositiveInt = 1024
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: PositiveInt = 16  # prompts per generate call (each with k sequences)
+    base_url: Optional[str] = None  # engine: openai
+
+
+class EvaluateParams(Strict):
+    prompt: str = "judge"  # params/prompts/<prompt>.yaml or a path
+    m: PositiveInt = 10  # judgements per answer
+    zetas: list[int] = Field(default_factory=lambda: [50, 70])
+    temperature: float = Field(0.7, ge=0)
+    max_new_tokens: PositiveInt = 512
+    judges: Optional[list[ServiceParams]] = None  # default: the synthesising service LLM
+
+    @field_validator("zetas")
+    @classmethod
+    def _zetas_in_range(cls, v):
+        if any(z < 0 or z > 100 for z in v):
+            raise ValueError("each zeta must be within 0..100")
+        return v
+
+
+class Params(Strict):
+    run_name: str = "paper"
+    seed: int = 42
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_CATEGORIES), min_length=1)
+    coverage: CoverageParams = Field(default_factory=CoverageParams)
+    service: ServiceParams = Field(default_factory=ServiceParams)
+    synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams)
+    deduplicate: DeduplicateParams = Field(default_factory=DeduplicateParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    infer: InferParams = Field(default_factory=InferParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @property
+    def judges(self) -> list[ServiceParams]:
+        return self.evaluate.judges or [self.service]
+
+    def prompt_path(self, name: str) -> Path:
+        return resolve_prompt(name)
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def resolve_prompt(name: str) -> Path:
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate.resolve()
+    path = PROMPTS_DIR / f"{name}.yaml"
+    if path.exists():
+        return path
+    raise FileNotFoundError(f"prompt '{name}' not found (looked for {candidate} and {path})")
+
+
+def _loc_to_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise UserError(f"--set {dotted}: '{key}' is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key.path=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Params:
+    """Load, merge `--set` overrides into, and validate a params file.
+
+    Raises UserError with one line `FILE: field.path: problem` on any mistake.
+    """
+    overrides = list(overrides or [])
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{source}: params file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise UserError(f"{source}: {where}malformed YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{source}: top level must be a mapping of sections")
+        raw = copy.deepcopy(loaded)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+    where = source + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        field = _loc_to_str(first["loc"]) or "(top level)"
+        raise UserError(f"{where}: {field}: {msg}{more}") from None
+    # Files the params point at must exist now, not halfway through a run.
+    for field, name in (("synthesize.prompt", params.synthesize.prompt), ("evaluate.prompt", params.evaluate.prompt)):
+        try:
+            resolve_prompt(name)
+        except FileNotFoundError as exc:
+            raise UserError(f"{where}: {field}: {exc}") from None
+    if params.coverage.source == "file":
+        cov = Path(params.coverage.path)
+        if not cov.is_absolute() and path is not None and not cov.exists():
+            cov = Path(path).resolve().parent / cov
+        if not cov.exists():
+            raise UserError(f"{where}: coverage.path: file not found: {params.coverage.path}")
+        params.coverage.path = str(cov.resolve())
+    return params
