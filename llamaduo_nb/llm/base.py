@@ -23,9 +23,9 @@ class ChatRequest:
     max_tokens: int = 512
     json_schema: Optional[dict] = None  # ask for (and validate against) this JSON schema
     repeat: int = 0  # keeps M repeated judgements of the same prompt distinct in the cache
-    # Fields whose integer "score" a local stand-in judge reads from its probability
-    # distribution instead of sampling digits (API backends ignore this).
-    score_fields: tuple = ()
+    # (instruction, reference, answer) for the local stand-in judge, which scores by
+    # likelihood instead of writing digits; API backends ignore it.
+    judge_inputs: tuple = ()
 
     def key(self, backend: str, model: str, base_url: Optional[str] = None) -> str:
         """Cache key: everything that changes the answer."""

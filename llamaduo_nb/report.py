@@ -1,0 +1,142 @@
+"""Stage 7 · report: the paper's figures, the metrics table, and the answer browser.
+
+Reads: `metrics.csv`, `dedup/funnel.csv`, `models/` training logs. Writes `figures/*.png` and
+`figures/*.svg` (publication-ready: labelled axes, log2 volume axis, a panel per task, a line
+per local model and judge), `figures/metrics_table.csv`, DONE.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg") if matplotlib.get_backend().lower() in ("", "agg") else None
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from . import dedup, evaluate, finetune
+from .io import save_figure, write_csv
+from .params import Params
+from .stage import StageResult, StageRun, stage_dir
+
+NOT_THE_PAPER = (
+    "Offline stand-in: the judge is the local model itself, scoring by likelihood. "
+    "These numbers show the pipeline works; they are not the paper's numbers."
+)
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.4):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, sharey=True)
+    return fig, axes[0]
+
+
+def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean"):
+    """Score vs training volume (log2 axis); the base model (volume 0) as a dashed line."""
+    data = metrics[metrics["metric"] == metric]
+    tasks = list(dict.fromkeys(data["task"]))
+    fig, axes = _panels(max(1, len(tasks)))
+    for ax, task in zip(axes, tasks):
+        sub = data[data["task"] == task]
+        for (model, judge), line in sub.groupby(["local_model", "judge"]):
+            tuned = line[line["volume"] > 0].sort_values("volume")
+            label = f"{model} (judge {judge})"
+            handle = ax.plot(tuned["volume"], tuned[statistic], marker="o", label=label)[0]
+            base = line[line["volume"] == 0]
+            if not base.empty:
+                ax.axhline(float(base[statistic].iloc[0]), ls="--", lw=1, color=handle.get_color(), alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task.replace("_", " "))
+        ax.set_xlabel("training samples (log2)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{metric} ({statistic}, 0–100)")
+    axes[0].set_ylim(0, 100)
+    axes[-1].legend(fontsize=7, loc="lower right", title="dashed: base model", title_fontsize=7)
+    fig.suptitle(f"{metric.capitalize()} vs data volume", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70)):
+    """coverage@ζ per volume, one panel per task (first local model and judge of each task)."""
+    data = metrics[metrics["metric"] == metric]
+    tasks = list(dict.fromkeys(data["task"]))
+    fig, axes = _panels(max(1, len(tasks)))
+    for ax, task in zip(axes, tasks):
+        sub = data[data["task"] == task].sort_values("volume")
+        volumes = sub["volume"].drop_duplicates().tolist()
+        x = np.arange(len(volumes))
+        width = 0.8 / max(1, len(zetas))
+        for i, z in enumerate(zetas):
+            values = [sub[sub["volume"] == v][f"coverage_{z}"].mean() for v in volumes]
+            ax.bar(x + i * width - 0.4 + width / 2, values, width, label=f"coverage@{z}")
+        ax.set_xticks(x, ["base" if v == 0 else str(v) for v in volumes])
+        ax.set_title(task.replace("_", " "))
+        ax.set_xlabel("training samples")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"{metric}: % of answers ≥ ζ")
+    axes[0].set_ylim(0, 100)
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f"Coverage of {metric}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def funnel_plot(funnel: pd.DataFrame):
+    steps = [c for c in funnel.columns if c not in ("task", "requested", "calls", "valid_calls")]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for _, row in funnel.iterrows():
+        ax.plot(steps, [row[s] for s in steps], marker="o", label=row["task"])
+    ax.set_ylabel("pairs")
+    ax.set_title("Deduplication funnel")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate(rotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(logs: pd.DataFrame):
+    tasks = list(dict.fromkeys(logs["task"])) if not logs.empty else []
+    fig, axes = _panels(max(1, len(tasks)), height=3.0)
+    for ax, task in zip(axes, tasks):
+        for (model, volume), log in logs[logs["task"] == task].groupby(["local_model", "volume"]):
+            ax.plot(log["step"], log["loss"], marker=".", label=f"{model} · {volume}")
+        ax.set_title(task.replace("_", " "))
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("training loss")
+    fig.tight_layout()
+    return fig
+
+
+def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
+    stage = StageRun("report", params, run_dir, force)
+    if stage.up_to_date():
+        return stage.skipped()
+    stage.begin()
+    out = stage_dir(run_dir, "report")
+    metrics = evaluate.load_metrics(run_dir)
+    zetas = params.evaluate.zetas
+    written = []
+    for metric in ("similarity", "precision"):
+        written += save_figure(score_vs_volume(metrics, metric), out / f"{metric}_vs_volume")
+        written += save_figure(coverage_bars(metrics, metric, zetas), out / f"{metric}_coverage")
+    written += save_figure(funnel_plot(pd.read_csv(stage_dir(run_dir, "deduplicate") / "funnel.csv")), out / "dedup_funnel")
+    logs = finetune.load_train_logs(run_dir)
+    if not logs.empty:
+        written += save_figure(loss_curves(logs), out / "training_loss")
+    plt.close("all")
+    write_csv(out / "metrics_table.csv", metrics_table(metrics, zetas))
+    return stage.finish({"figures": len(written) // 2}, outputs={"figures": [str(p) for p in written]})
+
+
+def metrics_table(metrics: pd.DataFrame, zetas=(50, 70)) -> pd.DataFrame:
+    """The paper's table: one row per (task, model, judge, volume), similarity and precision side by side."""
+    cols = ["mean", "median"] + [f"coverage_{z}" for z in zetas]
+    wide = metrics.pivot_table(index=["task", "local_model", "judge", "volume"], columns="metric", values=cols)
+    wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
+    ordered = [f"{m}_{c}" for m in ("similarity", "precision") for c in cols if f"{m}_{c}" in wide.columns]
+    return wide[ordered].round(1).reset_index()

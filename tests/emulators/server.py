@@ -1,0 +1,298 @@
+"""The HTTP server the three provider emulators share.
+
+A `ProviderEmulator` is a threaded `http.server` on 127.0.0.1 (a free port), one
+thread per connection, HTTP/1.1 keep-alive. A provider subclass says which path
+it serves, how to read the request (key, messages, JSON schema) and how its
+answers and errors look. The base class does the rest: authentication against
+the expected key, the optional provider-side rate limit, latency, fault
+injection (see `faults.py`) and the request log (`emu.stats`).
+
+    with OpenAIEmulator(reply=lambda ctx: '{"score": 3}', policy=first_attempt("429")) as emu:
+        ... base_url=emu.url ...
+        assert emu.stats.count("429") == n
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional, Union
+
+from .faults import Fault, Policy, Recorder, Reply, RequestContext, RequestRecord, TokenBucket, as_fault
+
+
+def default_reply(ctx: RequestContext) -> str:
+    if ctx.wants_json:
+        return json.dumps({"answer": f"echo: {ctx.prompt[:60]}"})
+    return f"echo: {ctx.prompt[:200]}"
+
+
+def count_tokens(text: str) -> int:
+    """A stand-in tokenizer: about four characters a token, at least one."""
+    return max(1, len(text) // 4)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 1024  # a burst of new connections must not overflow the listen backlog
+    emulator: "ProviderEmulator"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms delayed-ACK stall)
+    server: _Server
+
+    def log_message(self, format, *args):  # noqa: A002 - silence the default stderr log
+        return
+
+    def do_POST(self):  # noqa: N802
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            self.server.emulator._handle(self, raw)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
+
+    def do_GET(self):  # noqa: N802
+        self.server.emulator._send(self, 404, {"error": {"message": "not found"}})
+
+
+class ProviderEmulator:
+    provider = "base"
+    #: what the SDK's base_url should end with (the emulator's `url` includes it)
+    url_suffix = ""
+
+    def __init__(
+        self,
+        reply: Optional[Reply] = None,
+        policy: Optional[Policy] = None,
+        api_key: Optional[str] = None,
+        latency: Union[float, tuple] = 0.0,
+        enforce_rpm: Optional[float] = None,
+        burst_s: float = 1.0,
+        echo_key_in_errors: bool = True,
+        seed: int = 0,
+    ):
+        """
+        reply: ctx -> the reply text (default: an echo, JSON when JSON was asked for)
+        policy: ctx -> Fault | "429" | ... | None (see faults.py); None: always answer
+        api_key: the key a request must carry (None: any key, or none, is accepted)
+        latency: seconds before every answer, a number or (low, high) for uniform random
+        enforce_rpm: refuse requests over this many per minute with 429 + Retry-After,
+            as a provider does (token bucket of `burst_s` seconds' worth)
+        echo_key_in_errors: a 401 repeats the key received (worst case for leaks)
+        """
+        self.reply = reply or default_reply
+        self.policy = policy
+        self.api_key = api_key
+        self.latency = latency
+        self.bucket = TokenBucket(enforce_rpm, burst_s) if enforce_rpm else None
+        self.echo_key_in_errors = echo_key_in_errors
+        self.stats = Recorder()
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._server: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self._ids = 0
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> "ProviderEmulator":
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.emulator = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"{self.provider}-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "ProviderEmulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "emulator not started"
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The base_url to give the provider's SDK."""
+        return f"http://127.0.0.1:{self.port}{self.url_suffix}"
+
+    # -- provider hooks -----------------------------------------------------
+    def matches(self, path: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def received_key(self, headers) -> Optional[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parse(self, path: str, body: dict) -> dict:  # pragma: no cover - abstract
+        """-> {"model", "system", "messages" [{"role","content"}], "wants_json", "schema"}"""
+        raise NotImplementedError
+
+    def validate(self, body: dict) -> Optional[str]:
+        """A reason to answer 400 (the request is not what the real API accepts), or None."""
+        return None
+
+    def ok_body(self, ctx: RequestContext, text: str, input_tokens: int, output_tokens: int) -> dict:
+        raise NotImplementedError  # pragma: no cover
+
+    def empty_body(self, ctx: RequestContext, input_tokens: int) -> dict:
+        raise NotImplementedError  # pragma: no cover
+
+    def error_body(self, status: int, message: str, retry_after: Optional[float] = None) -> dict:
+        raise NotImplementedError  # pragma: no cover
+
+    def error_headers(self, status: int, retry_after) -> dict:
+        return {"Retry-After": str(retry_after)} if retry_after is not None else {}
+
+    # -- helpers ------------------------------------------------------------
+    def next_id(self) -> int:
+        with self._rng_lock:
+            self._ids += 1
+            return self._ids
+
+    def _latency(self) -> float:
+        if isinstance(self.latency, (tuple, list)):
+            with self._rng_lock:
+                return self._rng.uniform(*self.latency)
+        return float(self.latency or 0.0)
+
+    def _send(self, handler: _Handler, status: int, payload, headers: Optional[dict] = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+        handler.wfile.flush()
+
+    @staticmethod
+    def _drop(handler: _Handler) -> None:
+        handler.close_connection = True
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- one request --------------------------------------------------------
+    def _handle(self, handler: _Handler, raw: bytes) -> None:
+        path = handler.path.split("?", 1)[0]
+        if not self.matches(path):
+            self._send(handler, 404, self.error_body(404, f"no route for {path}"))
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+            return
+        arrived = time.monotonic()
+        try:
+            problem = self.validate(body) if isinstance(body, dict) else "request body must be a JSON object"
+            parsed = self.parse(path, body) if not problem else None
+        except Exception as exc:  # noqa: BLE001 - a request the real API would refuse
+            problem, parsed = f"invalid request: {type(exc).__name__}: {exc}", None
+        if parsed is None:
+            parsed = {"model": "", "system": "", "messages": [], "wants_json": False, "schema": None}
+        users = [m["content"] for m in parsed["messages"] if m["role"] == "user"]
+        prompt = users[0] if users else ""
+        index, attempt = self.stats.start(prompt)
+        ctx = RequestContext(
+            provider=self.provider, index=index, attempt=attempt, prompt=prompt,
+            last_user=users[-1] if users else "", system=parsed["system"], messages=parsed["messages"],
+            model=parsed["model"], wants_json=parsed["wants_json"], schema=parsed["schema"], body=body,
+            path=path, headers=dict(handler.headers.items()), arrived=arrived,
+        )
+        record = RequestRecord(index=index, arrived=arrived, prompt=prompt, attempt=attempt, fault="ok")
+        self.stats.add(record)
+
+        def answer(status, payload, headers=None):
+            self._send(handler, status, payload, headers)  # raises when the client has gone
+            record.status = status
+            record.answered = time.monotonic()
+
+        key = self.received_key(handler.headers)
+        if self.api_key is not None and key != self.api_key:
+            record.fault = "unauthorized"
+            shown = key if self.echo_key_in_errors else "***"
+            answer(401, self.error_body(401, f"Incorrect API key provided: {shown}"))
+            return
+        if problem:
+            record.fault = "invalid"
+            answer(400, self.error_body(400, problem))
+            return
+        if self.bucket is not None:
+            wait = self.bucket.take()
+            if wait is not None:
+                record.fault = "limited"
+                seconds = max(1, math.ceil(wait))
+                answer(429, self.error_body(429, "Rate limit reached for requests", seconds),
+                       self.error_headers(429, seconds))
+                return
+
+        fault = as_fault(self.policy(ctx)) if self.policy else Fault()
+        record.fault = fault.label
+        delay = self._latency() + (fault.delay if fault.kind == "slow" else 0.0)
+        if delay:
+            time.sleep(delay)
+
+        if fault.kind == "drop":
+            self._drop(handler)
+            record.answered = time.monotonic()
+            return
+        if fault.kind == "status":
+            answer(fault.status, self.error_body(fault.status, _status_message(fault.status), fault.retry_after),
+                   self.error_headers(fault.status, fault.retry_after))
+            return
+        in_tokens = count_tokens(parsed["system"] + "".join(m["content"] for m in parsed["messages"]))
+        if fault.kind == "empty":
+            answer(200, self.empty_body(ctx, in_tokens))
+            return
+        text = self.reply(ctx)
+        if fault.kind == "malformed":
+            text = "Sure! Here is the JSON you asked for: {'answer': oops, trailing,}"
+        elif fault.kind == "truncated":
+            text = text[: max(1, len(text) // 2)]
+        answer(200, self.ok_body(ctx, text, in_tokens, count_tokens(text)))
+
+
+def _status_message(status: int) -> str:
+    return {
+        429: "Rate limit reached. Please try again later.",
+        500: "The server had an error while processing your request.",
+        502: "Bad gateway.",
+        503: "The service is temporarily unavailable.",
+        529: "Overloaded.",
+        400: "Invalid request.",
+        401: "Invalid authentication.",
+        403: "Permission denied.",
+        404: "The model does not exist.",
+    }.get(status, f"HTTP {status}")
+
+
+def text_of(content) -> str:
+    """A message's text, whether a string or a list of typed blocks/parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") or ""
+    return "".join(text_of(part) for part in content)
