@@ -6,7 +6,7 @@
 
 Both schedulers send the same N = rpm * seconds / 60 chat requests to the local
 OpenAI emulator (tests/emulators), one after the other, each against a fresh
-emulator that answers after a uniform random 1-2 s (`--latency`) and enforces the
+emulator (in its own process) that answers after a uniform random 1-2 s (`--latency`) and enforces the
 limit the way providers do (`--enforce`):
 
   second  a token bucket holding one second's worth of requests (rpm/60), refilled
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +48,6 @@ from llamaduo_nb.llm.base import ChatRequest  # noqa: E402
 from llamaduo_nb.llm.cache import ResponseCache  # noqa: E402
 from llamaduo_nb.llm.client import ServiceLLM  # noqa: E402
 from llamaduo_nb.params import ServiceParams  # noqa: E402
-from tests.emulators import OpenAIEmulator  # noqa: E402
 
 MODEL = "gpt-emulated"
 
@@ -55,18 +56,41 @@ def prompts_for(n: int, tag: str) -> list[str]:
     return [f"[{tag}] Write one sentence about topic number {i}." for i in range(n)]
 
 
-def emulator(args) -> OpenAIEmulator:
-    burst = {"second": 1.0, "minute": 60.0}.get(args.enforce)
-    return OpenAIEmulator(
-        latency=args.latency,
-        enforce_rpm=args.rpm if burst else None,
-        burst_s=burst or 1.0,
-        seed=args.seed,
-    ).start()
+class RemoteEmulator:
+    """The OpenAI emulator in its own process, so that its threads do not share a GIL with
+    the scheduler under test (which would distort both the latency and the arrival times)."""
+
+    def __init__(self, args):
+        burst = {"second": 1.0, "minute": 60.0}.get(args.enforce)
+        options = dict(latency=list(args.latency), enforce_rpm=args.rpm if burst else None,
+                       burst_s=burst or 1.0, seed=args.seed)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-emulator", json.dumps(options)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http"):
+            raise RuntimeError("the emulator process did not start")
+
+    def finish(self) -> dict:
+        """Stop the emulator; its request statistics."""
+        out, _ = self.proc.communicate("", timeout=60)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def serve_emulator(options: dict) -> None:
+    from tests.emulators import OpenAIEmulator
+
+    options["latency"] = tuple(options["latency"])
+    emu = OpenAIEmulator(**options).start()
+    print(emu.url, flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    st = emu.stats
+    print(json.dumps(dict(calls=st.total, refused=st.count("limited"), max_1s=st.max_in_window(1.0),
+                          arrival_rpm=st.rate_per_minute())), flush=True)
+    emu.stop()
 
 
 def run_ours(args, n: int) -> dict:
-    emu = emulator(args)
+    emu = RemoteEmulator(args)
     try:
         cfg = ServiceParams(
             backend="openai", model=MODEL, base_url=emu.url, api_key_env=None,
@@ -80,12 +104,10 @@ def run_ours(args, n: int) -> dict:
             t0 = time.monotonic()
             results = llm.run(requests, progress=False)
             wall = time.monotonic() - t0
-        ok = sum(r.ok for r in results)
-        return dict(ok=ok, failed=n - ok, wall=wall, last_answer=wall, calls=emu.stats.total,
-                    refused=emu.stats.count("limited"), max_1s=emu.stats.max_in_window(1.0),
-                    arrival_rpm=emu.stats.rate_per_minute(), retries=llm.accounting.retries)
     finally:
-        emu.stop()
+        stats = emu.finish()
+    ok = sum(r.ok for r in results)
+    return dict(ok=ok, failed=n - ok, wall=wall, last_answer=wall, retries=llm.accounting.retries, **stats)
 
 
 async def _reference(url: str, prompts: list[str], rpm: float, window: float, timeout: float) -> dict:
@@ -117,14 +139,13 @@ async def _reference(url: str, prompts: list[str], rpm: float, window: float, ti
 
 
 def run_reference(args, n: int, window: float) -> dict:
-    emu = emulator(args)
+    emu = RemoteEmulator(args)
     try:
         out = asyncio.run(_reference(emu.url, prompts_for(n, "reference"), args.rpm, window, args.timeout))
-        out.update(calls=emu.stats.total, refused=emu.stats.count("limited"), max_1s=emu.stats.max_in_window(1.0),
-                   arrival_rpm=emu.stats.rate_per_minute())
-        return out
     finally:
-        emu.stop()
+        stats = emu.finish()
+    out.update(stats)
+    return out
 
 
 def achieved(res: dict, rpm: float, key: str = "wall") -> float:
@@ -144,7 +165,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["ours", "reference"], default=None)
+    ap.add_argument("--serve-emulator", default=None, help=argparse.SUPPRESS)  # internal: the emulator process
     args = ap.parse_args(argv)
+    if args.serve_emulator:
+        serve_emulator(json.loads(args.serve_emulator))
+        return 0
 
     n = max(2, int(round(args.rpm * args.seconds / 60.0)))
     window = args.window or (60.0 if args.seconds >= 120 else args.seconds / 2.0)

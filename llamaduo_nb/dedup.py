@@ -351,7 +351,7 @@ def _check_pairs(pairs: list, what: str) -> None:
 
 
 def _tqdm(progress: bool, **kw):
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return tqdm(disable=not progress, mininterval=0.5, **kw)
 

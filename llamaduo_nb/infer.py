@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import coverage, finetune
 from .errors import UserError

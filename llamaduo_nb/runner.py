@@ -63,6 +63,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     update_manifest(run_dir, params)
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
+    os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
     for stage in chosen:
         executed = run_dir / "notebooks" / NOTEBOOKS[stage]
         if stage not in forced and is_done(stage, params, run_dir) and executed.exists():

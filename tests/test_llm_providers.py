@@ -199,7 +199,7 @@ def test_secret_never_leaks(provider, emulator_factory, tmp_path):
     text = "".join(traceback.format_exception(info.value)) + repr(info.value)
     assert SECRET not in text
 
-    # transient errors too: a dropped connection and a 503 with an echoing body
+    # a transient error too (a dropped connection)
     emu.api_key = None
     emu.policy = by_attempt({"drop me": ["drop"]})
     backend = make_backend(cfg)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import jsonschema
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import UserError
 from .base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError

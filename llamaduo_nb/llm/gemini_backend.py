@@ -22,6 +22,7 @@ from typing import Optional
 from google import genai
 from google.genai import errors, types
 
+from ..errors import UserError
 from .base import Backend, ChatRequest, Completion, PermanentError, TransientError
 from .openai_backend import Scrubber, is_transient_status, resolve_key, retry_after_from_headers, split_system
 
@@ -84,7 +85,7 @@ class GeminiBackend(Backend):
             try:
                 self._client = genai.Client(api_key=self._key, vertexai=False, http_options=http_options)
             except ValueError as exc:
-                raise PermanentError(self._scrub(f"cannot create the Gemini client: {exc}")) from None
+                raise UserError(self._scrub(f"service '{self.config.label}': cannot create the Gemini client: {exc}")) from None
         return self._client
 
     def build(self, request: ChatRequest):

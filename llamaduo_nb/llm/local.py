@@ -116,7 +116,9 @@ class LocalBackend(Backend):
         similarity: how much seeing the answer raises the likelihood of the human reference
           ("repeat this text"), relative to seeing the reference itself;
         precision: the pointwise mutual information between the instruction and the answer,
-          relative to that of the human reference.
+          relative to that of the human reference (ratio r); an answer tied to the instruction
+          more than the reference is (r > 1: typically one that copies the input text) is
+          penalised symmetrically, min(r, 1/r).
         Calibrated so that the reference scores 100 and an empty or unrelated answer about 0.
         """
         key = hashlib.sha256(json.dumps([instruction, reference, answer]).encode()).hexdigest()
@@ -134,7 +136,8 @@ class LocalBackend(Backend):
         if answer.strip():
             sim_lp, ans_cond, ans_free = self._mean_logprob([(repeat + answer, reference), (instruction, answer), ("", answer)])
             similarity = (sim_lp - anchors["base"]) / anchors["copy_gain"]
-            precision = (ans_cond - ans_free) / anchors["ref_pmi"]
+            ratio = (ans_cond - ans_free) / anchors["ref_pmi"]
+            precision = min(ratio, 1.0 / ratio) if ratio > 0 else 0.0
         else:
             similarity = precision = 0.0
         result = {

@@ -1,0 +1,156 @@
+"""End to end: `llamaduo run` executes the seven notebooks with papermill on tiny params.
+
+One run (module-scoped) is shared by the checks; it takes a few minutes on a 2-core CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from llamaduo_nb.params import PROJECT_ROOT
+from llamaduo_nb.stage import FOLDERS, NOTEBOOKS
+
+pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
+
+TINY = """\
+run_name: tiny
+tasks: [closed_qa]
+coverage: {source: bundled, max_test_prompts: 2}
+service: {backend: local, model: smollm2-135m-instruct, batch_size: 8}
+synthesize: {samples_per_task: 8, pairs_per_call: 2, max_new_tokens: 96}
+finetune:
+  base_models: [smollm2-135m-instruct]
+  volumes: [2, 4]
+  quantization: none
+  max_length: 256
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 1
+infer: {k: 2, max_new_tokens: 16, batch_size: 2}
+evaluate: {m: 2}
+"""
+
+
+def llamaduo(*args, cwd=PROJECT_ROOT, env=None):
+    return subprocess.run([sys.executable, "-m", "llamaduo_nb", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tmp_path_factory):
+    path = tmp_path_factory.mktemp("params") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_params, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_every_stage_wrote_its_outputs_and_done(run):
+    run_dir, _ = run
+    for stage, folder in FOLDERS.items():
+        done = json.loads((run_dir / folder / "DONE.json").read_text())
+        assert done["stage"] == stage and done["fingerprint"]
+    assert (run_dir / "params.yaml").exists()
+    assert (run_dir / "models" / "closed_qa" / "smollm2-135m-instruct" / "4" / "adapter_config.json").exists()
+    assert (run_dir / "responses" / "closed_qa" / "smollm2-135m-instruct" / "0.jsonl").exists()
+
+
+def test_metrics_csv(run):
+    run_dir, _ = run
+    m = pd.read_csv(run_dir / "metrics.csv")
+    for col in ["cycle", "task", "local_model", "judge", "volume", "metric", "mean", "median", "coverage_50", "coverage_70", "n"]:
+        assert col in m.columns
+    assert set(m["volume"]) == {0, 2, 4}
+    assert set(m["metric"]) == {"similarity", "precision"}
+    assert (m["n"] == 2 * 2).all()  # 2 test prompts × K=2
+    assert m["mean"].between(0, 100).all()
+
+
+def test_figures_png_and_svg(run):
+    run_dir, _ = run
+    for name in ("similarity_vs_volume", "precision_vs_volume", "precision_coverage", "dedup_funnel"):
+        png = run_dir / "figures" / f"{name}.png"
+        assert png.stat().st_size > 5000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (run_dir / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_manifest(run):
+    run_dir, _ = run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["stages"]) == set(FOLDERS)
+    assert manifest["versions"]["transformers"] and manifest["seed"] == 42
+    assert manifest["llm_totals"]["requests"] > 0
+    synth = manifest["stages"]["synthesize"]["llm"]["local:smollm2-135m-instruct"]
+    assert synth["requests"] == 4 and synth["output_tokens"] > 0
+
+
+def test_executed_notebooks_have_outputs(run):
+    run_dir, _ = run
+    for name in NOTEBOOKS.values():
+        nb = nbformat.read(run_dir / "notebooks" / name, as_version=4)
+        assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and str(run_dir) in injected[0].source
+
+
+def test_second_run_reexecutes_nothing(run, tiny_params):
+    run_dir, _ = run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "cache" not in p.parts}
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("up to date, skipped") == len(NOTEBOOKS)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [str(p) for p in before if after[p] != before[p] and p.name not in ("manifest.json", "params.yaml")]
+    assert changed == []
+
+
+def test_changed_param_redoes_only_downstream(run, tiny_params):
+    run_dir, _ = run
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = [line for line in proc.stdout.splitlines() if "skipped" in line]
+    assert len(skipped) == 5  # coverage … infer untouched
+    assert "[evaluate] done" in proc.stdout and "[report] done" in proc.stdout
+    assert "coverage_40" in pd.read_csv(run_dir / "metrics.csv").columns
+
+
+def test_bad_params_exit_2_and_write_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  lora:\n    r: eight\n")
+    run_dir = tmp_path / "never"
+    proc = llamaduo("run", str(bad), "--run-dir", str(run_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}: finetune.lora.r: Input should be a valid integer, unable to parse string as an integer"]
+    assert not run_dir.exists()
+    proc = llamaduo("run", str(bad.with_name("missing.yaml")))
+    assert proc.returncode == 2 and "params file not found" in proc.stderr
+
+
+def test_missing_api_key_exit_2_before_work(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("service: {backend: openai, model: gpt-4o, api_key_env: LLAMADUO_NO_SUCH_KEY}\n")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMADUO_NO_SUCH_KEY"}
+    proc = llamaduo("run", str(params), "--run-dir", str(tmp_path / "r"), env=env)
+    assert proc.returncode == 2 and "LLAMADUO_NO_SUCH_KEY is not set" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_validate_and_doctor():
+    proc = llamaduo("validate", "params/quickstart.yaml")
+    assert proc.returncode == 0 and "valid" in proc.stdout
+    proc = llamaduo("doctor", env=dict(os.environ, OPENAI_API_KEY="sk-should-never-print"))
+    assert proc.returncode == 0
+    assert "OPENAI_API_KEY: set" in proc.stdout and "sk-should-never-print" not in proc.stdout
+    assert "smollm2-135m-instruct: installed" in proc.stdout
