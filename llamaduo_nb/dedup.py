@@ -615,7 +615,7 @@ def run(params, run_dir, force: bool = False):
         kept += outcome.kept
         removed += [dict(r, task=task) for r in outcome.removed]
         task_calls = [c for c in calls if c["task"] == task]
-        funnel = {"task": task, "requested": params.synthesize.samples_per_task,
+        funnel = {"task": task, "requested": len(task_calls) * params.synthesize.pairs_per_call,
                   "valid_calls": sum(c["ok"] for c in task_calls), "calls": len(task_calls)}
         funnel.update(outcome.funnel)
         funnels.append(funnel)

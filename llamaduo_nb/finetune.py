@@ -110,7 +110,7 @@ def effective_quantization(cfg: FinetuneParams) -> str:
     return cfg.quantization
 
 
-def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict]) -> dict:
+def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict], callbacks=None) -> dict:
     """Train one adapter (or return the record of one already trained)."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -135,7 +135,7 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     args = sft_config(cfg, checkpoints, params.seed, len(pairs))
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
-        processing_class=tokenizer, peft_config=lora_config(cfg),
+        processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
     )
     resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
     started = time.time()

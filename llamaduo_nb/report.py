@@ -83,16 +83,27 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70)):
     return fig
 
 
+FUNNEL_LABELS = {
+    "requested": "requested", "input": "valid JSON", "after_exact": "after exact",
+    "after_lsh_rouge": "after LSH +\nROUGE-L", "after_earlier": "after earlier\ncycles", "after_leakage": "after test\nleakage",
+}
+
+
 def funnel_plot(funnel: pd.DataFrame):
-    steps = [c for c in funnel.columns if c not in ("task", "requested", "calls", "valid_calls")]
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for _, row in funnel.iterrows():
-        ax.plot(steps, [row[s] for s in steps], marker="o", label=row["task"])
+    """Pairs left after each step, per task: requested → valid JSON → each filter."""
+    steps = [c for c in FUNNEL_LABELS if c in funnel.columns]
+    x = np.arange(len(steps))
+    width = 0.8 / max(1, len(funnel))
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    for i, (_, row) in enumerate(funnel.iterrows()):
+        values = [row[s] for s in steps]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=row["task"].replace("_", " "))
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, [FUNNEL_LABELS[s] for s in steps], fontsize=8)
     ax.set_ylabel("pairs")
-    ax.set_title("Deduplication funnel")
-    ax.grid(alpha=0.3)
+    ax.set_title("Synthesis and deduplication funnel")
+    ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.autofmt_xdate(rotation=20)
     fig.tight_layout()
     return fig
 

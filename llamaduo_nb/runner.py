@@ -80,7 +80,7 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
     import papermill as pm
 
     failed = executed.with_suffix(".failed.ipynb")
-    running = executed.with_name(f".{executed.name}.running")  # renamed into place only on success
+    running = executed.with_name(f".{executed.stem}.running.ipynb")  # renamed into place only on success
     with contextlib.suppress(FileNotFoundError):
         failed.unlink()
     try:

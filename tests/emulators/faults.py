@@ -205,6 +205,8 @@ class RequestRecord:
     status: Optional[int] = None  # HTTP status sent (None: dropped / client gone)
     answered: Optional[float] = None  # time.monotonic() when the response was written
     wall: float = field(default_factory=time.time)
+    batch_id: Optional[str] = None  # set for a request that came as one line of a provider batch
+    client_gone: bool = False  # the client had hung up (killed) before the answer was ready: not delivered
 
 
 class Recorder:
@@ -251,6 +253,17 @@ class Recorder:
 
     def count(self, fault: Optional[str] = None) -> int:
         return self.total if fault is None else self.by_fault.get(fault, 0)
+
+    def successes(self) -> list[RequestRecord]:
+        """Requests answered 200 and delivered (what a provider bills and the client received)."""
+        with self._lock:
+            return [r for r in self.records if r.status == 200 and not r.client_gone]
+
+    @property
+    def undelivered(self) -> int:
+        """Requests whose client hung up (was killed) before the answer could be sent."""
+        with self._lock:
+            return sum(r.client_gone for r in self.records)
 
     def times(self) -> list[float]:
         return [r.arrived for r in self.snapshot()]

@@ -14,14 +14,18 @@ injection (see `faults.py`) and the request log (`emu.stats`).
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import math
 import random
+import select
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from .faults import Fault, Policy, Recorder, Reply, RequestContext, RequestRecord, TokenBucket, as_fault
 
@@ -62,7 +66,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self):  # noqa: N802
-        self.server.emulator._send(self, 404, {"error": {"message": "not found"}})
+        try:
+            self.server.emulator._handle(self, b"")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
 
 
 class ProviderEmulator:
@@ -80,6 +87,8 @@ class ProviderEmulator:
         burst_s: float = 1.0,
         echo_key_in_errors: bool = True,
         seed: int = 0,
+        batch_polls: int = 0,
+        control_policy: Optional[Callable[[str, int], Union[Fault, str, int, None]]] = None,
     ):
         """
         reply: ctx -> the reply text (default: an echo, JSON when JSON was asked for)
@@ -89,6 +98,11 @@ class ProviderEmulator:
         enforce_rpm: refuse requests over this many per minute with 429 + Retry-After,
             as a provider does (token bucket of `burst_s` seconds' worth)
         echo_key_in_errors: a 401 repeats the key received (worst case for leaks)
+        batch_polls: a provider batch (where the provider has batch endpoints) reports
+            "in progress" to this many status polls, then ended (0: ended when created)
+        control_policy: (operation, n) -> a fault for the n-th (1-based) call of a batch
+            control operation ("files.create", "batches.create", "batches.retrieve",
+            "files.content", "batches.results"); only status faults apply
         """
         self.reply = reply or default_reply
         self.policy = policy
@@ -102,6 +116,12 @@ class ProviderEmulator:
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
         self._ids = 0
+        # provider batch APIs (see the subclasses' `route`)
+        self.batch_polls = batch_polls
+        self.control_policy = control_policy
+        self.control: Counter = Counter()  # batch control calls by operation, auth failures included
+        self.batches: dict = {}
+        self._batch_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> "ProviderEmulator":
@@ -149,6 +169,10 @@ class ProviderEmulator:
         """A reason to answer 400 (the request is not what the real API accepts), or None."""
         return None
 
+    def route(self, handler: "_Handler", method: str, path: str, raw: bytes) -> bool:
+        """Serve an endpoint other than the completion one (batch APIs); True when answered."""
+        return False
+
     def ok_body(self, ctx: RequestContext, text: str, input_tokens: int, output_tokens: int) -> dict:
         raise NotImplementedError  # pragma: no cover
 
@@ -173,10 +197,11 @@ class ProviderEmulator:
                 return self._rng.uniform(*self.latency)
         return float(self.latency or 0.0)
 
-    def _send(self, handler: _Handler, status: int, payload, headers: Optional[dict] = None) -> None:
+    def _send(self, handler: _Handler, status: int, payload, headers: Optional[dict] = None,
+              content_type: str = "application/json") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             handler.send_header(k, v)
@@ -192,17 +217,51 @@ class ProviderEmulator:
         except OSError:
             pass
 
+    @staticmethod
+    def _client_gone(handler: _Handler) -> bool:
+        """The client closed its end (it was killed, or gave up) while we prepared the answer."""
+        try:
+            readable, _, _ = select.select([handler.connection], [], [], 0)
+            if not readable:
+                return False
+            return handler.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     # -- one request --------------------------------------------------------
     def _handle(self, handler: _Handler, raw: bytes) -> None:
         path = handler.path.split("?", 1)[0]
-        if not self.matches(path):
-            self._send(handler, 404, self.error_body(404, f"no route for {path}"))
+        if self.route(handler, handler.command, path, raw):
+            return
+        if handler.command != "POST" or not self.matches(path):
+            self._send(handler, 404, self.error_body(404, f"no route for {handler.command} {path}"))
             return
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
             self._send(handler, 400, self.error_body(400, "request body is not JSON"))
             return
+        record, outcome = self._process(path, body, dict(handler.headers.items()), self.received_key(handler.headers))
+        if outcome is None:  # fault "drop"
+            self._drop(handler)
+            record.answered = time.monotonic()
+            return
+        if self._client_gone(handler):
+            record.client_gone = True
+            handler.close_connection = True
+            return
+        status, payload, headers = outcome
+        self._send(handler, status, payload, headers)  # raises when the client has gone
+        record.status = status
+        record.answered = time.monotonic()
+
+    def _process(self, path: str, body, headers: dict, key: Optional[str], batch_id: Optional[str] = None):
+        """One completion request -> (record, (status, payload, headers)) or (record, None) to drop.
+
+        `batch_id`: the request is one line of a provider batch: no authentication (the batch
+        call had it), no provider rate limit and no latency (the batch has its own clock); the
+        caller sets `record.status` and `record.answered`.
+        """
         arrived = time.monotonic()
         try:
             problem = self.validate(body) if isinstance(body, dict) else "request body must be a JSON object"
@@ -217,60 +276,97 @@ class ProviderEmulator:
         ctx = RequestContext(
             provider=self.provider, index=index, attempt=attempt, prompt=prompt,
             last_user=users[-1] if users else "", system=parsed["system"], messages=parsed["messages"],
-            model=parsed["model"], wants_json=parsed["wants_json"], schema=parsed["schema"], body=body,
-            path=path, headers=dict(handler.headers.items()), arrived=arrived,
+            model=parsed["model"], wants_json=parsed["wants_json"], schema=parsed["schema"],
+            body=body if isinstance(body, dict) else {}, path=path, headers=headers, arrived=arrived,
         )
-        record = RequestRecord(index=index, arrived=arrived, prompt=prompt, attempt=attempt, fault="ok")
+        record = RequestRecord(index=index, arrived=arrived, prompt=prompt, attempt=attempt, fault="ok", batch_id=batch_id)
         self.stats.add(record)
 
-        def answer(status, payload, headers=None):
-            self._send(handler, status, payload, headers)  # raises when the client has gone
-            record.status = status
-            record.answered = time.monotonic()
-
-        key = self.received_key(handler.headers)
-        if self.api_key is not None and key != self.api_key:
+        if batch_id is None and self.api_key is not None and key != self.api_key:
             record.fault = "unauthorized"
             shown = key if self.echo_key_in_errors else "***"
-            answer(401, self.error_body(401, f"Incorrect API key provided: {shown}"))
-            return
+            return record, (401, self.error_body(401, f"Incorrect API key provided: {shown}"), {})
         if problem:
             record.fault = "invalid"
-            answer(400, self.error_body(400, problem))
-            return
-        if self.bucket is not None:
+            return record, (400, self.error_body(400, problem), {})
+        if self.bucket is not None and batch_id is None:
             wait = self.bucket.take()
             if wait is not None:
                 record.fault = "limited"
                 seconds = max(1, math.ceil(wait))
-                answer(429, self.error_body(429, "Rate limit reached for requests", seconds),
-                       self.error_headers(429, seconds))
-                return
+                return record, (429, self.error_body(429, "Rate limit reached for requests", seconds),
+                                self.error_headers(429, seconds))
 
         fault = as_fault(self.policy(ctx)) if self.policy else Fault()
         record.fault = fault.label
         delay = self._latency() + (fault.delay if fault.kind == "slow" else 0.0)
-        if delay:
+        if delay and batch_id is None:
             time.sleep(delay)
 
         if fault.kind == "drop":
-            self._drop(handler)
-            record.answered = time.monotonic()
-            return
+            return record, None
         if fault.kind == "status":
-            answer(fault.status, self.error_body(fault.status, _status_message(fault.status), fault.retry_after),
-                   self.error_headers(fault.status, fault.retry_after))
-            return
+            return record, (fault.status, self.error_body(fault.status, _status_message(fault.status), fault.retry_after),
+                            self.error_headers(fault.status, fault.retry_after))
         in_tokens = count_tokens(parsed["system"] + "".join(m["content"] for m in parsed["messages"]))
         if fault.kind == "empty":
-            answer(200, self.empty_body(ctx, in_tokens))
-            return
+            return record, (200, self.empty_body(ctx, in_tokens), {})
         text = self.reply(ctx)
         if fault.kind == "malformed":
             text = "Sure! Here is the JSON you asked for: {'answer': oops, trailing,}"
         elif fault.kind == "truncated":
             text = text[: max(1, len(text) // 2)]
-        answer(200, self.ok_body(ctx, text, in_tokens, count_tokens(text)))
+        return record, (200, self.ok_body(ctx, text, in_tokens, count_tokens(text)), {})
+
+    # -- batch control calls ------------------------------------------------------
+    def _control(self, handler: _Handler, op: str) -> bool:
+        """Count a batch control call, check its key, apply `control_policy`; True when it was
+        answered with an error (the caller stops there)."""
+        with self._batch_lock:
+            self.control[op] += 1
+            n = self.control[op]
+        key = self.received_key(handler.headers)
+        if self.api_key is not None and key != self.api_key:
+            shown = key if self.echo_key_in_errors else "***"
+            self._send(handler, 401, self.error_body(401, f"Incorrect API key provided: {shown}"))
+            return True
+        fault = as_fault(self.control_policy(op, n)) if self.control_policy else Fault()
+        if fault.kind == "status":
+            self._send(handler, fault.status, self.error_body(fault.status, _status_message(fault.status), fault.retry_after),
+                       self.error_headers(fault.status, fault.retry_after))
+            return True
+        if fault.kind == "drop":
+            self._drop(handler)
+            return True
+        return False
+
+    def batch_line(self, path: str, body, batch_id: str) -> tuple[int, dict, Optional[RequestRecord]]:
+        """Answer one request of a batch as the provider would: (status, payload, record);
+        status 0 for a request the provider could not run (fault "drop": expired)."""
+        record, outcome = self._process(path, body, {}, None, batch_id=batch_id)
+        record.answered = time.monotonic()
+        if outcome is None:
+            return 0, {}, record
+        status, payload, _ = outcome
+        record.status = status
+        return status, payload, record
+
+    def _poll_ready(self, batch: dict) -> bool:
+        """One status poll of a batch: True once it has been polled `batch_polls` times."""
+        with self._batch_lock:
+            batch["polls"] += 1
+            return batch["polls"] >= self.batch_polls
+
+
+def parse_multipart(content_type: str, raw: bytes) -> dict:
+    """multipart/form-data -> {name: (filename or None, bytes)}."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    out = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        out[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return out
 
 
 def _status_message(status: int) -> str:
