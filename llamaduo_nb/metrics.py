@@ -1,18 +1,44 @@
-"""Aggregating judgements the way the paper does.
+"""Aggregating judgements the way the paper does, plus their uncertainty.
 
-Levels, in order: the M judgements of one answer are averaged into the answer's score
-(failed or invalid judgements are left out and counted); the answers' scores (K per test
-prompt, all prompts together) then give the mean, the median and coverage@ζ, the share
-(in %) of answers whose score is at least ζ.
+Levels, in order (exactly the paper's):
+
+1. **over M** — the M judgements of one answer (one test prompt, one of its K answers) are
+   averaged into that answer's score. Failed or invalid judgements (`valid` false: the call
+   failed, or its JSON broke the contract after the re-asks) are left out of the average and
+   counted (`failed_judgements`, `failed_share`); an answer none of whose judgements is valid
+   has no score and is counted in `unscored_answers`, not in `n`.
+2. **over K and prompts** — the answer scores of one (cycle, task, local model, judge, volume),
+   all K answers of all test prompts pooled, give the `mean`, the `median` and
+   `coverage_ζ`: the share (in %) of answers whose score is at least ζ (a score exactly at ζ
+   counts). `n` is the number of answers pooled. Each answer weighs the same, so a prompt
+   weighs by how many of its answers have a score.
+
+Beside the paper's columns (which come first, in the paper's order), metrics.csv carries:
+
+- `judge_std`: the judge's spread over M, the standard deviation of an answer's M valid
+  judgements, averaged over answers (0 for a deterministic judge or M = 1);
+- `failed_judgements`, `judgements`, `failed_share` (%): failed or invalid judgements;
+- `prompts`, `unscored_answers`;
+- 95 % bootstrap confidence intervals of the mean and of each coverage@ζ
+  (`mean_ci_low`, `mean_ci_high`, `coverage_50_ci_low`, ...). The unit resampled is the
+  test prompt, the unit of independence: the K answers of one prompt (and their M
+  judgements) are correlated, so prompts are drawn with replacement and all their answers
+  come along. Percentile intervals from `bootstrap` resamples, drawn by a numpy Generator
+  seeded from the run's seed and the row's key, so a row's interval does not depend on
+  which other rows are in the table.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pandas as pd
 
 METRICS = ("similarity", "precision")
 GROUP = ["cycle", "task", "local_model", "judge", "volume"]
+ANSWER = GROUP + ["prompt_id", "k"]
+CI_LEVEL = 0.95
 
 
 def coverage_at(scores, zeta: float) -> float:
@@ -23,34 +49,102 @@ def coverage_at(scores, zeta: float) -> float:
     return float(100.0 * np.mean(scores >= zeta))
 
 
+def _valid_mask(judgements: pd.DataFrame) -> pd.Series:
+    return judgements["valid"].fillna(False).astype(bool)
+
+
 def answer_scores(judgements: pd.DataFrame) -> pd.DataFrame:
-    """One row per answer and metric: the mean of its valid judgements, and how many there were."""
-    valid = judgements[judgements["valid"]]
-    keys = GROUP + ["prompt_id", "k"]
+    """One row per answer and metric: the mean of its valid judgements (level 1: over M), their
+    standard deviation (`judge_std`) and how many there were (`judgements`)."""
+    valid = judgements[_valid_mask(judgements)]
     frames = []
     for metric in METRICS:
-        g = valid.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
+        g = valid.assign(**{metric: pd.to_numeric(valid[metric], errors="coerce")}).groupby(ANSWER)[metric].agg(["mean", "std", "count"]).reset_index()
         frames.append(g.rename(columns={"mean": "score", "std": "judge_std", "count": "judgements"}).assign(metric=metric))
     return pd.concat(frames, ignore_index=True)
 
 
-def aggregate(judgements: pd.DataFrame, zetas=(50, 70)) -> pd.DataFrame:
-    """metrics.csv: one row per (cycle, task, local_model, judge, volume, metric)."""
+def row_seed(seed: int, key) -> np.random.Generator:
+    """A Generator for one row, seeded from the run's seed and the row's key."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(repr(tuple(key)).encode())])
+
+
+def bootstrap_ci(scores, prompts, zetas=(50, 70), resamples: int = 1000, rng: np.random.Generator | int = 0,
+                 level: float = CI_LEVEL) -> dict:
+    """Percentile bootstrap intervals of the mean and coverage@ζ of answer scores, resampling prompts.
+
+    `scores[i]` is answer i's score, `prompts[i]` its test prompt. Each resample draws as many
+    prompts as there are, with replacement, and pools all answers of the drawn prompts.
+    Returns {"mean": (low, high), "coverage_50": (low, high), ...}; NaN bounds when there
+    are no scores or `resamples` is 0.
+    """
+    scores = np.asarray(scores, dtype=float)
+    keys = [f"coverage_{z}" for z in zetas]
+    if scores.size == 0 or resamples <= 0:
+        return {k: (float("nan"), float("nan")) for k in ["mean"] + keys}
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    codes, _ = pd.factorize(pd.Series(list(prompts)), sort=True)
+    n_prompts = int(codes.max()) + 1
+    count = np.bincount(codes, minlength=n_prompts).astype(float)
+    total = np.bincount(codes, weights=scores, minlength=n_prompts)
+    hits = [np.bincount(codes, weights=(scores >= z).astype(float), minlength=n_prompts) for z in zetas]
+    draws = rng.integers(0, n_prompts, size=(resamples, n_prompts))
+    # how often each prompt was drawn in each resample: (resamples, prompts)
+    times = np.zeros((resamples, n_prompts))
+    np.add.at(times, (np.repeat(np.arange(resamples), n_prompts), draws.ravel()), 1.0)
+    pooled = times @ count
+    alpha = (1.0 - level) / 2.0
+    out = {}
+    for key, stat in [("mean", times @ total)] + [(k, 100.0 * (times @ h)) for k, h in zip(keys, hits)]:
+        values = stat / pooled
+        low, high = np.quantile(values, [alpha, 1.0 - alpha])
+        out[key] = (float(low), float(high))
+    return out
+
+
+def aggregate(judgements: pd.DataFrame, zetas=(50, 70), bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """metrics.csv: one row per (cycle, task, local_model, judge, volume, metric).
+
+    `bootstrap`: resamples for the confidence intervals (0: none, NaN bounds); `seed`: the run's seed.
+    """
+    zetas = list(zetas)
+    cov = [f"coverage_{z}" for z in zetas]
+    cols = GROUP + ["metric", "mean", "median"] + cov + ["n", "judge_std", "failed_judgements", "judgements",
+                                                         "failed_share", "prompts", "unscored_answers", "mean_ci_low",
+                                                         "mean_ci_high"] + [f"{c}_ci_{e}" for c in cov for e in ("low", "high")]
+    if judgements.empty:
+        return pd.DataFrame(columns=cols)
+    valid = _valid_mask(judgements)
     scores = answer_scores(judgements)
-    failed = judgements.assign(failed=~judgements["valid"]).groupby(GROUP)["failed"].agg(["sum", "size"]).reset_index()
+    by_group = {key: g for key, g in scores.groupby(GROUP + ["metric"])}
     rows = []
-    for key, group in scores.groupby(GROUP + ["metric"]):
-        values = group["score"].to_numpy()
-        row = dict(zip(GROUP + ["metric"], key))
-        row.update(mean=float(np.mean(values)), median=float(np.median(values)))
-        for z in zetas:
-            row[f"coverage_{z}"] = coverage_at(values, z)
-        row["n"] = int(values.size)
-        row["judge_std"] = float(group["judge_std"].mean()) if group["judge_std"].notna().any() else 0.0
-        rows.append(row)
+    for key, group in judgements.assign(_valid=valid).groupby(GROUP):
+        n_judgements = int(len(group))
+        failed = int((~group["_valid"]).sum())
+        answers = group[ANSWER].drop_duplicates()
+        for metric in METRICS:
+            sub = by_group.get(tuple(key) + (metric,), scores.iloc[0:0])
+            values = sub["score"].to_numpy(dtype=float)
+            row = dict(zip(GROUP + ["metric"], tuple(key) + (metric,)))
+            nan = float("nan")
+            row.update(mean=float(np.mean(values)) if values.size else nan, median=float(np.median(values)) if values.size else nan)
+            for z, c in zip(zetas, cov):
+                row[c] = coverage_at(values, z)
+            row["n"] = int(values.size)
+            row["judge_std"] = float(sub["judge_std"].fillna(0.0).mean()) if values.size else nan
+            row.update(failed_judgements=failed, judgements=n_judgements, failed_share=100.0 * failed / n_judgements,
+                       prompts=int(sub["prompt_id"].nunique()), unscored_answers=int(len(answers) - values.size))
+            ci = bootstrap_ci(values, sub["prompt_id"].tolist(), zetas, bootstrap, row_seed(seed, tuple(key) + (metric,)))
+            row["mean_ci_low"], row["mean_ci_high"] = ci["mean"]
+            for c in cov:
+                row[f"{c}_ci_low"], row[f"{c}_ci_high"] = ci[c]
+            rows.append(row)
     out = pd.DataFrame(rows)
-    if out.empty:
-        return out
-    out = out.merge(failed.rename(columns={"sum": "failed_judgements", "size": "judgements"}), on=GROUP, how="left")
-    cols = GROUP + ["metric", "mean", "median"] + [f"coverage_{z}" for z in zetas] + ["n", "judge_std", "failed_judgements", "judgements"]
     return out[cols].sort_values(GROUP + ["metric"]).reset_index(drop=True)
+
+
+def judge_spread(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The judge-reliability view of metrics.csv: spread over M and failed judgements, per row."""
+    cols = [c for c in ["task", "local_model", "judge", "volume", "metric", "judge_std", "failed_share", "failed_judgements",
+                        "judgements", "unscored_answers", "mean", "mean_ci_low", "mean_ci_high"] if c in metrics.columns]
+    return metrics[cols].round(2)

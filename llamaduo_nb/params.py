@@ -65,6 +65,7 @@ class ServiceParams(Strict):
     price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million input tokens (editable price table)
     price_output_per_mtok: float = Field(0.0, ge=0)
     batch_size: PositiveInt = 8  # local backend: prompts generated together
+    batch_api: bool = False  # openai/anthropic: send requests through the provider's batch API (half price, answers within 24 h; llm/batch.py)
 
     @property
     def label(self) -> str:
@@ -79,8 +80,10 @@ class ServiceParams(Strict):
 
 class SynthesizeParams(Strict):
     prompt: str = "synthesize"  # params/prompts/<prompt>.yaml or a path
-    samples_per_task: PositiveInt = 300_000  # raw pairs to request per task
+    samples_per_task: PositiveInt = 300_000  # valid pairs to collect per task (the paper's raw count)
     pairs_per_call: PositiveInt = 5
+    expected_loss: float = Field(0.15, ge=0, lt=1)  # share of pairs expected lost (invalid, duplicate): the first round asks for more
+    max_rounds: PositiveInt = 4  # rounds of top-up requests while a task is short of its target
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: PositiveInt = 2048
@@ -139,6 +142,11 @@ class EvaluateParams(Strict):
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: PositiveInt = 512
     judges: Optional[list[ServiceParams]] = None  # default: the synthesising service LLM
+    bootstrap: int = Field(1000, ge=0)  # resamples (of test prompts) for the 95% CIs of mean and coverage@ζ; 0: none
+    pairwise: bool = False  # also judge each tuned answer against the base model's (volume 0), in both orders
+    pairwise_prompt: str = "pairwise"  # params/prompts/<pairwise_prompt>.yaml or a path
+    pairwise_temperature: float = Field(0.0, ge=0)  # one greedy verdict per order, as MT-Bench
+    reference_metrics: bool = True  # ROUGE-L F and MiniLM embedding cosine vs the human reference, Spearman vs the judge
 
     @field_validator("zetas")
     @classmethod

@@ -22,7 +22,9 @@ class Prompt:
     fingerprint: str
     extra: dict = field(default_factory=dict)
 
-    def messages(self, **fields) -> tuple:
+    def messages(self, task: str | None = None, **fields) -> tuple:
+        """System + user messages; a prompt may carry per-task wording in `tasks: {task: {field: text}}`."""
+        fields = {**{k: "" for k in ("guidance",)}, **(self.extra.get("tasks", {}).get(task, {}) if task else {}), **fields}
         try:
             user = self.template.format(**fields)
         except KeyError as exc:

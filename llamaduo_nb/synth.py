@@ -3,7 +3,11 @@
 Reads: `coverage/train.jsonl`. Writes: `synth/pairs.jsonl` (one row per valid pair, with
 provenance: seed prompt_id, service model, prompt version, cycle), `synth/calls.jsonl`
 (one row per request: ok or the reason it failed), `synth/counts.csv`, DONE.json.
-The response cache (`cache/llm.sqlite`) makes a re-run or a resumed run free.
+
+Requests go out in rounds until each task has `samples_per_task` valid pairs (the first round
+asks for `expected_loss` more; later rounds top up by the yield observed so far), at most
+`max_rounds`. Call i of a task always draws the same seed pair, so a resumed or repeated run
+sends identical requests and the response cache answers them for free.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import coverage
-from .io import write_csv, write_jsonl
+from .io import read_jsonl, write_csv, write_jsonl
 from .llm import cache_for
 from .llm.base import ChatRequest
 from .llm.client import ServiceLLM
@@ -25,24 +29,32 @@ from .prompts import Prompt, load_prompt
 from .stage import StageResult, StageRun, stage_dir
 
 
-def build_requests(params: Params, train: list[dict], prompt: Prompt) -> list[tuple[dict, ChatRequest]]:
-    """One request per call: a seed pair drawn (seeded) from the task's train split."""
+def request_for(params: Params, prompt: Prompt, schema, seeds: list[dict], task: str, call: int) -> tuple[dict, ChatRequest]:
+    """The request of call number `call` for `task`: its seed pair depends only on (seed, task, call)."""
     cfg = params.synthesize
-    schema = copy.deepcopy(prompt.schema) if prompt.schema else None
-    if schema:
-        schema["properties"]["contents"]["maxItems"] = cfg.pairs_per_call
-    names = prompt.extra.get("category_names", {})
+    seed = random.Random(f"{params.seed}-{task}-{call}").choice(seeds)
+    messages = prompt.messages(task=task, category=task.replace("_", " "), instruction=seed["instruction"],
+                               response=seed["reference"], n=cfg.pairs_per_call)
+    req = ChatRequest(messages=messages, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                      json_schema=schema, repeat=call)
+    return {"task": task, "call": call, "seed_prompt_id": seed["prompt_id"]}, req
+
+
+def calls_needed(deficit: int, pairs_per_call: int, yield_per_call: float) -> int:
+    return max(1, math.ceil(deficit / max(yield_per_call, 0.1)))
+
+
+def _pairs_from(meta: dict, result, params: Params, prompt: Prompt, cycle: int) -> list[dict]:
+    items = (result.parsed or {}).get("contents", []) if result.ok else []
     out = []
-    for task in params.tasks:
-        seeds = [r for r in train if r["task"] == task]
-        rng = random.Random(f"{params.seed}-{task}")
-        for call in range(math.ceil(cfg.samples_per_task / cfg.pairs_per_call)):
-            seed = rng.choice(seeds)
-            messages = prompt.messages(
-                category=names.get(task, task), instruction=seed["instruction"], response=seed["reference"], n=cfg.pairs_per_call
-            )
-            req = ChatRequest(messages=messages, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, json_schema=schema, repeat=call)
-            out.append(({"task": task, "call": call, "seed_prompt_id": seed["prompt_id"]}, req))
+    for j, item in enumerate(items):
+        instruction, response = item["instruction"].strip(), item["response"].strip()
+        if instruction and response:
+            out.append({
+                "id": f"{meta['task']}-c{cycle}-{meta['call']:06d}-{j}", "task": meta["task"], "instruction": instruction,
+                "response": response, "seed_prompt_id": meta["seed_prompt_id"], "service_model": params.service.label,
+                "prompt": prompt.name, "prompt_version": prompt.version, "prompt_fingerprint": prompt.fingerprint, "cycle": cycle,
+            })
     return out
 
 
@@ -51,45 +63,63 @@ def run(params: Params, run_dir: Path | str, force: bool = False, cycle: int = 1
     if stage.up_to_date():
         return stage.skipped()
     stage.begin()
+    cfg = params.synthesize
     train = coverage.load(run_dir, "train")
-    prompt = load_prompt(params.synthesize.prompt)
-    jobs = build_requests(params, train, prompt)
+    prompt = load_prompt(cfg.prompt)
+    schema = copy.deepcopy(prompt.schema) if prompt.schema else None
+    if schema:
+        schema["properties"]["contents"]["maxItems"] = cfg.pairs_per_call
+    seeds = {task: [r for r in train if r["task"] == task] for task in params.tasks}
     service = ServiceLLM(params.service, cache_for(run_dir))
-    results = service.run([req for _, req in jobs], desc="synthesize")
-    pairs, calls = [], []
-    for (meta, _), res in zip(jobs, results):
-        items = (res.parsed or {}).get("contents", []) if res.ok else []
-        calls.append(dict(meta, ok=res.ok, error=res.error, pairs=len(items), cached=res.cached, reasks=res.reasks,
-                          input_tokens=res.input_tokens, output_tokens=res.output_tokens))
-        for j, item in enumerate(items):
-            instruction, response = item["instruction"].strip(), item["response"].strip()
-            if not instruction or not response:
+    pairs: dict = {task: [] for task in params.tasks}
+    calls: list[dict] = []
+    made = {task: 0 for task in params.tasks}
+    for round_no in range(cfg.max_rounds):
+        jobs = []
+        for task in params.tasks:
+            deficit = cfg.samples_per_task - len(pairs[task])
+            if deficit <= 0:
                 continue
-            pairs.append({
-                "id": f"{meta['task']}-c{cycle}-{meta['call']:06d}-{j}", "task": meta["task"], "instruction": instruction,
-                "response": response, "seed_prompt_id": meta["seed_prompt_id"], "service_model": params.service.label,
-                "prompt": prompt.name, "prompt_version": prompt.version, "prompt_fingerprint": prompt.fingerprint, "cycle": cycle,
-            })
+            if made[task] == 0:
+                per_call = cfg.pairs_per_call * (1 - cfg.expected_loss)
+            else:
+                per_call = len(pairs[task]) / made[task]
+            for _ in range(calls_needed(deficit, cfg.pairs_per_call, per_call)):
+                jobs.append(request_for(params, prompt, schema, seeds[task], task, made[task]))
+                made[task] += 1
+        if not jobs:
+            break
+        results = service.run([req for _, req in jobs], desc=f"synthesize, round {round_no + 1}")
+        for (meta, _), res in zip(jobs, results):
+            new = _pairs_from(meta, res, params, prompt, cycle)
+            pairs[meta["task"]] += new
+            calls.append(dict(meta, round=round_no + 1, ok=res.ok, error=res.error, pairs=len(new), cached=res.cached,
+                              reasks=res.reasks, input_tokens=res.input_tokens, output_tokens=res.output_tokens))
+    flat = [p for task in params.tasks for p in pairs[task]]
     out = stage_dir(run_dir, "synthesize")
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "pairs.jsonl", flat)
     write_jsonl(out / "calls.jsonl", calls)
-    counts = counts_frame(calls, pairs)
+    counts = counts_frame(calls, flat, cfg.samples_per_task)
     write_csv(out / "counts.csv", counts)
+    short = counts[counts["pairs"] < cfg.samples_per_task]["task"].tolist()
     return stage.finish(
-        {"calls": len(calls), "failed_calls": sum(not c["ok"] for c in calls), "pairs": len(pairs)},
+        {"calls": len(calls), "failed_calls": sum(not c["ok"] for c in calls), "pairs": len(flat),
+         "rounds": max((c["round"] for c in calls), default=0), "short_tasks": ",".join(short) or "none",
+         "prompt": f"{prompt.name} v{prompt.version} ({prompt.fingerprint})"},
         llm={params.service.label: service.accounting.as_dict()},
     )
 
 
-def counts_frame(calls: list[dict], pairs: list[dict]) -> pd.DataFrame:
+def counts_frame(calls: list[dict], pairs: list[dict], target: int) -> pd.DataFrame:
     c = pd.DataFrame(calls)
-    table = c.groupby("task").agg(calls=("ok", "size"), valid_calls=("ok", "sum"), reasks=("reasks", "sum")).reset_index()
+    table = c.groupby("task").agg(calls=("ok", "size"), valid_calls=("ok", "sum"), reasks=("reasks", "sum"),
+                                  rounds=("round", "max")).reset_index()
     table["invalid_calls"] = table["calls"] - table["valid_calls"]
     p = pd.DataFrame(pairs, columns=["task", "id"]).groupby("task").size().rename("pairs")
-    return table.merge(p, on="task", how="left").fillna({"pairs": 0}).astype({"pairs": int})
+    table = table.merge(p, on="task", how="left").fillna({"pairs": 0}).astype({"pairs": int})
+    table["target"] = target
+    return table
 
 
 def load(run_dir: Path | str) -> list[dict]:
-    from .io import read_jsonl
-
     return read_jsonl(stage_dir(run_dir, "synthesize") / "pairs.jsonl")

@@ -65,26 +65,95 @@ class AnthropicBackend(Backend):
     async def complete(self, request: ChatRequest) -> Completion:
         try:
             msg = await self._sdk().messages.create(**self.build(request))
-        except anthropic.APIStatusError as exc:  # RateLimitError, OverloadedError, InternalServerError ...
+        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
+            mapped = self._translate(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
+        return self._completion(msg)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
+        if isinstance(exc, anthropic.APIStatusError):  # RateLimitError, OverloadedError, InternalServerError ...
             status = exc.status_code
             detail = self._scrub(f"{type(exc).__name__}: {_error_text(exc)}")
             if is_transient_status(status):
-                raise TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers),
-                                     status=status) from None
-            raise PermanentError(f"{status} {detail}") from None
-        except anthropic.APITimeoutError:
-            raise TransientError(f"no answer within {self.config.timeout_s:g} s (timeout or dropped connection)") from None
-        except anthropic.APIConnectionError as exc:
-            raise TransientError(self._scrub(f"connection error: {_cause(exc)}")) from None
-        except anthropic.APIResponseValidationError as exc:
-            raise TransientError(self._scrub(f"malformed response: {exc}")) from None
-        except json.JSONDecodeError as exc:
-            raise TransientError(f"malformed response body: {exc}") from None
-        except anthropic.RetryableError as exc:
-            raise TransientError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
-        except anthropic.AnthropicError as exc:
-            raise PermanentError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
-        return self._completion(msg)
+                return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
+            return PermanentError(f"{status} {detail}")
+        if isinstance(exc, anthropic.APITimeoutError):
+            return TransientError(f"no answer within {self.config.timeout_s:g} s (timeout or dropped connection)")
+        if isinstance(exc, anthropic.APIConnectionError):
+            return TransientError(self._scrub(f"connection error: {_cause(exc)}"))
+        if isinstance(exc, anthropic.APIResponseValidationError):
+            return TransientError(self._scrub(f"malformed response: {exc}"))
+        if isinstance(exc, json.JSONDecodeError):
+            return TransientError(f"malformed response body: {exc}")
+        if isinstance(exc, anthropic.RetryableError):
+            return TransientError(self._scrub(f"{type(exc).__name__}: {exc}"))
+        if isinstance(exc, anthropic.AnthropicError):
+            return PermanentError(self._scrub(f"{type(exc).__name__}: {exc}"))
+        return exc
+
+    async def _call_sdk(self, coro):
+        try:
+            return await coro
+        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
+            mapped = self._translate(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+    # -- Message Batches API (llamaduo_nb.llm.batch drives these; half price, within 24 h) ------
+    supports_batch_api = True
+    batch_max_items = 100_000  # the API's limits per batch: 100,000 requests, 256 MB
+    batch_max_bytes = 240 * 2**20
+    batch_http_calls = 0  # control calls made (creations, polls, downloads): not billed
+
+    def batch_line_size(self, custom_id: str, request: ChatRequest) -> int:
+        return len(json.dumps({"custom_id": custom_id, "params": self.build(request)}, ensure_ascii=False).encode()) + 1
+
+    async def batch_submit(self, items: list) -> str:
+        """Create a message batch of `[(custom_id, ChatRequest)]`; its id. custom_id: 1-64 of [A-Za-z0-9_-]."""
+        requests = [{"custom_id": cid, "params": self.build(req)} for cid, req in items]
+        self.batch_http_calls += 1
+        batch = await self._call_sdk(self._sdk().messages.batches.create(requests=requests))
+        return batch.id
+
+    async def batch_status(self, batch_id: str):
+        """(ended, problem): ended once processing has ended; a message batch never fails as a
+        whole (each request ends succeeded, errored, canceled or expired), so problem is None."""
+        self.batch_http_calls += 1
+        batch = await self._call_sdk(self._sdk().messages.batches.retrieve(batch_id))
+        return str(batch.processing_status) == "ended", None
+
+    async def batch_results(self, batch_id: str):
+        """[(custom_id, Completion | TransientError | PermanentError)] for every request of the batch."""
+
+        async def read():
+            out = []
+            self.batch_http_calls += 2  # the SDK retrieves the batch (its results_url), then downloads
+            decoder = await self._sdk().messages.batches.results(batch_id)
+            async for entry in decoder:
+                out.append((entry.custom_id, self._batch_result(entry.result)))
+            return out
+
+        return await self._call_sdk(read())
+
+    def _batch_result(self, result):
+        kind = str(getattr(result, "type", ""))
+        if kind == "succeeded":
+            try:
+                return self._completion(result.message)
+            except (TransientError, PermanentError) as exc:
+                return exc
+        if kind == "errored":
+            err = getattr(getattr(result, "error", None), "error", None)
+            etype = str(getattr(err, "type", "") or "api_error")
+            message = self._scrub(f"batch item {etype}: {getattr(err, 'message', '')}")
+            if etype in ("api_error", "overloaded_error", "rate_limit_error", "timeout_error"):
+                return TransientError(message)
+            return PermanentError(message)
+        return TransientError(f"batch item {kind or 'missing'} (not run: the batch ended first)")
 
     def _completion(self, msg) -> Completion:
         blocks = getattr(msg, "content", None) or []

@@ -212,6 +212,10 @@ class ServiceLLM:
         if self.backend is None:
             self.backend = make_backend(self.cfg)
         cfg = self.cfg
+        if getattr(cfg, "batch_api", False):  # the provider's batch API instead of live calls (llm/batch.py)
+            from .batch import run_batch_api
+
+            return await run_batch_api(self, requests, desc, progress)
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
         self._rpm = AsyncLimiter(1, 60.0 / cfg.requests_per_minute) if cfg.requests_per_minute else None
         if cfg.tokens_per_minute:

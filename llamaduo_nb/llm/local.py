@@ -151,7 +151,22 @@ class LocalBackend(Backend):
             self._distributions.popitem(last=False)
         return result
 
+    # Pairwise verdicts: a tie when the two answers' similarity + precision (0-200) are this close.
+    PAIRWISE_TIE_MARGIN = 2
+
+    def _pairwise(self, req: ChatRequest) -> Completion:
+        """judge_inputs (instruction, reference, answer_a, answer_b): the answer with the higher
+        similarity + precision wins; order-independent by construction."""
+        instruction, reference, answer_a, answer_b = req.judge_inputs
+        a, b = (self.judge_scores(instruction, reference, x) for x in (answer_a, answer_b))
+        score_a, score_b = a["similarity"] + a["precision"], b["similarity"] + b["precision"]
+        winner = "tie" if abs(score_a - score_b) <= self.PAIRWISE_TIE_MARGIN else ("A" if score_a > score_b else "B")
+        reason = f"local likelihood judge: similarity + precision {score_a} for A vs {score_b} for B"
+        return Completion(text=json.dumps({"winner": winner, "reason": reason}), finish_reason="stop")
+
     def _judge(self, req: ChatRequest) -> Completion:
+        if len(req.judge_inputs) == 4:
+            return self._pairwise(req)
         instruction, reference, answer = req.judge_inputs
         s = self.judge_scores(instruction, reference, answer)
         body = {

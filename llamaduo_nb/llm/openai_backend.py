@@ -160,9 +160,8 @@ class OpenAIBackend(Backend):
             self._client = self._new_client()
         return self._client
 
-    async def complete(self, request: ChatRequest) -> Completion:
-        import openai
-
+    def request_body(self, request: ChatRequest) -> dict:
+        """The Chat Completions request body (the same for a live call and a batch line)."""
         kwargs: dict = {
             "model": self.config.model,
             "messages": [{"role": m["role"], "content": m.get("content", "")} for m in request.messages],
@@ -175,26 +174,144 @@ class OpenAIBackend(Backend):
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": request.json_schema},
             }
+        return kwargs
+
+    async def complete(self, request: ChatRequest) -> Completion:
         try:
-            resp = await self._sdk().chat.completions.create(**kwargs)
-        except openai.APIStatusError as exc:  # includes RateLimitError, InternalServerError
+            resp = await self._sdk().chat.completions.create(**self.request_body(request))
+        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
+            mapped = self._translate(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
+        return self._completion(resp)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
+        import openai
+
+        if isinstance(exc, openai.APIStatusError):  # includes RateLimitError, InternalServerError
             status = exc.status_code
             detail = self._scrub(f"{type(exc).__name__}: {_error_text(exc)}")
             if is_transient_status(status):
-                raise TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers),
-                                     status=status) from None
-            raise PermanentError(f"{status} {detail}") from None
-        except openai.APITimeoutError:
-            raise TransientError(f"no answer within {self.config.timeout_s:g} s (timeout)") from None
-        except openai.APIConnectionError as exc:
-            raise TransientError(self._scrub(f"connection error: {_cause(exc)}")) from None
-        except openai.APIResponseValidationError as exc:
-            raise TransientError(self._scrub(f"malformed response: {exc}")) from None
-        except json.JSONDecodeError as exc:
-            raise TransientError(f"malformed response body: {exc}") from None
-        except openai.OpenAIError as exc:
-            raise PermanentError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
-        return self._completion(resp)
+                return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
+            return PermanentError(f"{status} {detail}")
+        if isinstance(exc, openai.APITimeoutError):
+            return TransientError(f"no answer within {self.config.timeout_s:g} s (timeout)")
+        if isinstance(exc, openai.APIConnectionError):
+            return TransientError(self._scrub(f"connection error: {_cause(exc)}"))
+        if isinstance(exc, openai.APIResponseValidationError):
+            return TransientError(self._scrub(f"malformed response: {exc}"))
+        if isinstance(exc, json.JSONDecodeError):
+            return TransientError(f"malformed response body: {exc}")
+        if isinstance(exc, openai.OpenAIError):
+            return PermanentError(self._scrub(f"{type(exc).__name__}: {exc}"))
+        return exc
+
+    # -- Batch API (llamaduo_nb.llm.batch drives these; half price, answers within 24 h) -----
+    supports_batch_api = True
+    batch_max_items = 50_000  # the API's limits per batch: 50,000 requests, 200 MB input file
+    batch_max_bytes = 190 * 2**20
+    batch_http_calls = 0  # control calls made (uploads, creations, polls, downloads): not billed
+
+    def batch_line_size(self, custom_id: str, request: ChatRequest) -> int:
+        return len(self._batch_line(custom_id, request))
+
+    def _batch_line(self, custom_id: str, request: ChatRequest) -> bytes:
+        line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": self.request_body(request)}
+        return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+    async def batch_submit(self, items: list) -> str:
+        """Upload `[(custom_id, ChatRequest)]` as a JSONL file and create a batch on it; its id.
+
+        Transient/PermanentError on failure (the caller retries)."""
+        data = b"".join(self._batch_line(cid, req) for cid, req in items)
+        try:
+            self.batch_http_calls += 1
+            upload = await self._sdk().files.create(file=("llamaduo-batch.jsonl", data, "application/jsonl"), purpose="batch")
+            self.batch_http_calls += 1
+            batch = await self._sdk().batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h",
+                metadata={"source": "llamaduo_nb"},
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc) from None
+        return batch.id
+
+    async def batch_status(self, batch_id: str):
+        """(ended, problem): ended once the batch can run no more; problem says why a batch
+        failed as a whole (validation), else None."""
+        try:
+            self.batch_http_calls += 1
+            batch = await self._sdk().batches.retrieve(batch_id)
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc) from None
+        status = str(batch.status)
+        if status in ("validating", "in_progress", "finalizing", "cancelling"):
+            return False, None
+        if status == "failed":
+            errors = getattr(getattr(batch, "errors", None), "data", None) or []
+            text = "; ".join(
+                f"line {getattr(e, 'line', None)}: {getattr(e, 'message', '')}" if getattr(e, "line", None) else str(getattr(e, "message", ""))
+                for e in errors[:3]
+            )
+            return True, self._scrub(f"batch {batch_id} failed: {text or 'no reason given'}")
+        # completed, expired (some lines may have run), cancelled
+        self._batch_files[batch_id] = (batch.output_file_id, batch.error_file_id)
+        return True, None
+
+    @property
+    def _batch_files(self) -> dict:
+        return self.__dict__.setdefault("_batch_file_ids", {})
+
+    async def batch_results(self, batch_id: str):
+        """[(custom_id, Completion | TransientError | PermanentError)] for every line the batch
+        ran; lines it did not run (expired, cancelled) are simply absent."""
+        output_id, error_id = self._batch_files.get(batch_id, (None, None))
+        if batch_id not in self._batch_files:
+            await self.batch_status(batch_id)
+            output_id, error_id = self._batch_files.get(batch_id, (None, None))
+        out = []
+        for file_id in (output_id, error_id):
+            if not file_id:
+                continue
+            try:
+                self.batch_http_calls += 1
+                content = await self._sdk().files.content(file_id)
+                text = content.text
+            except Exception as exc:  # noqa: BLE001
+                raise self._translate(exc) from None
+            for raw in text.splitlines():
+                if raw.strip():
+                    out.append(self._batch_result(json.loads(raw)))
+        return out
+
+    def _batch_result(self, line: dict):
+        from openai.types.chat import ChatCompletion
+
+        cid = line.get("custom_id")
+        response, error = line.get("response"), line.get("error")
+        if response is None:
+            code = (error or {}).get("code") or "error"
+            message = self._scrub(f"batch item {code}: {(error or {}).get('message', '')}")
+            if code in ("batch_expired", "batch_cancelled", "server_error", "rate_limit_exceeded"):
+                return cid, TransientError(message)
+            return cid, PermanentError(message)
+        status = int(response.get("status_code") or 0)
+        body = response.get("body") or {}
+        if status != 200:
+            inner = body.get("error", body) if isinstance(body, dict) else {}
+            text = inner.get("message") if isinstance(inner, dict) else None
+            detail = self._scrub(f"batch item: {text or body}")
+            if is_transient_status(status):
+                return cid, TransientError(detail, status=status)
+            return cid, PermanentError(f"{status} {detail}")
+        try:
+            return cid, self._completion(ChatCompletion.model_validate(body))
+        except (TransientError, PermanentError) as exc:
+            return cid, exc
+        except Exception as exc:  # noqa: BLE001 - a body the SDK cannot read
+            return cid, TransientError(self._scrub(f"malformed batch item: {exc}"))
 
     def _completion(self, resp) -> Completion:
         choices = getattr(resp, "choices", None) or []

@@ -4,15 +4,27 @@ Answers in the Chat Completions shape with `usage`; errors in OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` shape; 429s carry
 `Retry-After`. Requests are checked the way the API checks them: `messages`
 present, `response_format` of type `json_schema` carrying a `name` and a `schema`.
+
+Also the Batch API on top of the Files API: `POST /v1/files` (multipart, purpose
+`batch`), `GET /v1/files/{id}` and `/v1/files/{id}/content`, `POST /v1/batches`
+(endpoint `/v1/chat/completions`, window `24h`) and `GET /v1/batches/{id}`. A batch
+is validated when created (bad lines: status `failed` with `errors`), reports
+`in_progress` to `batch_polls` polls, then runs every line through the same fault
+policy and reply script as a live request and ends `completed` with an output file
+(200 answers) and an error file (other statuses; a "drop" fault is an item that
+expired). Output lines come in shuffled order, as the API does not promise order.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Optional
 
 from .faults import RequestContext
-from .server import ProviderEmulator, text_of
+from .server import ProviderEmulator, parse_multipart, text_of
+
+CHAT_ENDPOINT = "/v1/chat/completions"
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -109,3 +121,171 @@ class OpenAIEmulator(ProviderEmulator):
         if status == 429:
             headers["x-ratelimit-remaining-requests"] = "0"
         return headers
+
+    # -- Files + Batch API ------------------------------------------------------------
+    def route(self, handler, method, path, raw) -> bool:
+        parts = [p for p in path.split("/") if p]
+        if len(parts) < 2 or parts[0] != "v1" or parts[1] not in ("files", "batches"):
+            return False
+        if parts[1] == "files" and method == "POST" and len(parts) == 2:
+            self._files_create(handler, raw)
+        elif parts[1] == "files" and method == "GET" and len(parts) == 3:
+            self._files_retrieve(handler, parts[2])
+        elif parts[1] == "files" and method == "GET" and len(parts) == 4 and parts[3] == "content":
+            self._files_content(handler, parts[2])
+        elif parts[1] == "batches" and method == "POST" and len(parts) == 2:
+            self._batches_create(handler, raw)
+        elif parts[1] == "batches" and method == "GET" and len(parts) == 3:
+            self._batches_retrieve(handler, parts[2])
+        else:
+            return False
+        return True
+
+    @property
+    def files(self) -> dict:
+        return self.__dict__.setdefault("_files", {})
+
+    def _file_object(self, f: dict) -> dict:
+        return {"id": f["id"], "object": "file", "bytes": len(f["data"]), "created_at": f["created_at"],
+                "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "expires_at": None,
+                "status_details": None}
+
+    def _new_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        f = {"id": f"file-emu{self.next_id():06d}", "data": data, "filename": filename, "purpose": purpose,
+             "created_at": int(time.time())}
+        self.files[f["id"]] = f
+        return f
+
+    def _files_create(self, handler, raw):
+        if self._control(handler, "files.create"):
+            return
+        ctype = handler.headers.get("Content-Type") or ""
+        if not ctype.startswith("multipart/form-data"):
+            self._send(handler, 400, self.error_body(400, "expected multipart/form-data"))
+            return
+        form = parse_multipart(ctype, raw)
+        purpose = (form.get("purpose") or (None, b""))[1].decode()
+        if "file" not in form or purpose not in ("batch", "assistants", "fine-tune", "user_data", "vision", "evals"):
+            self._send(handler, 400, self.error_body(400, "'file' and a valid 'purpose' are required"))
+            return
+        filename, data = form["file"]
+        self._send(handler, 200, self._file_object(self._new_file(data, filename or "upload", purpose)))
+
+    def _files_retrieve(self, handler, file_id):
+        if self._control(handler, "files.retrieve"):
+            return
+        f = self.files.get(file_id)
+        if f is None:
+            self._send(handler, 404, self.error_body(404, f"No such File object: {file_id}"))
+        else:
+            self._send(handler, 200, self._file_object(f))
+
+    def _files_content(self, handler, file_id):
+        if self._control(handler, "files.content"):
+            return
+        f = self.files.get(file_id)
+        if f is None:
+            self._send(handler, 404, self.error_body(404, f"No such File object: {file_id}"))
+        else:
+            self._send(handler, 200, f["data"], content_type="application/octet-stream")
+
+    def _batches_create(self, handler, raw):
+        if self._control(handler, "batches.create"):
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+            return
+        if body.get("endpoint") != CHAT_ENDPOINT or body.get("completion_window") != "24h":
+            self._send(handler, 400, self.error_body(400, "endpoint must be /v1/chat/completions (emulated) and completion_window 24h"))
+            return
+        f = self.files.get(body.get("input_file_id") or "")
+        if f is None or f["purpose"] != "batch":
+            self._send(handler, 400, self.error_body(400, f"input_file_id {body.get('input_file_id')!r}: no file with purpose batch"))
+            return
+        lines, errors = self._read_lines(f["data"])
+        now = int(time.time())
+        batch = {
+            "id": f"batch_emu{self.next_id():06d}", "object": "batch", "endpoint": CHAT_ENDPOINT, "errors": None,
+            "input_file_id": f["id"], "completion_window": "24h", "status": "validating", "output_file_id": None,
+            "error_file_id": None, "created_at": now, "in_progress_at": None, "expires_at": now + 86400,
+            "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+            "cancelled_at": None, "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"), "model": (lines[0]["body"].get("model") if lines else None),
+        }
+        state = {"object": batch, "lines": lines, "polls": 0}
+        with self._batch_lock:
+            self.batches[batch["id"]] = state
+        if errors:
+            batch.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
+        elif self.batch_polls <= 0:
+            self._run_batch(state)
+        else:
+            batch.update(status="in_progress", in_progress_at=now)
+        self._send(handler, 200, batch)
+
+    def _read_lines(self, data: bytes) -> tuple[list, list]:
+        lines, errors, seen, models = [], [], set(), set()
+        for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                errors.append({"code": "invalid_json_line", "message": "This line is not parseable as valid JSON.", "param": None, "line": n})
+                continue
+            cid = line.get("custom_id")
+            if not isinstance(cid, str) or not cid or cid in seen:
+                errors.append({"code": "duplicate_custom_id" if cid in seen else "missing_required_parameter",
+                               "message": "custom_id must be a unique non-empty string", "param": "custom_id", "line": n})
+                continue
+            seen.add(cid)
+            if line.get("method") != "POST" or line.get("url") != CHAT_ENDPOINT or not isinstance(line.get("body"), dict):
+                errors.append({"code": "invalid_request", "message": "method POST, url /v1/chat/completions and a body are required",
+                               "param": None, "line": n})
+                continue
+            models.add(line["body"].get("model"))
+            lines.append(line)
+        if len(models) > 1:
+            errors.append({"code": "mismatched_model", "message": "every line of a batch must use the same model", "param": "body.model", "line": None})
+        return lines, errors
+
+    def _run_batch(self, state: dict) -> None:
+        batch = state["object"]
+        out, err = [], []
+        for line in state["lines"]:
+            status, payload, _ = self.batch_line(CHAT_ENDPOINT, line["body"], batch["id"])
+            entry = {"id": f"batch_req_emu{self.next_id():06d}", "custom_id": line["custom_id"]}
+            if status == 0:
+                err.append(dict(entry, response=None, error={"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}))
+            elif status == 200:
+                out.append(dict(entry, response={"status_code": 200, "request_id": f"req_emu{self.next_id():06d}", "body": payload}, error=None))
+            else:
+                err.append(dict(entry, response={"status_code": status, "request_id": f"req_emu{self.next_id():06d}", "body": payload}, error=None))
+        with self._rng_lock:
+            self._rng.shuffle(out)
+        now = int(time.time())
+        if out:
+            batch["output_file_id"] = self._new_file(_jsonl(out), f"{batch['id']}_output.jsonl", "batch_output")["id"]
+        if err:
+            batch["error_file_id"] = self._new_file(_jsonl(err), f"{batch['id']}_error.jsonl", "batch_output")["id"]
+        batch.update(status="completed", in_progress_at=batch["in_progress_at"] or now, finalizing_at=now, completed_at=now,
+                     request_counts={"total": len(state["lines"]), "completed": len(out), "failed": len(err)})
+
+    def _batches_retrieve(self, handler, batch_id):
+        if self._control(handler, "batches.retrieve"):
+            return
+        state = self.batches.get(batch_id)
+        if state is None:
+            self._send(handler, 404, self.error_body(404, f"No batch found with id '{batch_id}'."))
+            return
+        with self._batch_lock:
+            if state["object"]["status"] == "in_progress" and self._poll_ready(state):
+                self._run_batch(state)
+            batch = json.loads(json.dumps(state["object"]))
+        self._send(handler, 200, batch)
+
+
+def _jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()

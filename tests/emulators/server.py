@@ -121,7 +121,7 @@ class ProviderEmulator:
         self.control_policy = control_policy
         self.control: Counter = Counter()  # batch control calls by operation, auth failures included
         self.batches: dict = {}
-        self._batch_lock = threading.Lock()
+        self._batch_lock = threading.RLock()  # held while a batch runs, so it runs once
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> "ProviderEmulator":

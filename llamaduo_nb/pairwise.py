@@ -1,0 +1,218 @@
+"""Pairwise comparison, MT-Bench style: is the fine-tuned answer better than the base model's?
+
+Each answer of a fine-tuned local model (volume > 0) is put beside the base model's answer
+(volume 0) to the same test prompt with the same k, and the judge says which is better
+(`params/prompts/pairwise.yaml`: JSON {"winner": "A" | "B" | "tie", "reason": ...}). Every
+pair is judged in BOTH orders (order "AB": the tuned answer is A; "BA": it is B), one greedy
+verdict per order, so the judge's position bias shows: a verdict that flips when the order is
+swapped is position-inconsistent. A pair whose two answers are the same text is not sent to
+the judge; it is a tie in both orders and is left out of the inconsistency rate.
+
+A verdict the judge failed to give (call failed, reply not JSON, winner not A/B/tie) is the
+sentinel "error": counted, never raised, never a win, tie or loss.
+
+Writes `judgements/pairwise.jsonl` (one row per verdict) and `pairwise.csv` at the run
+folder's top, one row per (cycle, task, local_model, judge, volume):
+- `win`, `tie`, `loss`: % of valid verdicts (both orders counted), from the tuned model's side;
+- `errors`, `error_share` (% of all verdicts);
+- `position_inconsistency`: % of compared pairs (both verdicts valid, answers differ) whose
+  outcome differs between the two orders;
+- `consistent_win`, `consistent_tie`, `consistent_loss`: % of pairs with both verdicts valid,
+  a win or loss counting only when both orders agree, anything inconsistent a tie (MT-Bench's
+  conservative rule);
+- `first_position_preference`: % of valid non-tie verdicts (answers differ) that picked A.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .errors import UserError
+from .io import read_jsonl, write_csv, write_jsonl
+from .llm.base import ChatRequest
+from .prompts import Prompt, load_prompt
+from .stage import stage_dir
+
+PAIRWISE_JSONL = "pairwise.jsonl"
+VERDICTS = ("A", "B", "tie")
+ERROR = "error"
+BASELINE_VOLUME = 0
+GROUP = ["cycle", "task", "local_model", "judge", "volume"]
+SUMMARY_COLUMNS = GROUP + ["baseline_volume", "pairs", "judgements", "win", "tie", "loss", "errors", "error_share",
+                           "compared_pairs", "position_inconsistency", "consistent_win", "consistent_tie",
+                           "consistent_loss", "first_position_preference", "identical_pairs"]
+
+
+def pairwise_file(run_dir: Path | str) -> Path:
+    return stage_dir(run_dir, "evaluate") / PAIRWISE_JSONL
+
+
+def summary_file(run_dir: Path | str) -> Path:
+    return Path(run_dir) / "pairwise.csv"
+
+
+def load_pairwise_prompt(name: str) -> Prompt:
+    try:
+        return load_prompt(name)
+    except FileNotFoundError as exc:
+        raise UserError(f"evaluate.pairwise_prompt: {exc}") from None
+
+
+def pairs(responses: pd.DataFrame, baseline_volume: int = BASELINE_VOLUME) -> pd.DataFrame:
+    """Each tuned answer beside the baseline's answer to the same (task, local model, prompt, k)."""
+    keys = ["task", "local_model", "prompt_id", "k"]
+    if responses.empty:
+        return pd.DataFrame(columns=keys + ["volume", "answer", "baseline_answer"])
+    base = responses[responses["volume"] == baseline_volume][keys + ["response"]].rename(columns={"response": "baseline_answer"})
+    tuned = responses[responses["volume"] != baseline_volume][keys + ["volume", "response"]].rename(columns={"response": "answer"})
+    out = tuned.merge(base, on=keys, how="inner")
+    return out.sort_values(["task", "local_model", "volume", "prompt_id", "k"]).reset_index(drop=True)
+
+
+def build_requests(params, judge, responses: pd.DataFrame, references: dict,
+                   prompt: Optional[Prompt] = None) -> list[tuple[dict, Optional[ChatRequest]]]:
+    """Two (meta, request) per pair, order AB then BA; request None where the two answers are the same text."""
+    prompt = prompt or load_pairwise_prompt(params.evaluate.pairwise_prompt)
+    cfg = params.evaluate
+    jobs = []
+    for row in pairs(responses).itertuples():
+        ref = references[row.prompt_id]
+        local, base = str(row.answer or ""), str(row.baseline_answer or "")
+        identical = local.strip() == base.strip()
+        for order in ("AB", "BA"):
+            a, b = (local, base) if order == "AB" else (base, local)
+            meta = {"cycle": 1, "task": row.task, "local_model": row.local_model, "judge": judge.label, "volume": int(row.volume),
+                    "baseline_volume": BASELINE_VOLUME, "prompt_id": row.prompt_id, "k": int(row.k), "order": order,
+                    "local_position": "A" if order == "AB" else "B", "identical": identical, "prompt_version": prompt.version}
+            req = None
+            if not identical:
+                req = ChatRequest(
+                    messages=prompt.messages(instruction=ref["instruction"], reference=ref["reference"], answer_a=a, answer_b=b),
+                    temperature=cfg.pairwise_temperature, top_p=1.0, max_tokens=cfg.max_new_tokens, json_schema=prompt.schema,
+                    judge_inputs=(ref["instruction"], ref["reference"], a, b) if judge.backend == "local" else (),
+                )
+            jobs.append((meta, req))
+    return jobs
+
+
+def parse_verdict(result) -> tuple[str, Optional[str]]:
+    """(verdict, reason) from a ChatResult: "A", "B", "tie", or the sentinel "error"."""
+    if result is None or not getattr(result, "ok", False):
+        return ERROR, None
+    parsed = result.parsed
+    if parsed is None and result.text:
+        from .llm.client import extract_json
+
+        try:
+            parsed = extract_json(result.text)
+        except ValueError:
+            return ERROR, None
+    if not isinstance(parsed, dict):
+        return ERROR, None
+    winner = re.sub(r"[^a-z]", "", str(parsed.get("winner", "")).lower())
+    verdict = {"a": "A", "b": "B", "tie": "tie"}.get(winner, ERROR)
+    reason = parsed.get("reason")
+    return verdict, (str(reason) if reason is not None else None)
+
+
+def outcome(verdict: str, local_position: str) -> str:
+    """The verdict from the tuned model's side: win, loss, tie or error."""
+    if verdict == ERROR:
+        return ERROR
+    if verdict == "tie":
+        return "tie"
+    return "win" if verdict == local_position else "loss"
+
+
+def judgement_row(meta: dict, result) -> dict:
+    if meta.get("identical"):
+        verdict, reason, error, raw = "tie", "identical answers: not sent to the judge", None, None
+    else:
+        verdict, reason = parse_verdict(result)
+        raw = getattr(result, "text", None)
+        error = getattr(result, "error", None)
+        if verdict == ERROR and not error:
+            error = f"unparsable verdict: {str(raw)[:200]}"
+    return dict(meta, verdict=verdict, outcome=outcome(verdict, meta["local_position"]), valid=verdict != ERROR,
+                reason=reason, error=error, raw=raw)
+
+
+def _pct(part, whole) -> float:
+    return 100.0 * part / whole if whole else float("nan")
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """pairwise.csv: win/tie/loss, errors and position consistency per (cycle, task, local_model, judge, volume)."""
+    if rows.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    out = []
+    for key, group in rows.groupby(GROUP):
+        valid = group[group["outcome"] != ERROR]
+        n_valid = len(valid)
+        record = dict(zip(GROUP, key), baseline_volume=int(group["baseline_volume"].iloc[0]) if "baseline_volume" in group else BASELINE_VOLUME)
+        record.update(
+            pairs=int(group[["prompt_id", "k"]].drop_duplicates().shape[0]), judgements=int(len(group)),
+            win=_pct((valid["outcome"] == "win").sum(), n_valid), tie=_pct((valid["outcome"] == "tie").sum(), n_valid),
+            loss=_pct((valid["outcome"] == "loss").sum(), n_valid),
+            errors=int(len(group) - n_valid), error_share=_pct(len(group) - n_valid, len(group)),
+        )
+        both = group.pivot_table(index=["prompt_id", "k"], columns="order", values="outcome", aggfunc="first")
+        identical = group.groupby(["prompt_id", "k"])["identical"].first().reindex(both.index).fillna(False).astype(bool)
+        if {"AB", "BA"} <= set(both.columns):
+            complete = both[(both["AB"] != ERROR) & (both["BA"] != ERROR) & both["AB"].notna() & both["BA"].notna()]
+        else:
+            complete = both.iloc[0:0].assign(AB=None, BA=None)
+        compared = complete[~identical.reindex(complete.index).fillna(False).astype(bool)]
+        flips = (compared["AB"] != compared["BA"]).sum()
+        agreed = complete["AB"].where(complete["AB"] == complete["BA"], "tie")
+        differing = valid[~valid["identical"].astype(bool) & valid["verdict"].isin(["A", "B"])]
+        record.update(
+            compared_pairs=int(len(compared)), position_inconsistency=_pct(flips, len(compared)),
+            consistent_win=_pct((agreed == "win").sum(), len(complete)), consistent_tie=_pct((agreed == "tie").sum(), len(complete)),
+            consistent_loss=_pct((agreed == "loss").sum(), len(complete)),
+            first_position_preference=_pct((differing["verdict"] == "A").sum(), len(differing)),
+            identical_pairs=int(identical.sum()),
+        )
+        out.append(record)
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS).sort_values(GROUP).reset_index(drop=True)
+
+
+def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, service) -> list[dict]:
+    """Build, send (only the pairs whose answers differ) and parse one judge's pairwise verdicts."""
+    jobs = build_requests(params, judge, responses, references)
+    sent = [i for i, (_, req) in enumerate(jobs) if req is not None]
+    results = service.run([jobs[i][1] for i in sent], desc="pairwise ×2 orders") if sent else []
+    by_job = dict(zip(sent, results))
+    return [judgement_row(meta, by_job.get(i)) for i, (meta, _) in enumerate(jobs)]
+
+
+def run(params, run_dir: Path | str, responses: pd.DataFrame, references: dict, make_service) -> tuple[pd.DataFrame, dict]:
+    """Every judge's pairwise verdicts; writes judgements/pairwise.jsonl and pairwise.csv. Returns (summary, accounting).
+
+    `make_service(judge)` gives the ServiceLLM for a judge (the evaluate stage passes one sharing the run's cache).
+    """
+    load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
+    rows, accounting = [], {}
+    for judge in params.judges:
+        service = make_service(judge)
+        rows += judge_pairs(params, judge, responses, references, service)
+        accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
+    write_jsonl(pairwise_file(run_dir), rows)
+    summary = summarise(pd.DataFrame(rows))
+    write_csv(summary_file(run_dir), summary)
+    return summary, accounting
+
+
+def load_pairwise(run_dir: Path | str) -> pd.DataFrame:
+    """pairwise.csv, or an empty frame when the run did no pairwise comparison."""
+    path = summary_file(run_dir)
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=SUMMARY_COLUMNS)
+
+
+def load_verdicts(run_dir: Path | str) -> pd.DataFrame:
+    path = pairwise_file(run_dir)
+    return pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()
