@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("params")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     sub.add_parser("doctor", help="what is available: models, GPU, API keys (names only)")
+    rep = sub.add_parser("report", help="rebuild a run's report (figures, report.html); several runs: overlay them")
+    rep.add_argument("runs", nargs="+", help="run folders")
+    rep.add_argument("--out", help="folder for a comparison of several runs (default results/compare-<timestamp>)")
     return p
 
 
@@ -51,6 +54,29 @@ def doctor() -> int:
     return 0
 
 
+def report(runs: list[str], out: str | None) -> int:
+    import time
+    from pathlib import Path
+
+    for run_dir in runs:
+        if not (Path(run_dir) / "metrics.csv").exists():
+            raise UserError(f"{run_dir}: not a finished run folder (no metrics.csv)")
+    if len(runs) == 1:
+        from .runner import run
+
+        run_dir = Path(runs[0]).resolve()
+        run(run_dir / "params.yaml", run_dir, stages="report", force=["report"])
+        print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'figures'}")
+        return 0
+    from .params import PROJECT_ROOT
+    from .report import compare_runs
+
+    target = Path(out) if out else PROJECT_ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    for path in compare_runs(runs, target):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -62,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "doctor":
             return doctor()
+        if args.command == "report":
+            return report(args.runs, args.out)
         if args.command == "run":
             from .runner import StageFailed, run
 

@@ -2,17 +2,26 @@
 
 Reads: `coverage/test.jsonl`, `responses/`. Writes: `judgements/<judge>.jsonl` (one row per
 judgement: scores, reasons, raw JSON, valid flag or error), `metrics.csv` at the run folder's
-top, DONE.json. Judge prompt: `params/prompts/judge.yaml` (the reference's JSON contract).
+top (the paper's aggregates with bootstrap CIs, judge spread and failed share: see
+`metrics.py`), DONE.json. Judge prompt: `params/prompts/judge.yaml` (the reference's JSON contract).
+
+Optional, beside the paper:
+- `evaluate.pairwise`: MT-Bench-style verdicts, tuned answer vs the base model's, both orders
+  (`pairwise.py`): `judgements/pairwise.jsonl`, `pairwise.csv` at the run folder's top;
+- `evaluate.reference_metrics`: ROUGE-L and embedding cosine vs the reference per answer, and
+  their Spearman correlation with the judge (`refmetrics.py`): `judgements/reference_metrics.csv`,
+  `judgements/correlations.csv`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from . import coverage, infer
+from . import coverage, infer, pairwise, refmetrics
 from .io import read_jsonl, write_csv, write_jsonl
 from .llm import cache_for
 from .llm.base import ChatRequest
@@ -23,8 +32,15 @@ from .prompts import load_prompt
 from .stage import StageResult, StageRun, stage_dir
 
 
+REFERENCE_METRICS_CSV = "reference_metrics.csv"
+CORRELATIONS_CSV = "correlations.csv"
+
+
 def judge_file(run_dir: Path | str, judge: ServiceParams) -> Path:
-    return stage_dir(run_dir, "evaluate") / (re.sub(r"[^A-Za-z0-9._-]+", "_", judge.label) + ".jsonl")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", judge.label) + ".jsonl"
+    if name == pairwise.PAIRWISE_JSONL:  # a judge named "pairwise" must not overwrite the pairwise verdicts
+        name = "judge_" + name
+    return stage_dir(run_dir, "evaluate") / name
 
 
 def build_requests(params: Params, judge: ServiceParams, responses: pd.DataFrame, references: dict) -> list[tuple[dict, ChatRequest]]:
@@ -62,10 +78,12 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     stage = StageRun("evaluate", params, run_dir, force)
     if stage.up_to_date():
         return stage.skipped()
+    if params.evaluate.pairwise:
+        pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
     stage.begin()
     references = {r["prompt_id"]: r for r in coverage.load(run_dir, "test")}
     responses = infer.load_responses(run_dir)
-    accounting, frames = {}, []
+    accounting, frames, backends = {}, [], {}
     for judge in params.judges:
         jobs = build_requests(params, judge, responses, references)
         service = ServiceLLM(judge, cache_for(run_dir))
@@ -74,20 +92,61 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         write_jsonl(judge_file(run_dir, judge), rows)
         accounting[judge.label] = service.accounting.as_dict()
         frames.append(pd.DataFrame(rows))
+        if judge.backend == "local":  # the in-process judge is reused for pairwise: model loaded, answer scores memoised
+            backends[judge.label] = service.backend
     judgements = pd.concat(frames, ignore_index=True)
-    metrics = aggregate(judgements, params.evaluate.zetas)
+    cfg = params.evaluate
+    metrics = aggregate(judgements, cfg.zetas, bootstrap=cfg.bootstrap, seed=params.seed)
     write_csv(Path(run_dir) / "metrics.csv", metrics)
-    return stage.finish(
-        {"judgements": len(judgements), "invalid": int((~judgements["valid"]).sum()), "answers": len(responses), "metric_rows": len(metrics)},
-        llm=accounting,
-    )
+    counts = {"judgements": len(judgements), "invalid": int((~judgements["valid"]).sum()), "answers": len(responses), "metric_rows": len(metrics)}
+    _remove_stale(run_dir, cfg)
+    if cfg.pairwise:
+        make_service = lambda j: ServiceLLM(j, cache_for(run_dir), backend=backends.get(j.label))  # noqa: E731
+        summary, pair_accounting = pairwise.run(params, run_dir, responses, references, make_service)
+        accounting.update(pair_accounting)
+        counts.update(pairwise_verdicts=int(summary["judgements"].sum()), pairwise_errors=int(summary["errors"].sum()))
+    if cfg.reference_metrics:
+        refs = refmetrics.reference_metrics(responses, references)
+        write_csv(stage_dir(run_dir, "evaluate") / REFERENCE_METRICS_CSV, refs)
+        write_csv(stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV, refmetrics.correlations(judgements, refs))
+        counts["embedding"] = bool(refs["embedding_cosine"].notna().any())
+    return stage.finish(counts, llm=accounting)
+
+
+def _remove_stale(run_dir: Path | str, cfg) -> None:
+    """Outputs of an option now switched off must not outlive it."""
+    stale = []
+    if not cfg.pairwise:
+        stale += [pairwise.pairwise_file(run_dir), pairwise.summary_file(run_dir)]
+    if not cfg.reference_metrics:
+        stale += [stage_dir(run_dir, "evaluate") / REFERENCE_METRICS_CSV, stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def load_judgements(run_dir: Path | str) -> pd.DataFrame:
+    """Every judge's single-answer judgements (the pairwise verdicts are in load_pairwise)."""
     rows = []
     for path in sorted(stage_dir(run_dir, "evaluate").glob("*.jsonl")):
-        rows += read_jsonl(path)
+        if path.name != pairwise.PAIRWISE_JSONL:
+            rows += read_jsonl(path)
     return pd.DataFrame(rows)
+
+
+def load_pairwise(run_dir: Path | str) -> pd.DataFrame:
+    """pairwise.csv (empty when evaluate.pairwise was off)."""
+    return pairwise.load_pairwise(run_dir)
+
+
+def load_reference_metrics(run_dir: Path | str) -> pd.DataFrame:
+    path = stage_dir(run_dir, "evaluate") / REFERENCE_METRICS_CSV
+    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+
+
+def load_correlations(run_dir: Path | str) -> pd.DataFrame:
+    path = stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV
+    return pd.read_csv(path) if path.exists() else pd.DataFrame()
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:

@@ -52,9 +52,17 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{metric} ({statistic}, 0–100)")
     axes[0].set_ylim(0, 100)
-    axes[-1].legend(fontsize=7, loc="lower right", title="dashed: base model", title_fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    rows = max(1, -(-len(labels) // 2))
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))), fontsize=7,
+               title="lines: fine-tuned; dashed: base model", title_fontsize=7, frameon=False)
     fig.suptitle(f"{metric.capitalize()} vs data volume", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * rows, 1, 1))
     return fig
 
 
@@ -151,3 +159,19 @@ def metrics_table(metrics: pd.DataFrame, zetas=(50, 70)) -> pd.DataFrame:
     wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
     ordered = [f"{m}_{c}" for m in ("similarity", "precision") for c in cols if f"{m}_{c}" in wide.columns]
     return wide[ordered].round(1).reset_index()
+
+
+def compare_runs(run_dirs: list[Path | str], out_dir: Path | str) -> list[Path]:
+    """Overlay several runs: one line per (run, local model, judge) in the score-vs-volume figures."""
+    frames = []
+    for run_dir in run_dirs:
+        metrics = evaluate.load_metrics(run_dir)
+        frames.append(metrics.assign(local_model=Path(run_dir).name + ": " + metrics["local_model"].astype(str)))
+    merged = pd.concat(frames, ignore_index=True)
+    out_dir = Path(out_dir)
+    written = []
+    for metric in ("similarity", "precision"):
+        written += save_figure(score_vs_volume(merged, metric), out_dir / f"{metric}_vs_volume")
+    plt.close("all")
+    write_csv(out_dir / "metrics.csv", merged)
+    return written

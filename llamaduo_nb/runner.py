@@ -73,7 +73,24 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
         began = time.time()
         _execute(stage, resolved, run_dir, executed, stage in forced)
         log(f"[{stage}] done in {time.time() - began:.1f} s")
+    report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]
+    if "report" in chosen and report_notebook.exists():
+        export_html(report_notebook, run_dir / "report.html")
+        log(f"report: {run_dir / 'report.html'}")
     return run_dir
+
+
+def export_html(notebook: Path, target: Path) -> Path:
+    """The executed report as one standalone HTML file (figures embedded), written atomically."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from .io import write_text
+
+    body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
+        nbformat.read(notebook, as_version=4)
+    )
+    return write_text(target, body)
 
 
 def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force: bool) -> None:
