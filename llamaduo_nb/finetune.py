@@ -10,6 +10,7 @@ volume is never retrained; an interrupted one resumes from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import shutil
 import time
@@ -141,6 +142,8 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     started = time.time()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = round(time.time() - started, 2)
+    if not trainer.is_world_process_zero():
+        return {"task": task, "volume": volume, "skipped": False, "n_train": len(pairs)}  # rank 0 writes the outputs
     log = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
     if not log.empty:
         log = log[[c for c in ("step", "epoch", "loss", "learning_rate", "grad_norm") if c in log]]
@@ -178,6 +181,8 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
                     continue
                 print(f"finetune {task} · {short_name(model_ref)} · volume {volume} ({len(pairs)} pairs)", flush=True)
                 records.append(train_unit(params, run_dir, task, model_ref, volume, pairs))
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, only the main process writes
+        return StageResult("finetune", Path(run_dir), False, counts={"adapters": len(records)})
     table = pd.DataFrame(records)
     write_csv(stage_dir(run_dir, "finetune") / "runs.csv", table)
     return stage.finish({

@@ -99,6 +99,8 @@ def run(params: Params, run_dir: Path | str, force: bool = False, cycle: int = 1
     out = stage_dir(run_dir, "synthesize")
     write_jsonl(out / "pairs.jsonl", flat)
     write_jsonl(out / "calls.jsonl", calls)
+    if cfg.push_to_hub:
+        push_to_hub(flat, cfg.push_to_hub)
     counts = counts_frame(calls, flat, cfg.samples_per_task)
     write_csv(out / "counts.csv", counts)
     short = counts[counts["pairs"] < cfg.samples_per_task]["task"].tolist()
@@ -108,6 +110,19 @@ def run(params: Params, run_dir: Path | str, force: bool = False, cycle: int = 1
          "prompt": f"{prompt.name} v{prompt.version} ({prompt.fingerprint})"},
         llm={params.service.label: service.accounting.as_dict()},
     )
+
+
+def push_to_hub(pairs: list[dict], repo_id: str) -> None:
+    """Publish the pairs as a private Hub dataset (needs internet and HF_TOKEN)."""
+    import os
+
+    from datasets import Dataset
+
+    from .errors import UserError
+
+    if not os.environ.get("HF_TOKEN"):
+        raise UserError("synthesize.push_to_hub: set HF_TOKEN in the environment to push to the Hub")
+    Dataset.from_list(pairs).push_to_hub(repo_id, private=True, token=os.environ["HF_TOKEN"])
 
 
 def counts_frame(calls: list[dict], pairs: list[dict], target: int) -> pd.DataFrame:

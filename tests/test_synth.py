@@ -57,6 +57,10 @@ def test_rounds_reach_the_target_and_record_provenance(tmp_path, fake_backend):
     assert row["seed_prompt_id"] in train_ids
     assert row["service_model"] == "openai:fake-model" and row["prompt"] == "synthesize" and row["prompt_version"] >= 1
     assert row["cycle"] == 1 and len({p["id"] for p in pairs}) == len(pairs)
+    from datasets import load_dataset
+
+    loaded = load_dataset("json", data_files=str(run_dir / "synth" / "pairs.jsonl"), split="train")
+    assert loaded.num_rows == len(pairs) and {"instruction", "response", "seed_prompt_id"} <= set(loaded.column_names)
     calls = [json.loads(line) for line in (run_dir / "synth" / "calls.jsonl").read_text().splitlines()]
     assert any(not c["ok"] and c["error"] for c in calls)  # failures kept with their reason
 

@@ -1,0 +1,252 @@
+"""Pairwise comparison (MT-Bench style) with in-memory judges: position bias, errors, the summary."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from llamaduo_nb import evaluate, pairwise
+from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion
+from llamaduo_nb.llm.cache import ResponseCache
+from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.params import Params, ServiceParams
+
+
+class JudgeBackend(Backend):
+    """An in-memory judge: `decide(answer_a, answer_b, request)` returns the reply text."""
+
+    name = "fake"
+
+    def __init__(self, decide):
+        super().__init__(None)
+        self.decide = decide
+        self.calls = []
+
+    async def complete(self, request):
+        self.calls.append(request)
+        text = request.messages[-1]["content"]
+        a = re.search(r"\[Response A\]\n(.*?)\n\[End of response A\]", text, re.S).group(1)
+        b = re.search(r"\[Response B\]\n(.*?)\n\[End of response B\]", text, re.S).group(1)
+        return Completion(text=self.decide(a, b, request), input_tokens=20, output_tokens=8)
+
+
+def verdict(winner):
+    return json.dumps({"winner": winner, "reason": "because"})
+
+
+def first_always(a, b, request):  # a judge with a pure position bias
+    return verdict("A")
+
+
+def longer_wins(a, b, request):  # a position-consistent judge
+    return verdict("tie" if len(a) == len(b) else ("A" if len(a) > len(b) else "B"))
+
+
+REFERENCES = {
+    "p1": {"instruction": "Summarise: the cat sat on the mat.", "reference": "A cat sat on a mat."},
+    "p2": {"instruction": "When did the bridge open? It opened in 1932.", "reference": "In 1932."},
+}
+
+
+def responses(identical=False):
+    rows = []
+    for pid in REFERENCES:
+        for k in range(2):
+            base = f"base answer {pid}/{k}"
+            rows.append({"task": "summarization", "local_model": "tiny", "volume": 0, "prompt_id": pid, "k": k, "response": base})
+            for volume in (4, 16):
+                tuned = base if identical else f"a much longer tuned answer {pid}/{k} v{volume}"
+                rows.append({"task": "summarization", "local_model": "tiny", "volume": volume, "prompt_id": pid, "k": k, "response": tuned})
+    return pd.DataFrame(rows)
+
+
+def _params(**evaluate):
+    return Params(evaluate={"pairwise": True, **evaluate}, service={"backend": "openai", "model": "fake-judge", "max_reasks": 0, "max_retries": 0})
+
+
+def _service(tmp_path, params, backend):
+    async def no_sleep(_):
+        return None
+
+    return ServiceLLM(params.judges[0], ResponseCache(tmp_path / "c.sqlite"), backend=backend, sleep=no_sleep)
+
+
+def _judge(tmp_path, decide, resp=None, **evaluate):
+    params = _params(**evaluate)
+    backend = JudgeBackend(decide)
+    rows = pairwise.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
+    return pd.DataFrame(rows), backend
+
+
+def test_every_pair_is_judged_in_both_orders(tmp_path):
+    rows, backend = _judge(tmp_path, longer_wins)
+    assert len(rows) == 2 * 2 * 2 * 2  # prompts × k × tuned volumes × orders
+    assert len(backend.calls) == len(rows)
+    assert set(rows["order"]) == {"AB", "BA"}
+    ab = backend.calls[0].messages[-1]["content"]
+    ba = backend.calls[1].messages[-1]["content"]
+    assert "[Response A]\na much longer tuned answer p1/0 v4" in ab and "[Response B]\nbase answer p1/0" in ab
+    assert "[Response A]\nbase answer p1/0" in ba and "[Response B]\na much longer tuned answer p1/0 v4" in ba
+    assert "A cat sat on a mat." in ab  # reference-guided
+    assert all(c.temperature == 0.0 and c.judge_inputs == () for c in backend.calls)  # API judge: no judge_inputs
+    # the baseline is the base model's answer to the same prompt and k
+    assert set(rows["baseline_volume"]) == {0} and set(rows["volume"]) == {4, 16}
+
+
+def test_a_consistent_judge(tmp_path):
+    rows, _ = _judge(tmp_path, longer_wins)
+    assert (rows["outcome"] == "win").all()  # the tuned answers are the longer ones, whatever their position
+    s = pairwise.summarise(rows)
+    assert len(s) == 2  # one row per volume
+    assert (s["win"] == 100).all() and (s["loss"] == 0).all() and (s["tie"] == 0).all()
+    assert (s["position_inconsistency"] == 0).all() and (s["consistent_win"] == 100).all()
+    assert (s["first_position_preference"] == 50).all()
+    assert (s["compared_pairs"] == 4).all() and (s["errors"] == 0).all()
+
+
+def test_position_bias_is_detected(tmp_path):
+    rows, _ = _judge(tmp_path, first_always)
+    s = pairwise.summarise(rows)
+    assert (s["position_inconsistency"] == 100).all()
+    assert (s["win"] == 50).all() and (s["loss"] == 50).all()
+    assert (s["consistent_tie"] == 100).all() and (s["consistent_win"] == 0).all()  # inconsistent -> tie (MT-Bench)
+    assert (s["first_position_preference"] == 100).all()
+
+
+def test_identical_answers_are_not_sent_and_not_counted_as_inconsistent(tmp_path):
+    resp = responses()
+    mask = (resp["volume"] == 4) & (resp["prompt_id"] == "p1")
+    resp.loc[mask, "response"] = resp.loc[mask].apply(lambda r: f"base answer {r.prompt_id}/{r.k}", axis=1)
+    rows, backend = _judge(tmp_path, first_always, resp=resp)
+    assert len(backend.calls) == 16 - 4  # 2 identical pairs × 2 orders not sent
+    same = rows[rows["identical"]]
+    assert len(same) == 4 and (same["verdict"] == "tie").all() and same["valid"].all()
+    s = pairwise.summarise(rows).set_index("volume")
+    assert s.loc[4, "identical_pairs"] == 2 and s.loc[4, "compared_pairs"] == 2
+    assert s.loc[4, "position_inconsistency"] == 100  # every pair whose answers differ flips
+    assert s.loc[4, "tie"] == 50  # identical pairs are ties in both orders
+
+
+def test_unparsable_verdicts_are_the_error_sentinel_counted_not_raised(tmp_path):
+    replies = iter(["not json at all", verdict("C"), verdict("A"), verdict("B")] * 4)
+    rows, _ = _judge(tmp_path, lambda a, b, r: next(replies))
+    assert set(rows["verdict"]) == {"error", "A", "B"}
+    errors = rows[rows["verdict"] == "error"]
+    assert len(errors) == 8 and (errors["outcome"] == "error").all() and (~errors["valid"]).all()
+    assert errors["error"].notna().all()
+    s = pairwise.summarise(rows)
+    assert s["errors"].sum() == 8 and (s["error_share"] == 50).all()
+    # shares are of valid verdicts; pairs with an error are not compared
+    assert ((s["win"] + s["tie"] + s["loss"]).round(6) == 100).all()
+    p2 = rows[rows["prompt_id"] == "p2"]
+    assert p2["valid"].sum() == 4
+
+
+def test_parse_verdict():
+    ok = lambda parsed, text=None: ChatResult(ok=True, parsed=parsed, text=text)  # noqa: E731
+    assert pairwise.parse_verdict(ok({"winner": "A", "reason": "r"})) == ("A", "r")
+    assert pairwise.parse_verdict(ok({"winner": "b"}))[0] == "B"
+    assert pairwise.parse_verdict(ok({"winner": " Tie "}))[0] == "tie"
+    assert pairwise.parse_verdict(ok({"winner": "C"}))[0] == "error"
+    assert pairwise.parse_verdict(ok({"reason": "no winner"}))[0] == "error"
+    assert pairwise.parse_verdict(ok(["A"]))[0] == "error"
+    assert pairwise.parse_verdict(ok(None, 'Verdict: {"winner": "B", "reason": "x"}')) == ("B", "x")
+    assert pairwise.parse_verdict(ok(None, "A is better"))[0] == "error"
+    assert pairwise.parse_verdict(ChatResult(ok=False, error="gave up"))[0] == "error"
+    assert pairwise.parse_verdict(None)[0] == "error"
+
+
+def test_outcome_from_the_tuned_models_side():
+    assert pairwise.outcome("A", "A") == "win" and pairwise.outcome("B", "A") == "loss"
+    assert pairwise.outcome("B", "B") == "win" and pairwise.outcome("A", "B") == "loss"
+    assert pairwise.outcome("tie", "B") == "tie" and pairwise.outcome("error", "A") == "error"
+
+
+def test_summary_on_hand_made_verdicts():
+    def v(pid, order, verdict, volume=8):
+        local = "A" if order == "AB" else "B"
+        return {"cycle": 1, "task": "t", "local_model": "m", "judge": "j", "volume": volume, "baseline_volume": 0,
+                "prompt_id": pid, "k": 0, "order": order, "local_position": local, "identical": False,
+                "verdict": verdict, "outcome": pairwise.outcome(verdict, local), "valid": verdict != "error"}
+
+    rows = pd.DataFrame([
+        v("a", "AB", "A"), v("a", "BA", "B"),      # win, win: consistent win
+        v("b", "AB", "tie"), v("b", "BA", "A"),    # tie, loss: inconsistent -> tie
+        v("c", "AB", "B"), v("c", "BA", "A"),      # loss, loss: consistent loss
+        v("d", "AB", "error"), v("d", "BA", "A"),  # error: not compared
+    ])
+    s = pairwise.summarise(rows).iloc[0]
+    assert (s["pairs"], s["judgements"], s["errors"]) == (4, 8, 1)
+    assert s["win"] == pytest.approx(100 * 2 / 7) and s["tie"] == pytest.approx(100 / 7) and s["loss"] == pytest.approx(100 * 4 / 7)
+    assert s["compared_pairs"] == 3 and s["position_inconsistency"] == pytest.approx(100 / 3)
+    assert (s["consistent_win"], s["consistent_tie"], s["consistent_loss"]) == pytest.approx((100 / 3, 100 / 3, 100 / 3))
+    assert s["first_position_preference"] == pytest.approx(100 * 4 / 6)  # A in a/AB, b/BA, c/BA, d/BA of 6 A-or-B verdicts
+    assert pairwise.summarise(pd.DataFrame()).empty
+
+
+def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
+    run_dir = tmp_path / "run"
+    params = _params()
+    backend = JudgeBackend(first_always)
+    summary, accounting = pairwise.run(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
+    assert pairwise.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
+    assert list(pd.read_csv(run_dir / "pairwise.csv").columns) == pairwise.SUMMARY_COLUMNS
+    assert accounting["openai:fake-judge (pairwise)"]["requests"] == 16
+    assert len(pairwise.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
+    # a single-answer judgement file beside it: load_judgements reads only that one
+    (run_dir / "judgements" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
+    assert len(evaluate.load_judgements(run_dir)) == 1
+    # a judge named "pairwise" does not overwrite the verdicts
+    assert evaluate.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
+
+
+def test_local_judge_gets_both_answers_in_judge_inputs():
+    params = Params(evaluate={"pairwise": True}, service={"backend": "local", "model": "smollm2-135m-instruct"})
+    jobs = pairwise.build_requests(params, params.judges[0], responses(), REFERENCES)
+    meta, req = jobs[1]  # order BA
+    assert meta["order"] == "BA" and req.judge_inputs == (REFERENCES["p1"]["instruction"], REFERENCES["p1"]["reference"],
+                                                         "base answer p1/0", "a much longer tuned answer p1/0 v4")
+
+
+def _stub_local(scores):
+    """A LocalBackend without a model: judge_scores looked up from `scores` (answer -> (similarity, precision))."""
+    from llamaduo_nb.llm.local import LocalBackend
+
+    backend = object.__new__(LocalBackend)
+    backend.judge_scores = lambda ins, ref, ans: dict(zip(("similarity", "precision"), scores[ans]))
+    return backend
+
+
+@pytest.mark.parametrize("a_scores,b_scores,expected", [
+    ((80, 70), (40, 30), "A"), ((10, 20), (50, 50), "B"), ((50, 50), (49, 50), "tie"), ((50, 50), (48, 50), "tie"),
+    ((50, 50), (47, 50), "A"),
+])
+def test_local_likelihood_pairwise_verdict(a_scores, b_scores, expected):
+    backend = _stub_local({"x": a_scores, "y": b_scores})
+    ab = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "x", "y"))).text)
+    ba = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "y", "x"))).text)
+    assert ab["winner"] == expected and ab["reason"]
+    assert ba["winner"] == {"A": "B", "B": "A", "tie": "tie"}[expected]  # no position bias by construction
+
+
+def test_local_single_answer_judging_is_unchanged():
+    backend = _stub_local({"x": (80, 70)})
+    backend.judge_scores = lambda ins, ref, ans: {"similarity": 80, "precision": 70, "similarity_raw": 0.8, "precision_raw": 0.7}
+    body = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "x"))).text)
+    assert body["similarity_assessment"]["score"] == 80 and body["precision_assessment"]["score"] == 70
+
+
+def test_pairwise_prompt_contract():
+    import jsonschema
+
+    prompt = pairwise.load_pairwise_prompt("pairwise")
+    msgs = prompt.messages(instruction="I", reference="R", answer_a="AAA", answer_b="BBB")
+    assert "AAA" in msgs[-1]["content"] and "BBB" in msgs[-1]["content"] and '"winner"' in msgs[-1]["content"]
+    jsonschema.validate({"winner": "tie", "reason": "same"}, prompt.schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"winner": "C", "reason": "?"}, prompt.schema)
+    from llamaduo_nb.errors import UserError
+
+    with pytest.raises(UserError):
+        pairwise.load_pairwise_prompt("no_such_prompt")
