@@ -263,6 +263,15 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
             resolve_prompt(name)
         except FileNotFoundError as exc:
             raise UserError(f"{where}: {field}: {exc}") from None
+    from .models import resolve  # cheap: finds files and packages, loads nothing
+
+    local_models = [("finetune.base_models", m) for m in params.finetune.base_models]
+    local_models += [(f"{f}.model", s.model) for f, s in [("service", params.service)] + [(f"evaluate.judges[{i}]", j) for i, j in enumerate(params.evaluate.judges or [])] if s.backend == "local"]
+    for field, ref in local_models:
+        try:
+            resolve(ref)
+        except UserError as exc:
+            raise UserError(f"{where}: {field}: {str(exc)}") from None
     if params.coverage.source == "file":
         cov = Path(params.coverage.path)
         if not cov.is_absolute() and path is not None and not cov.exists():

@@ -112,6 +112,8 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
             os.replace(running, failed)  # kept for debugging, under a name the skip logic never trusts
         if exc.ename == "UserError":
             raise UserError(f"stage {stage}: {exc.evalue}") from None
+        if exc.ename in ("PermissionError", "OSError", "FileNotFoundError") or "No space left" in str(exc.evalue):
+            raise UserError(f"stage {stage} could not write its outputs ({exc.ename}: {exc.evalue}); earlier stages are intact") from None
         raise StageFailed(f"stage {stage} failed: {exc.ename}: {exc.evalue} (executed notebook: {failed})") from None
     os.replace(running, executed)
 

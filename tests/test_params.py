@@ -51,6 +51,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("coverage:\n  source: file\n  path: missing.jsonl\n", "coverage.path"),
         ("service:\n  api_key_env: sk-abc123\n", "service"),
         ("colour: blue\n", "colour"),
+        ("finetune:\n  base_models: [no-such-model-alias]\n", "finetune.base_models"),
+        ("finetune:\n  base_models: [/tmp/missing.gguf]\n", "finetune.base_models"),
+        ("service:\n  backend: local\n  model: nothing-here\n", "service.model"),
     ],
 )
 def test_mistakes_name_file_and_field(tmp_path, text, field):
