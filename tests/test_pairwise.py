@@ -250,3 +250,73 @@ def test_pairwise_prompt_contract():
 
     with pytest.raises(UserError):
         pairwise.load_pairwise_prompt("no_such_prompt")
+
+
+class BothJudge(Backend):
+    """Answers the single-answer judge (score = answer length, capped) and the pairwise judge (the longer wins)."""
+
+    name = "fake"
+
+    async def complete(self, request):
+        text = request.messages[-1]["content"]
+        if "winner" in json.dumps(request.json_schema):
+            a = re.search(r"\[Response A\]\n(.*?)\n\[End of response A\]", text, re.S).group(1)
+            b = re.search(r"\[Response B\]\n(.*?)\n\[End of response B\]", text, re.S).group(1)
+            return Completion(text=longer_wins(a, b, request))
+        answer = text.split("Generated response:\n", 1)[1].split("\n\nGrade", 1)[0]
+        score = min(100, 3 * len(answer))
+        return Completion(text=json.dumps({"similarity_assessment": {"score": score, "reason": "r"},
+                                           "precision_assessment": {"score": 100 - score, "reason": "r"}}))
+
+
+def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatch):
+    from llamaduo_nb import refmetrics
+    from llamaduo_nb.io import write_json, write_jsonl
+    from llamaduo_nb.stage import stage_dir
+
+    run_dir = tmp_path / "run"
+    write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl",
+                [dict(v, prompt_id=k, task="summarization", split="test") for k, v in REFERENCES.items()])
+    resp = responses()
+    for (task, model, volume), rows in resp.groupby(["task", "local_model", "volume"]):
+        write_jsonl(stage_dir(run_dir, "infer") / task / model / f"{volume}.jsonl", rows.to_dict("records"))
+    for stage in ("coverage", "infer"):
+        write_json(stage_dir(run_dir, stage) / "DONE.json", {"stage": stage, "completion_id": stage})
+
+    class Service(ServiceLLM):
+        def __init__(self, cfg, cache, backend=None, sleep=None):
+            super().__init__(cfg, cache, backend=backend or BothJudge(cfg))
+
+    monkeypatch.setattr(evaluate, "ServiceLLM", Service)
+    monkeypatch.setattr(refmetrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
+    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50},
+                    service={"backend": "openai", "model": "fake-judge"})
+    result = evaluate.run(params, run_dir)
+    assert result.counts["pairwise_verdicts"] == 16 and result.counts["pairwise_errors"] == 0
+    metrics = evaluate.load_metrics(run_dir)
+    assert set(metrics["volume"]) == {0, 4, 16} and metrics["mean_ci_low"].notna().all()
+    assert len(evaluate.load_judgements(run_dir)) == 12 * 2  # pairwise.jsonl is not read as judgements
+    pair = evaluate.load_pairwise(run_dir)
+    assert (pair["win"] == 100).all() and (pair["position_inconsistency"] == 0).all()
+    refs = evaluate.load_reference_metrics(run_dir)
+    assert len(refs) == 12 and refs["rouge_l"].between(0, 1).all()
+    corr = evaluate.load_correlations(run_dir)
+    assert set(corr["task"]) == {"summarization"} and set(corr["reference_metric"]) == {"rouge_l", "embedding_cosine"}
+
+    # the notebook's figures draw from these files
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from llamaduo_nb import report
+
+    assert not report.judge_spread_table(metrics).empty
+    report.pairwise_bars(pair)
+    fig = report.judge_vs_reference_scatter(refmetrics.judge_vs_reference(evaluate.load_judgements(run_dir), refs), corr)
+    assert "Spearman" in fig.axes[0].get_title()
+
+    # switched off, their files go
+    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": False, "reference_metrics": False, "bootstrap": 50},
+                    service={"backend": "openai", "model": "fake-judge"})
+    evaluate.run(params, run_dir)
+    assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
+    assert not pairwise.pairwise_file(run_dir).exists()
