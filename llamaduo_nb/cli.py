@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a param (repeatable)")
     r.add_argument("--stages", help="comma-separated subset of stages to run")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if it is up to date (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="print the grid, the service-LLM calls and the estimated cost; run nothing")
     v = sub.add_parser("validate", help="check a params file")
     v.add_argument("params")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -90,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             return doctor()
         if args.command == "report":
             return report(args.runs, args.out)
+        if args.command == "run" and args.dry_run:
+            from .params import load_params
+            from .plan import describe
+
+            print(describe(load_params(args.params, args.overrides)))
+            return 0
         if args.command == "run":
             from .runner import StageFailed, run
 

@@ -227,6 +227,9 @@ def test_local_likelihood_pairwise_verdict(a_scores, b_scores, expected):
     ab = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "x", "y"))).text)
     ba = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "y", "x"))).text)
     assert ab["winner"] == expected and ab["reason"]
+    import jsonschema
+
+    jsonschema.validate(ab, pairwise.load_pairwise_prompt("pairwise").schema)  # passes the service layer's check
     assert ba["winner"] == {"A": "B", "B": "A", "tie": "tie"}[expected]  # no position bias by construction
 
 
@@ -320,3 +323,20 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     evaluate.run(params, run_dir)
     assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
     assert not pairwise.pairwise_file(run_dir).exists()
+
+
+@pytest.mark.slow
+def test_real_local_judge_prefers_the_reference_in_both_orders(tmp_path):
+    from llamaduo_nb.llm.local import LocalBackend
+
+    cfg = ServiceParams(backend="local", model="smollm2-135m-instruct")
+    params = Params(evaluate={"pairwise": True}, service=cfg.model_dump())
+    ins = "Based on the passage, what year was the bridge opened? Passage: The Elm Street bridge opened to traffic in 1932."
+    refs = {"p": {"instruction": ins, "reference": "The bridge opened in 1932."}}
+    resp = pd.DataFrame([
+        {"task": "closed_qa", "local_model": "m", "volume": 0, "prompt_id": "p", "k": 0, "response": "Bananas grow in tropical climates."},
+        {"task": "closed_qa", "local_model": "m", "volume": 4, "prompt_id": "p", "k": 0, "response": "It opened in 1932."},
+    ])
+    service = ServiceLLM(cfg, ResponseCache(tmp_path / "c.sqlite"), backend=LocalBackend(cfg))
+    rows = pd.DataFrame(pairwise.judge_pairs(params, params.judges[0], resp, refs, service))
+    assert list(rows["outcome"]) == ["win", "win"]

@@ -1,0 +1,24 @@
+"""`llamaduo run --dry-run` prints the grid and the calls it implies, and runs nothing."""
+
+import subprocess
+import sys
+
+from llamaduo_nb.params import PROJECT_ROOT, load_params
+from llamaduo_nb.plan import describe
+
+
+def test_paper_grid_and_call_counts():
+    params = load_params(PROJECT_ROOT / "params" / "paper.yaml", ["coverage.max_test_prompts=100"])
+    text = describe(params)
+    assert "tasks (4)" in text and "volumes (9)" in text and "36 adapters" in text
+    # 300k valid pairs per task, 5 per call, 15 % expected loss: ceil(300000 / 4.25) = 70,589 calls per task
+    assert "synthesize: 282,356 calls" in text
+    # 4 tasks × 1 model × 10 volumes (with the base) × 100 prompts × K=4 × M=10
+    assert "160,000 calls per judge" in text
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", "params/quickstart.yaml", "--dry-run", "--run-dir", str(tmp_path / "r")],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Grid:" in proc.stdout
+    assert not (tmp_path / "r").exists()
