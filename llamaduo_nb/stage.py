@@ -63,7 +63,7 @@ DEPENDS_ON = {
 }
 # Service settings that change how fast answers come, not what they are.
 OPERATIONAL = {"max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env"}
-PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "datasketch", "rouge-score", "papermill", "openai", "anthropic", "google-genai", "pydantic"]
+PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "datasketch", "rouge-score", "papermill", "openai", "anthropic", "google-genai", "pydantic", "sentence-transformers"]
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -106,6 +106,8 @@ def stage_fingerprint(stage: str, params: Params, run_dir: Path | str) -> str:
         parts["prompt"] = file_fingerprint(resolve_prompt(params.synthesize.prompt))
     if stage == "evaluate":
         parts["prompt"] = file_fingerprint(resolve_prompt(params.evaluate.prompt))
+        if params.evaluate.pairwise:
+            parts["pairwise_prompt"] = file_fingerprint(resolve_prompt(params.evaluate.pairwise_prompt))
     upstream = {}
     for up in UPSTREAM[stage]:
         done = read_done(run_dir, up)
