@@ -62,7 +62,7 @@ DEPENDS_ON = {
     "report": ["evaluate.zetas"],
 }
 # Service settings that change how fast answers come, not what they are.
-OPERATIONAL = {"max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env"}
+OPERATIONAL = {"batch_api", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env"}
 PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "datasketch", "rouge-score", "papermill", "openai", "anthropic", "google-genai", "pydantic", "sentence-transformers"]
 
 

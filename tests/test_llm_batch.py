@@ -213,6 +213,21 @@ def test_unfinished_batch_is_resumed_not_resubmitted(provider, emulator_factory,
     assert all(r.ok and r.cached for r in third) and emu.control["batches.create"] == 1
 
 
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_unfinished_batch_the_provider_forgot_is_sent_again(provider, emulator_factory, tmp_path):
+    emu = emulator_factory(provider, reply=good_reply, batch_polls=6)
+    cache_path = tmp_path / "cache.sqlite"
+    cut_short = service(params(provider, emu), cache_path, poll_s=0.01, max_wait_s=0.02)
+    assert not any(r.ok for r in cut_short.run([request("f0"), request("f1")], progress=False))
+    emu.batches.clear()  # the provider answers 404 for it now
+    emu.batch_polls = 0
+    later = service(params(provider, emu), cache_path)
+    results = later.run([request("f0"), request("f1")], progress=False)
+    assert all(r.ok and r.retries == 1 for r in results)
+    assert emu.control["batches.create"] == 2 and emu.stats.total == 2
+    assert later.accounting.batch_jobs_resumed == 1 and later.accounting.batch_jobs == 1
+
+
 # -- control calls (upload, create, poll, download) are retried; a batch failing as a whole fails its items
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_control_call_faults_are_retried(provider, emulator_factory, tmp_path):

@@ -74,8 +74,8 @@ def service_reply(ctx) -> str:
     return json.dumps({"contents": pairs})
 
 
-def llamaduo(*args, timeout=600):
-    env = dict(os.environ, **{KEY_ENV: KEY})
+def llamaduo(*args, timeout=600, env=None):
+    env = dict(os.environ, **{KEY_ENV: KEY}, **(env or {}))
     return subprocess.run([sys.executable, "-m", "llamaduo_nb", *args], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, env=env, timeout=timeout)
 
@@ -108,13 +108,17 @@ def params_file(tmp_path_factory):
 
 
 # -- each provider: synthesis through its emulator; a re-run asks nothing ------------------------------
-@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
-def test_synthesis_through_each_provider(provider, params_file, tmp_path, emulator_factory):
-    emu = emulator_factory(provider, reply=service_reply, api_key=KEY)
+@pytest.mark.parametrize("provider,batch_api", [("openai", False), ("anthropic", False), ("gemini", False), ("openai", True)],
+                         ids=["openai", "anthropic", "gemini", "openai-batch-api"])
+def test_synthesis_through_each_provider(provider, batch_api, params_file, tmp_path, emulator_factory):
+    emu = emulator_factory(provider, reply=service_reply, api_key=KEY, batch_polls=2)
     run_dir = tmp_path / "run"
     args = ["run", str(params_file), "--run-dir", str(run_dir), "--stages", "coverage,synthesize",
             *provider_overrides(provider, emu)]
-    first = llamaduo(*args)
+    if batch_api:
+        args += ["--set", "service.batch_api=true"]
+    env = {"LLAMADUO_BATCH_POLL_S": "0.05"}
+    first = llamaduo(*args, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
 
     calls = read_jsonl(run_dir / "synth" / "calls.jsonl")
@@ -125,11 +129,16 @@ def test_synthesis_through_each_provider(provider, params_file, tmp_path, emulat
     acc = done(run_dir, "synth")["llm"][f"{provider}:{provider}-emu-model"]
     assert emu.stats.total == acc["api_calls"] == len(calls)  # one request per call, none repeated
     assert len(emu.stats.successes()) == len(calls)
+    assert all(bool(r.batch_id) == batch_api for r in emu.stats.snapshot())
+    if batch_api:
+        assert acc["batch_jobs"] == done(run_dir, "synth")["counts"]["rounds"] and acc["batch_discount"] == 0.5
+        assert emu.control["batches.create"] == acc["batch_jobs"]
+    control = dict(emu.control)
 
     # the stage redone from scratch is answered from the run's cache
-    again = llamaduo(*args, "--force", "synthesize")
+    again = llamaduo(*args, "--force", "synthesize", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert emu.stats.total == len(calls)
+    assert emu.stats.total == len(calls) and dict(emu.control) == control
     acc = done(run_dir, "synth")["llm"][f"{provider}:{provider}-emu-model"]
     assert acc["api_calls"] == 0 and acc["cache_hits"] == len(calls)
     assert read_jsonl(run_dir / "synth" / "pairs.jsonl") == pairs
@@ -232,6 +241,7 @@ def test_kill9_mid_synthesis_then_resume_pays_nothing_twice(params_file, tmp_pat
     assert 8 <= paid_before < n_calls
     time.sleep(1.5)  # the requests in flight at the kill find their client gone
     assert len(emu.stats.successes()) == paid_before and emu.stats.undelivered <= 4
+    print(f"killed after {paid_before} answers; {emu.stats.undelivered} in flight, never delivered")
     assert not (run_dir / "synth" / "DONE.json").exists()
 
     resumed = llamaduo(*args[3:])

@@ -284,7 +284,7 @@ class _BatchRun:
             self.acc.batch_jobs_resumed += 1
             self._count_calls(mine, owners)
             keys -= mine
-            tasks.append(self._collect(batch_id, job_keys, resumed=True))
+            tasks.append(self._collect(batch_id, job_keys))
         for chunk in self._chunks([(k, remaining[k]) for k in sorted(keys)]):
             tasks.append(self._submit_and_collect(chunk, owners))
         got: dict = {}
@@ -325,16 +325,18 @@ class _BatchRun:
         self._count_calls(keys, owners)
         return await self._collect(batch_id, keys)
 
-    async def _collect(self, batch_id: str, keys: set, resumed: bool = False) -> dict:
+    async def _collect(self, batch_id: str, keys: set) -> dict:
         """Wait for a batch to end and read it back: key -> Completion | error | _Final."""
         deadline = time.monotonic() + self.max_wait_s
         kept = "kept: the next run reads it back"
         while True:
             try:
                 ended, problem = await self._control(lambda: self.backend.batch_status(batch_id))
-            except PermanentError as exc:  # the provider does not know it (any more): send the requests again
-                self.store.finish(batch_id)
-                return {k: TransientError(f"batch {batch_id}: {_describe(exc)}") for k in keys}
+            except PermanentError as exc:
+                if str(exc).startswith("404"):  # the provider does not know it (any more): send the requests again
+                    self.store.finish(batch_id)
+                    return {k: TransientError(f"batch {batch_id}: {_describe(exc)}") for k in keys}
+                return {k: _Final(f"batch {batch_id}: status refused ({_describe(exc)}); {kept}") for k in keys}
             except TransientError as exc:
                 return {k: _Final(f"batch {batch_id}: status unknown ({_describe(exc)}); {kept}") for k in keys}
             if ended:
@@ -378,6 +380,11 @@ class _BatchRun:
                 return await call()  # the SDK's own timeout (timeout_s) bounds each HTTP request
             except TransientError as err:
                 exc = err
+            except PermanentError:
+                raise
+            except Exception as err:  # noqa: BLE001 - nothing raises out of run: the items fail with it
+                scrub = getattr(self.backend, "_scrub", lambda text: str(text)[:300])
+                raise PermanentError(scrub(f"unexpected {type(err).__name__}: {err}")) from None
             if attempt > self.cfg.max_retries:
                 raise exc
             await self._sleep(self._backoff(attempt, [exc.retry_after] if getattr(exc, "retry_after", None) is not None else []))

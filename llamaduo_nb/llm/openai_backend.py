@@ -282,8 +282,12 @@ class OpenAIBackend(Backend):
             except Exception as exc:  # noqa: BLE001
                 raise self._translate(exc) from None
             for raw in text.splitlines():
-                if raw.strip():
-                    out.append(self._batch_result(json.loads(raw)))
+                try:
+                    line = json.loads(raw) if raw.strip() else None
+                except json.JSONDecodeError:
+                    line = None  # an unreadable line: its request counts as missing and goes again
+                if isinstance(line, dict):
+                    out.append(self._batch_result(line))
         return out
 
     def _batch_result(self, line: dict):

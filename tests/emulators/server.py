@@ -7,6 +7,14 @@ answers and errors look. The base class does the rest: authentication against
 the expected key, the optional provider-side rate limit, latency, fault
 injection (see `faults.py`) and the request log (`emu.stats`).
 
+Provider batch APIs (OpenAI Files + Batch, Anthropic Message Batches) are routes of
+the subclasses (`route`); each line of a batch goes through the same validation, fault
+policy and reply script as a live request and is logged in `emu.stats` with its
+`batch_id`; the control calls (upload, create, poll, download) are counted in
+`emu.control` and can be faulted with `control_policy`. A request whose client hung up
+(was killed) before the answer was ready is logged `client_gone` and not delivered;
+`emu.stats.successes()` are the answers delivered.
+
     with OpenAIEmulator(reply=lambda ctx: '{"score": 3}', policy=first_attempt("429")) as emu:
         ... base_url=emu.url ...
         assert emu.stats.count("429") == n
