@@ -99,7 +99,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     metrics = aggregate(judgements, cfg.zetas, bootstrap=cfg.bootstrap, seed=params.seed)
     write_csv(Path(run_dir) / "metrics.csv", metrics)
     counts = {"judgements": len(judgements), "invalid": int((~judgements["valid"]).sum()), "answers": len(responses), "metric_rows": len(metrics)}
-    _remove_stale(run_dir, cfg)
+    _remove_stale(run_dir, cfg, params.judges)
     if cfg.pairwise:
         make_service = lambda j: ServiceLLM(j, cache_for(run_dir), backend=backends.get(j.label))  # noqa: E731
         summary, pair_accounting = pairwise.run(params, run_dir, responses, references, make_service)
@@ -113,9 +113,10 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     return stage.finish(counts, llm=accounting)
 
 
-def _remove_stale(run_dir: Path | str, cfg) -> None:
-    """Outputs of an option now switched off must not outlive it."""
-    stale = []
+def _remove_stale(run_dir: Path | str, cfg, judges: list[ServiceParams] = ()) -> None:
+    """Outputs of an option now switched off, or of a judge no longer in the params, must not outlive it."""
+    current = {judge_file(run_dir, j).name for j in judges} | {pairwise.PAIRWISE_JSONL}
+    stale = [p for p in stage_dir(run_dir, "evaluate").glob("*.jsonl") if p.name not in current]
     if not cfg.pairwise:
         stale += [pairwise.pairwise_file(run_dir), pairwise.summary_file(run_dir)]
     if not cfg.reference_metrics:

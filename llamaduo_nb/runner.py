@@ -64,17 +64,19 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
     os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
+    executed_now = []
     for stage in chosen:
         executed = run_dir / "notebooks" / NOTEBOOKS[stage]
         if stage not in forced and is_done(stage, params, run_dir) and executed.exists():
             log(f"[{stage}] up to date, skipped")
             continue
+        executed_now.append(stage)
         log(f"[{stage}] running {NOTEBOOKS[stage]} …")
         began = time.time()
         _execute(stage, resolved, run_dir, executed, stage in forced)
         log(f"[{stage}] done in {time.time() - began:.1f} s")
     report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]
-    if "report" in chosen and report_notebook.exists():
+    if report_notebook.exists() and ("report" in executed_now or not (run_dir / "report.html").exists()):
         export_html(report_notebook, run_dir / "report.html")
         log(f"report: {run_dir / 'report.html'}")
     return run_dir

@@ -194,6 +194,17 @@ def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_facto
     assert again["api_calls"] == 0 and again["cache_hits"] == len(judgements) + 1
     assert leaks(run_dir, first, second, rejudge) == []
 
+    # the same answers judged through notebook 06 by the Anthropic and the Gemini emulator: only params change
+    for provider in ("anthropic", "gemini"):
+        other = emulator_factory(provider, reply=service_reply, api_key=KEY)
+        proc = llamaduo("run", str(params_file), "--run-dir", str(run_dir), "--stages", "evaluate", *provider_overrides(provider, other))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        label = f"{provider}:{provider}-emu-model"
+        assert set(pd.read_csv(run_dir / "metrics.csv")["judge"]) == {label}
+        assert [p.name for p in (run_dir / "judgements").glob("*.jsonl")] == [f"{provider}_{provider}-emu-model.jsonl"]
+        assert other.stats.total == len(judgements) == done(run_dir, "judgements")["llm"][label]["api_calls"]
+        assert leaks(run_dir, proc) == []
+
 
 # -- a run killed with SIGKILL mid-synthesis pays for nothing twice when resumed ---------------------------
 def _kill_tree(pid: int) -> None:
