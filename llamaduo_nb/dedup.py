@@ -593,8 +593,6 @@ def run(params, run_dir, force: bool = False):
     """Stage 3 · deduplicate. Reads `synth/pairs.jsonl` and the test split; writes
     `dedup/kept.jsonl`, `dedup/removed.jsonl` (each with its reason and partner),
     `dedup/funnel.csv` (per task: raw → valid → after each filter), DONE.json."""
-    from pathlib import Path
-
     import pandas as pd
 
     from . import coverage, synth

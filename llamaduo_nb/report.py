@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import dedup, evaluate, finetune
+from . import evaluate, finetune
 from .io import save_figure, write_csv
 from .params import Params
 from .stage import StageResult, StageRun, stage_dir

@@ -19,7 +19,7 @@ import json
 import anthropic
 
 from .base import Backend, ChatRequest, Completion, PermanentError, TransientError
-from .openai_backend import Scrubber, is_transient_status, json_instruction, resolve_key, retry_after_from_headers, split_system
+from .openai_backend import Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
 
 
 class AnthropicBackend(Backend):
@@ -74,25 +74,8 @@ class AnthropicBackend(Backend):
 
     def _translate(self, exc: BaseException) -> BaseException:
         """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
-        if isinstance(exc, anthropic.APIStatusError):  # RateLimitError, OverloadedError, InternalServerError ...
-            status = exc.status_code
-            detail = self._scrub(f"{type(exc).__name__}: {_error_text(exc)}")
-            if is_transient_status(status):
-                return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
-            return PermanentError(f"{status} {detail}")
-        if isinstance(exc, anthropic.APITimeoutError):
-            return TransientError(f"no answer within {self.config.timeout_s:g} s (timeout or dropped connection)")
-        if isinstance(exc, anthropic.APIConnectionError):
-            return TransientError(self._scrub(f"connection error: {_cause(exc)}"))
-        if isinstance(exc, anthropic.APIResponseValidationError):
-            return TransientError(self._scrub(f"malformed response: {exc}"))
-        if isinstance(exc, json.JSONDecodeError):
-            return TransientError(f"malformed response body: {exc}")
-        if isinstance(exc, anthropic.RetryableError):
-            return TransientError(self._scrub(f"{type(exc).__name__}: {exc}"))
-        if isinstance(exc, anthropic.AnthropicError):
-            return PermanentError(self._scrub(f"{type(exc).__name__}: {exc}"))
-        return exc
+        retryable = (anthropic.RetryableError,) if hasattr(anthropic, "RetryableError") else ()
+        return translate_sdk_error(exc, anthropic, anthropic.AnthropicError, self._scrub, self.config.timeout_s, retryable)
 
     async def _call_sdk(self, coro):
         try:
@@ -187,15 +170,3 @@ class AnthropicBackend(Backend):
         self._client = self._new_client()
 
 
-def _error_text(exc) -> str:
-    msg = getattr(exc, "api_message", None)
-    if msg:
-        return str(msg)
-    return getattr(exc, "message", None) or str(exc)
-
-
-def _cause(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if cause is None:
-        return str(exc) or type(exc).__name__
-    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 

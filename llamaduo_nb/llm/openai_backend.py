@@ -140,8 +140,6 @@ class OpenAIBackend(Backend):
         self._max_tokens_param = "max_tokens" if config.base_url else "max_completion_tokens"
         # import and build here, not in the first complete(): a slow import inside the event
         # loop would stall every concurrent request's timeout clock
-        import openai
-
         self._client = self._new_client()
         self._client.chat.completions  # noqa: B018 - load the resource modules now
 
@@ -190,23 +188,7 @@ class OpenAIBackend(Backend):
         """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
         import openai
 
-        if isinstance(exc, openai.APIStatusError):  # includes RateLimitError, InternalServerError
-            status = exc.status_code
-            detail = self._scrub(f"{type(exc).__name__}: {_error_text(exc)}")
-            if is_transient_status(status):
-                return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
-            return PermanentError(f"{status} {detail}")
-        if isinstance(exc, openai.APITimeoutError):
-            return TransientError(f"no answer within {self.config.timeout_s:g} s (timeout)")
-        if isinstance(exc, openai.APIConnectionError):
-            return TransientError(self._scrub(f"connection error: {_cause(exc)}"))
-        if isinstance(exc, openai.APIResponseValidationError):
-            return TransientError(self._scrub(f"malformed response: {exc}"))
-        if isinstance(exc, json.JSONDecodeError):
-            return TransientError(f"malformed response body: {exc}")
-        if isinstance(exc, openai.OpenAIError):
-            return PermanentError(self._scrub(f"{type(exc).__name__}: {exc}"))
-        return exc
+        return translate_sdk_error(exc, openai, openai.OpenAIError, self._scrub, self.config.timeout_s)
 
     # -- Batch API (llamaduo_nb.llm.batch drives these; half price, answers within 24 h) -----
     supports_batch_api = True
@@ -349,6 +331,31 @@ class OpenAIBackend(Backend):
         self._client = self._new_client()
 
 
+def translate_sdk_error(exc: BaseException, sdk, base_error: type, scrub, timeout_s: float, transient=()) -> BaseException:
+    """Map an exception of a Stainless-generated SDK (openai, anthropic: same exception classes) onto the
+    backend contract: TransientError (worth retrying) or PermanentError, with the key scrubbed from the text.
+    `transient` adds SDK-specific exception classes worth retrying. Anything else is returned unchanged."""
+    if isinstance(exc, sdk.APIStatusError):  # RateLimitError, InternalServerError, OverloadedError, …
+        status = exc.status_code
+        detail = scrub(f"{type(exc).__name__}: {_error_text(exc)}")
+        if is_transient_status(status):
+            return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
+        return PermanentError(f"{status} {detail}")
+    if isinstance(exc, sdk.APITimeoutError):
+        return TransientError(f"no answer within {timeout_s:g} s (timeout or dropped connection)")
+    if isinstance(exc, sdk.APIConnectionError):
+        return TransientError(scrub(f"connection error: {_cause(exc)}"))
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return TransientError(scrub(f"malformed response: {exc}"))
+    if isinstance(exc, json.JSONDecodeError):
+        return TransientError(f"malformed response body: {exc}")
+    if transient and isinstance(exc, transient):
+        return TransientError(scrub(f"{type(exc).__name__}: {exc}"))
+    if isinstance(exc, base_error):
+        return PermanentError(scrub(f"{type(exc).__name__}: {exc}"))
+    return exc
+
+
 def _error_text(exc) -> str:
     """The API's own error message when the body has one, else the SDK's text."""
     body = getattr(exc, "body", None)
@@ -356,6 +363,9 @@ def _error_text(exc) -> str:
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
+    msg = getattr(exc, "api_message", None)  # anthropic
+    if msg:
+        return str(msg)
     return getattr(exc, "message", None) or str(exc)
 
 
