@@ -18,11 +18,11 @@ import json
 
 import anthropic
 
-from .base import Backend, ChatRequest, Completion, PermanentError, TransientError
-from .openai_backend import Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
+from .base import ChatRequest, Completion, PermanentError, TransientError
+from .openai_backend import SDKClientBackend, Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
 
 
-class AnthropicBackend(Backend):
+class AnthropicBackend(SDKClientBackend):
     name = "anthropic"
 
     def __init__(self, config):
@@ -157,16 +157,3 @@ class AnthropicBackend(Backend):
             output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
             finish_reason=stop,
         )
-
-    async def aclose(self) -> None:
-        # the SDK's connection pool belongs to this run's event loop: close it, and build the
-        # next run's client now (unused, so bound to no loop) rather than inside its first request
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._client = self._new_client()
-
-

@@ -128,7 +128,25 @@ def json_instruction(schema: dict) -> str:
     )
 
 
-class OpenAIBackend(Backend):
+class SDKClientBackend(Backend):
+    """A backend holding an async SDK client (`self._client`, built by `_new_client()`)."""
+
+    def _new_client(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        # the SDK's connection pool belongs to this run's event loop: close it, and build the
+        # next run's client now (unused, so bound to no loop) rather than inside its first request
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._client = self._new_client()
+
+
+class OpenAIBackend(SDKClientBackend):
     name = "openai"
 
     def __init__(self, config):
@@ -318,17 +336,6 @@ class OpenAIBackend(Backend):
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             finish_reason=str(getattr(choice, "finish_reason", "") or ""),
         )
-
-    async def aclose(self) -> None:
-        # the SDK's connection pool belongs to this run's event loop: close it, and build the
-        # next run's client now (unused, so bound to no loop) rather than inside its first request
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._client = self._new_client()
 
 
 def translate_sdk_error(exc: BaseException, sdk, base_error: type, scrub, timeout_s: float, transient=()) -> BaseException:
