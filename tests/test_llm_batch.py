@@ -13,23 +13,18 @@ import json
 import pytest
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.batch import BATCH_DISCOUNT, BatchAccounting
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.params import ServiceParams
 from tests.emulators import Fault, by_attempt
+from tests.emulators.requests import SCHEMA, files_contain, request
 
 pytestmark = pytest.mark.emulator
 
 PROVIDERS = ["openai", "anthropic"]
 SECRET = "sk-test-BATCHSECRET-5678"
 KEY_ENV = "LLAMADUO_TEST_BATCH_KEY"
-SCHEMA = {
-    "type": "object",
-    "properties": {"answer": {"type": "string"}, "score": {"type": "integer", "minimum": 1, "maximum": 5}},
-    "required": ["answer", "score"],
-}
 
 
 def good_reply(ctx) -> str:
@@ -60,18 +55,6 @@ def service(cfg, cache_path, poll_s=0.0, max_wait_s=None) -> ServiceLLM:
     if max_wait_s is not None:
         llm.batch_max_wait_s = max_wait_s
     return llm
-
-
-def request(prompt: str, schema=SCHEMA, **kw) -> ChatRequest:
-    return ChatRequest(
-        messages=({"role": "system", "content": "You are a careful assistant."}, {"role": "user", "content": prompt}),
-        json_schema=schema, max_tokens=64, **kw,
-    )
-
-
-def files_contain(root, needle: str) -> list:
-    data = needle.encode()
-    return [p for p in root.rglob("*") if p.is_file() and data in p.read_bytes()]
 
 
 # -- every item ends ok or failed with a reason ------------------------------------------------------

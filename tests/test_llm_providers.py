@@ -16,23 +16,19 @@ import traceback
 import pytest
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.llm.base import ChatRequest, PermanentError, TransientError
+from llamaduo_nb.llm.base import PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM, make_backend
 from llamaduo_nb.llm.openai_backend import parse_retry_after, retry_after_from_headers
 from llamaduo_nb.params import ServiceParams
 from tests.emulators import Fault, by_attempt
+from tests.emulators.requests import SCHEMA, files_contain, request
 
 pytestmark = pytest.mark.emulator
 
 PROVIDERS = ["openai", "anthropic", "gemini"]
 SECRET = "sk-test-SECRET-1234"
 KEY_ENV = "LLAMADUO_TEST_KEY"
-SCHEMA = {
-    "type": "object",
-    "properties": {"answer": {"type": "string"}, "score": {"type": "integer", "minimum": 1, "maximum": 5}},
-    "required": ["answer", "score"],
-}
 
 
 def good_reply(ctx) -> str:
@@ -52,18 +48,6 @@ def params(provider: str, emu, **overrides) -> ServiceParams:
     )
     base.update(overrides)
     return ServiceParams(**base)
-
-
-def request(prompt: str, schema=SCHEMA, **kw) -> ChatRequest:
-    return ChatRequest(
-        messages=({"role": "system", "content": "You are a careful assistant."}, {"role": "user", "content": prompt}),
-        json_schema=schema, max_tokens=64, **kw,
-    )
-
-
-def files_contain(root, needle: str) -> list:
-    data = needle.encode()
-    return [p for p in root.rglob("*") if p.is_file() and data in p.read_bytes()]
 
 
 # -- (a) every item ends ok or failed with a reason, under mixed faults ----------------------------

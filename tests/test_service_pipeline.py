@@ -28,7 +28,7 @@ import pytest
 
 from llamaduo_nb.io import read_jsonl
 from llamaduo_nb.params import PROJECT_ROOT
-from tests.emulators import EMULATORS, Fault
+from tests.emulators import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]
 

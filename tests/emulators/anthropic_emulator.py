@@ -126,10 +126,8 @@ class AnthropicEmulator(ProviderEmulator):
     def _batches_create(self, handler, raw):
         if self._control(handler, "batches.create"):
             return
-        try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError:
-            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+        body = self._json_body(handler, raw)
+        if body is None:
             return
         requests = body.get("requests")
         if not isinstance(requests, list) or not requests:
@@ -182,17 +180,7 @@ class AnthropicEmulator(ProviderEmulator):
                      results_url=f"{self.url}/v1/messages/batches/{batch['id']}/results")
 
     def _batches_retrieve(self, handler, batch_id):
-        if self._control(handler, "batches.retrieve"):
-            return
-        state = self.batches.get(batch_id)
-        if state is None:
-            self._send(handler, 404, self.error_body(404, f"Message batch {batch_id} not found"))
-            return
-        with self._batch_lock:
-            if state["object"]["processing_status"] == "in_progress" and self._poll_ready(state):
-                self._run_batch(state)
-            batch = json.loads(json.dumps(state["object"]))
-        self._send(handler, 200, batch)
+        self._retrieve_batch(handler, batch_id, "processing_status", f"Message batch {batch_id} not found")
 
     def _batches_results(self, handler, batch_id):
         if self._control(handler, "batches.results"):

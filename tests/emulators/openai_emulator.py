@@ -192,10 +192,8 @@ class OpenAIEmulator(ProviderEmulator):
     def _batches_create(self, handler, raw):
         if self._control(handler, "batches.create"):
             return
-        try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError:
-            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+        body = self._json_body(handler, raw)
+        if body is None:
             return
         if body.get("endpoint") != CHAT_ENDPOINT or body.get("completion_window") != "24h":
             self._send(handler, 400, self.error_body(400, "endpoint must be /v1/chat/completions (emulated) and completion_window 24h"))
@@ -274,17 +272,7 @@ class OpenAIEmulator(ProviderEmulator):
                      request_counts={"total": len(state["lines"]), "completed": len(out), "failed": len(err)})
 
     def _batches_retrieve(self, handler, batch_id):
-        if self._control(handler, "batches.retrieve"):
-            return
-        state = self.batches.get(batch_id)
-        if state is None:
-            self._send(handler, 404, self.error_body(404, f"No batch found with id '{batch_id}'."))
-            return
-        with self._batch_lock:
-            if state["object"]["status"] == "in_progress" and self._poll_ready(state):
-                self._run_batch(state)
-            batch = json.loads(json.dumps(state["object"]))
-        self._send(handler, 200, batch)
+        self._retrieve_batch(handler, batch_id, "status", f"No batch found with id '{batch_id}'.")
 
 
 def _jsonl(rows: list) -> bytes:

@@ -244,10 +244,8 @@ class ProviderEmulator:
         if handler.command != "POST" or not self.matches(path):
             self._send(handler, 404, self.error_body(404, f"no route for {handler.command} {path}"))
             return
-        try:
-            body = json.loads(raw or b"{}")
-        except json.JSONDecodeError:
-            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+        body = self._json_body(handler, raw)
+        if body is None:
             return
         record, outcome = self._process(path, body, dict(handler.headers.items()), self.received_key(handler.headers))
         if outcome is None:  # fault "drop"
@@ -358,6 +356,28 @@ class ProviderEmulator:
         status, payload, _ = outcome
         record.status = status
         return status, payload, record
+
+    def _json_body(self, handler: _Handler, raw: bytes):
+        """The request body as JSON, or None after answering 400."""
+        try:
+            return json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._send(handler, 400, self.error_body(400, "request body is not JSON"))
+            return None
+
+    def _retrieve_batch(self, handler: _Handler, batch_id: str, status_key: str, not_found: str) -> None:
+        """GET a batch: one status poll; a batch polled often enough runs (once) and reports its results."""
+        if self._control(handler, "batches.retrieve"):
+            return
+        state = self.batches.get(batch_id)
+        if state is None:
+            self._send(handler, 404, self.error_body(404, not_found))
+            return
+        with self._batch_lock:
+            if state["object"][status_key] == "in_progress" and self._poll_ready(state):
+                self._run_batch(state)
+            batch = json.loads(json.dumps(state["object"]))
+        self._send(handler, 200, batch)
 
     def _poll_ready(self, batch: dict) -> bool:
         """One status poll of a batch: True once it has been polled `batch_polls` times."""
