@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -157,6 +158,47 @@ class EvaluateParams(Strict):
         return v
 
 
+TARGET_PATTERN = re.compile(r"^\s*(similarity|precision)\s+(\w+)\s*(>=|≥)\s*([0-9.]+)\s*$")
+
+
+class CycleTarget(Strict):
+    """The score the local model must reach: `<metric> <statistic> >= <threshold>`.
+
+    Checked per (task, local model) at the largest volume a cycle trained, with the first judge
+    unless `judge` names another. Written in a params file as a mapping or as one string,
+    e.g. `target: precision coverage_50 >= 70`.
+    """
+
+    metric: Literal["similarity", "precision"] = "precision"
+    statistic: str = "coverage_50"  # mean | median | coverage_<ζ> for a ζ in evaluate.zetas
+    threshold: float = Field(70.0, ge=0, le=100)
+    judge: Optional[str] = None  # a judge label; default the first judge
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value):
+        if isinstance(value, str):
+            match = TARGET_PATTERN.match(value)
+            if not match:
+                raise ValueError(f"'{value}': expected '<similarity|precision> <statistic> >= <threshold>', e.g. 'precision coverage_50 >= 70'")
+            return {"metric": match[1], "statistic": match[2], "threshold": float(match[4])}
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.statistic} ≥ {self.threshold:g}"
+
+
+class CycleParams(Strict):
+    """The LlamaDuo cycle: while the target is not met, synthesise `step` more pairs per task,
+    deduplicate them against every earlier cycle, and fine-tune again on everything kept so far.
+    Cycle 1 is the run folder itself; cycle t ≥ 2 lives in `cycle-<t>/`."""
+
+    target: CycleTarget = Field(default_factory=CycleTarget)
+    max_cycles: PositiveInt = 1  # 1: no cycling
+    step: Optional[PositiveInt] = None  # new valid pairs per task per cycle; default synthesize.samples_per_task
+    max_cost_usd: Optional[float] = Field(None, gt=0)  # stop before a new cycle once the estimated service cost exceeds this
+
+
 class Params(Strict):
     run_name: str = "paper"
     seed: int = 42
@@ -168,6 +210,16 @@ class Params(Strict):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     infer: InferParams = Field(default_factory=InferParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    cycle: CycleParams = Field(default_factory=CycleParams)
+
+    @model_validator(mode="after")
+    def _target_is_reported(self):
+        statistics = {"mean", "median"} | {f"coverage_{z}" for z in self.evaluate.zetas}
+        if self.cycle.target.statistic not in statistics:
+            raise ValueError(f"cycle.target.statistic: '{self.cycle.target.statistic}' is not reported; choose one of {', '.join(sorted(statistics))}")
+        if self.cycle.target.judge and self.cycle.target.judge not in [j.label for j in self.judges]:
+            raise ValueError(f"cycle.target.judge: '{self.cycle.target.judge}' is not a judge ({', '.join(j.label for j in self.judges)})")
+        return self
 
     @property
     def judges(self) -> list[ServiceParams]:
@@ -256,6 +308,9 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
         msg = first["msg"].removeprefix("Value error, ")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         field = _loc_to_str(first["loc"]) or "(top level)"
+        named = re.match(r"^([\w.\[\]]+): (.*)$", msg)
+        if not first["loc"] and named:  # cross-field checks name their field themselves
+            field, msg = named[1], named[2]
         raise UserError(f"{where}: {field}: {msg}{more}") from None
     # Files the params point at must exist now, not halfway through a run.
     for field, name in (("synthesize.prompt", params.synthesize.prompt), ("evaluate.prompt", params.evaluate.prompt)):

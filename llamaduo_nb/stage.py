@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
+import re
 import subprocess
 import time
 import uuid
@@ -81,8 +82,36 @@ def _strip_operational(node: Any) -> Any:
     return node
 
 
+CYCLE_FOLDER = re.compile(r"^cycle-(\d+)$")
+SHARED_STAGES = {"coverage"}  # one coverage set for all cycles, at the run folder's top
+
+
+def cycle_of(folder: Path | str) -> int:
+    """1 for the run folder itself, t for its `cycle-<t>/` folder."""
+    match = CYCLE_FOLDER.match(Path(folder).name)
+    return int(match[1]) if match and int(match[1]) >= 2 else 1
+
+
+def root_of(folder: Path | str) -> Path:
+    """The run folder a cycle folder belongs to (itself for cycle 1)."""
+    return Path(folder).parent if cycle_of(folder) > 1 else Path(folder)
+
+
+def cycle_folder(run_dir: Path | str, cycle: int) -> Path:
+    root = root_of(run_dir)
+    return root if cycle == 1 else root / f"cycle-{cycle}"
+
+
+def cycle_folders(run_dir: Path | str) -> list[tuple[int, Path]]:
+    """(cycle, folder) of every cycle the run folder has, in order."""
+    root = root_of(run_dir)
+    later = sorted((cycle_of(p), p) for p in root.glob("cycle-*") if p.is_dir() and cycle_of(p) > 1)
+    return [(1, root)] + later
+
+
 def stage_dir(run_dir: Path | str, stage: str) -> Path:
-    return Path(run_dir) / FOLDERS[stage]
+    base = root_of(run_dir) if stage in SHARED_STAGES else Path(run_dir)
+    return base / FOLDERS[stage]
 
 
 def done_path(run_dir: Path | str, stage: str) -> Path:
