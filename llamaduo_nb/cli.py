@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="run folder (default results/<run_name>-<timestamp>); an existing one is resumed")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a param (repeatable)")
     r.add_argument("--stages", help="comma-separated subset of stages to run")
-    r.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if it is up to date (repeatable)")
+    r.add_argument("--force", action="append", default=[], nargs="?", const="", metavar="STAGE",
+                   help="redo STAGE even if it is up to date (repeatable); bare --force: accept params that differ from "
+                        "those the run folder was made with, redoing the stages they affect")
+    r.add_argument("--only", metavar="CELLS", help="redo single grid cells of an existing run, e.g. task=coding,volume=4096 "
+                                                     "(keys task, model, volume; several values with |)")
     r.add_argument("--dry-run", action="store_true", help="print the grid, the service-LLM calls and the estimated cost; run nothing")
     v = sub.add_parser("validate", help="check a params file")
     v.add_argument("params")
@@ -82,26 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
-            from .params import load_params
+            from .params import load_family
 
-            params = load_params(args.params, args.overrides)
-            print(f"{args.params}: valid ({len(params.tasks)} tasks × {len(params.finetune.base_models)} local models × {len(params.finetune.volumes)} volumes, {len(params.judges)} judge(s))")
+            family = load_family(args.params, args.overrides)
+            params = family[0]
+            services = f" × {len(family)} service LLMs" if len(family) > 1 else ""
+            print(f"{args.params}: valid ({len(params.tasks)} tasks × {len(params.finetune.base_models)} local models × "
+                  f"{len(params.finetune.volumes)} volumes × {len(params.judges)} judge(s){services})")
             return 0
         if args.command == "doctor":
             return doctor()
         if args.command == "report":
             return report(args.runs, args.out)
         if args.command == "run" and args.dry_run:
-            from .params import load_params
+            from .params import load_family
             from .plan import describe
 
-            print(describe(load_params(args.params, args.overrides)))
+            print(describe(load_family(args.params, args.overrides)))
             return 0
         if args.command == "run":
             from .runner import StageFailed, run
 
             try:
-                run_dir = run(args.params, args.run_dir, args.overrides, args.stages, args.force)
+                run_dir = run(args.params, args.run_dir, args.overrides, args.stages, args.force, only=args.only)
             except StageFailed as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1

@@ -606,10 +606,13 @@ def run(params, run_dir, force: bool = False):
     pairs = synth.load(run_dir)
     calls = read_jsonl(stage_dir(run_dir, "synthesize") / "calls.jsonl")
     test = coverage.load(run_dir, "test")
+    from .cycle import kept_before
+
+    earlier = kept_before(run_dir)  # every pair kept by an earlier cycle (none in cycle 1)
     kept, removed, funnels = [], [], []
     for task in params.tasks:
         task_pairs = [p for p in pairs if p["task"] == task]
-        outcome = deduplicate(task_pairs, params.deduplicate, earlier=[], test_prompts=[t["instruction"] for t in test if t["task"] == task])
+        outcome = deduplicate(task_pairs, params.deduplicate, earlier=[p for p in earlier if p["task"] == task], test_prompts=[t["instruction"] for t in test if t["task"] == task])
         kept += outcome.kept
         removed += [dict(r, task=task) for r in outcome.removed]
         task_calls = [c for c in calls if c["task"] == task]

@@ -29,7 +29,8 @@ from .llm.client import ServiceLLM
 from .metrics import aggregate
 from .params import Params, ServiceParams
 from .prompts import load_prompt
-from .stage import StageResult, StageRun, stage_dir
+from .cycle import publish
+from .stage import StageResult, StageRun, cycle_of, stage_dir
 
 
 REFERENCE_METRICS_CSV = "reference_metrics.csv"
@@ -43,7 +44,7 @@ def judge_file(run_dir: Path | str, judge: ServiceParams) -> Path:
     return stage_dir(run_dir, "evaluate") / name
 
 
-def build_requests(params: Params, judge: ServiceParams, responses: pd.DataFrame, references: dict) -> list[tuple[dict, ChatRequest]]:
+def build_requests(params: Params, judge: ServiceParams, responses: pd.DataFrame, references: dict, run_dir: Path | str = ".") -> list[tuple[dict, ChatRequest]]:
     prompt = load_prompt(params.evaluate.prompt)
     cfg = params.evaluate
     jobs = []
@@ -56,7 +57,7 @@ def build_requests(params: Params, judge: ServiceParams, responses: pd.DataFrame
                 json_schema=prompt.schema, repeat=m,
                 judge_inputs=(ref["instruction"], ref["reference"], row.response) if judge.backend == "local" else (),
             )
-            meta = {"cycle": 1, "task": row.task, "local_model": row.local_model, "judge": judge.label, "volume": int(row.volume),
+            meta = {"cycle": cycle_of(run_dir), "task": row.task, "local_model": row.local_model, "judge": judge.label, "volume": int(row.volume),
                     "prompt_id": row.prompt_id, "k": int(row.k), "m": m, "prompt_version": prompt.version}
             jobs.append((meta, req))
     return jobs
@@ -85,7 +86,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     responses = infer.load_responses(run_dir)
     accounting, frames, backends = {}, [], {}
     for judge in params.judges:
-        jobs = build_requests(params, judge, responses, references)
+        jobs = build_requests(params, judge, responses, references, run_dir)
         service = ServiceLLM(judge, cache_for(run_dir))
         results = service.run([req for _, req in jobs], desc=f"judge ×{params.evaluate.m}")
         rows = [judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
@@ -97,7 +98,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     judgements = pd.concat(frames, ignore_index=True)
     cfg = params.evaluate
     metrics = aggregate(judgements, cfg.zetas, bootstrap=cfg.bootstrap, seed=params.seed)
-    write_csv(Path(run_dir) / "metrics.csv", metrics)
+    publish(run_dir, "metrics.csv", metrics)  # this cycle's rows, also merged into the run's metrics.csv
     counts = {"judgements": len(judgements), "invalid": int((~judgements["valid"]).sum()), "answers": len(responses), "metric_rows": len(metrics)}
     _remove_stale(run_dir, cfg, params.judges)
     if cfg.pairwise:
@@ -151,4 +152,5 @@ def load_correlations(run_dir: Path | str) -> pd.DataFrame:
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:
+    """metrics.csv of a run folder (every cycle) or of one `cycle-<t>/` folder (that cycle)."""
     return pd.read_csv(Path(run_dir) / "metrics.csv")

@@ -3,8 +3,10 @@
 Reads: `dedup/kept.jsonl`. Writes, per (task, base model, volume):
 `models/<task>/<model>/<volume>/` (LoRA adapter, tokenizer, `train_log.csv`, `UNIT.json`), and
 `models/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` pairs of one fixed,
-seeded shuffle of the task's kept pairs, so larger volumes contain smaller ones. A finished
-volume is never retrained; an interrupted one resumes from its last checkpoint.
+seeded shuffle of the task's kept pairs, so larger volumes contain smaller ones. In a later cycle
+(`cycle-<t>/`) one adapter per (task, model) is trained on every pair kept so far, its volume
+being their number. A finished volume is never retrained; an interrupted one resumes from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from . import dedup
 from .io import read_json, write_csv, write_json, fingerprint
 from .models import load_model, load_tokenizer, short_name
 from .params import FinetuneParams, Params
-from .stage import StageResult, StageRun, stage_dir
+from .stage import StageResult, StageRun, cycle_of, stage_dir
 
 
 def training_order(pairs: list[dict], seed: int) -> list[dict]:
@@ -168,12 +170,17 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     if stage.up_to_date():
         return stage.skipped()
     stage.begin()
-    kept = dedup.load_kept(run_dir)
+    from .cycle import kept_before
+
+    kept = kept_before(run_dir) + dedup.load_kept(run_dir)
+    later_cycle = cycle_of(run_dir) > 1
     records = []
     for task in params.tasks:
         order = training_order([p for p in kept if p["task"] == task], params.seed)
+        # cycle 1 sweeps the volumes; a later cycle trains once on every pair kept so far
+        volumes = [len(order)] if later_cycle else params.finetune.volumes
         for model_ref in params.finetune.base_models:
-            for volume in params.finetune.volumes:
+            for volume in volumes:
                 pairs = select_volume(order, volume)
                 if len(pairs) < volume:
                     warnings.warn(f"{task}: only {len(pairs)} deduplicated pairs for volume {volume}; training on {len(pairs)}")

@@ -20,7 +20,7 @@ from .errors import UserError
 from .io import fingerprint, read_jsonl, write_csv, write_jsonl
 from .models import generate_chat, load_model, load_tokenizer, short_name
 from .params import Params
-from .stage import StageResult, StageRun, stage_dir
+from .stage import StageResult, StageRun, cycle_folder, cycle_of, stage_dir
 
 
 def unit_path(run_dir: Path | str, task: str, model: str, volume: int) -> Path:
@@ -126,6 +126,11 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
             adapters = runs[(runs.task == task) & (runs.local_model == model_name)].sort_values("volume")
             units = [{"volume": 0, "adapter": None}] + [{"volume": int(r.volume), "adapter": r.adapter} for r in adapters.itertuples()]
             todo = [u for u in units if not unit_path(run_dir, task, model_name, u["volume"]).exists() or force]
+            if cycle_of(run_dir) > 1 and any(u["volume"] == 0 for u in todo):
+                base_answers = unit_path(cycle_folder(run_dir, 1), task, model_name, 0)
+                if base_answers.exists():  # the base model is the same in every cycle: reuse cycle 1's answers
+                    write_jsonl(unit_path(run_dir, task, model_name, 0), read_jsonl(base_answers))
+                    todo = [u for u in todo if u["volume"] != 0]
             answers: dict = {}
             if todo and params.infer.engine == "vllm":
                 answers = _answer_vllm(params, Path(run_dir), task, model_ref, todo, prompts)

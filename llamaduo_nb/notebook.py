@@ -33,8 +33,10 @@ def setup(params_file: str | Path, run_dir: str | Path, overrides: list[str] | N
 
 
 def run_stage(stage: str, params: Params, run_dir: str | Path, force: bool = False) -> StageResult:
+    from .cycle import params_for_cycle
+
     module = importlib.import_module(f".{STAGE_MODULES[stage]}", __package__)
-    result = module.run(params, run_dir, force=force)
+    result = module.run(params_for_cycle(params, run_dir), run_dir, force=force)
     print(result.summary())
     return result
 

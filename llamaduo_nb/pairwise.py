@@ -35,7 +35,8 @@ from .errors import UserError
 from .io import read_jsonl, write_csv, write_jsonl
 from .llm.base import ChatRequest
 from .prompts import Prompt, load_prompt
-from .stage import stage_dir
+from .cycle import publish
+from .stage import cycle_of, stage_dir
 
 PAIRWISE_JSONL = "pairwise.jsonl"
 VERDICTS = ("A", "B", "tie")
@@ -201,9 +202,11 @@ def run(params, run_dir: Path | str, responses: pd.DataFrame, references: dict, 
         service = make_service(judge)
         rows += judge_pairs(params, judge, responses, references, service)
         accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
+    for row in rows:
+        row["cycle"] = cycle_of(run_dir)
     write_jsonl(pairwise_file(run_dir), rows)
     summary = summarise(pd.DataFrame(rows))
-    write_csv(summary_file(run_dir), summary)
+    publish(run_dir, "pairwise.csv", summary)  # this cycle's rows, also merged into the run's pairwise.csv
     return summary, accounting
 
 

@@ -105,9 +105,26 @@ class LoraParams(Strict):
     target_modules: Union[str, list[str]] = "all-linear"
 
 
+VOLUME_RANGE = re.compile(r"^\s*(\d+)\s*\^\s*(\d+)\s*\.\.\s*(\d+)\s*\^\s*(\d+)\s*(k?)\s*$", re.IGNORECASE)
+KILO = 1024  # "2^2 k" = 4096 samples
+
+
+def expand_volumes(value):
+    """`2^0..2^8 k` → [1024, 2048, …, 262144]; `2^2..2^4` → [4, 8, 16]; a list passes through."""
+    if not isinstance(value, str):
+        return value
+    match = VOLUME_RANGE.match(value)
+    if not match:
+        raise ValueError(f"'{value}': expected a list of positive integers or a range like '2^0..2^8 k' (k = {KILO})")
+    base, low, base2, high, kilo = int(match[1]), int(match[2]), int(match[3]), int(match[4]), match[5]
+    if base != base2 or base < 2 or low > high:
+        raise ValueError(f"'{value}': a range is <b>^<low>..<b>^<high> with the same base b ≥ 2 and low ≤ high")
+    return [base**n * (KILO if kilo else 1) for n in range(low, high + 1)]
+
+
 class FinetuneParams(Strict):
     base_models: list[str] = Field(default_factory=lambda: ["google/gemma-2b-it"], min_length=1)
-    volumes: list[PositiveInt] = Field(default_factory=lambda: [1000 * 2**n for n in range(9)], min_length=1)
+    volumes: list[PositiveInt] = Field(default_factory=lambda: [KILO * 2**n for n in range(9)], min_length=1)  # or "2^0..2^8 k"
     quantization: Literal["none", "nf4"] = "nf4"  # nf4 = QLoRA; needs CUDA
     lora: LoraParams = Field(default_factory=LoraParams)
     learning_rate: float = Field(2e-4, gt=0)
@@ -120,6 +137,11 @@ class FinetuneParams(Strict):
     max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
     chat_template: Optional[str] = None  # Jinja template for base models that ship none
     logging_steps: PositiveInt = 1
+
+    @field_validator("volumes", mode="before")
+    @classmethod
+    def _range_syntax(cls, v):
+        return expand_volumes(v)
 
     @field_validator("volumes")
     @classmethod
@@ -274,10 +296,52 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_params(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Params:
-    """Load, merge `--set` overrides into, and validate a params file.
+    """Load, merge `--set` overrides into, and validate a params file describing ONE experiment.
 
-    Raises UserError with one line `FILE: field.path: problem` on any mistake.
+    Raises UserError with one line `FILE: field.path: problem` on any mistake. A file whose
+    `service` is a list describes a sweep over service LLMs: see `load_family`.
     """
+    family = load_family(path, overrides)
+    if len(family) > 1:
+        raise UserError(f"{_where(path, overrides)}: service: a list of {len(family)} service LLMs is a sweep; "
+                        "`llamaduo run` expands it into one run folder per service LLM")
+    return family[0]
+
+
+def _where(path, overrides) -> str:
+    source = str(path) if path else "<defaults>"
+    return source + (f" (with --set {', '.join(overrides)})" if overrides else "")
+
+
+def service_slug(params: Params) -> str:
+    """A folder name for one service LLM of a sweep."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", params.service.label).strip("_")
+
+
+def load_family(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> list[Params]:
+    """Every experiment a params file describes: one, or one per service LLM when `service` is a list
+    (each synthesises its own data, and by default judges; tasks, local models, volumes and judges
+    are expanded inside each run). Errors name the list item: `service[1].model: …`."""
+    raw, where = _read_raw(path, overrides)
+    services = raw.get("service")
+    if not isinstance(services, list):
+        return [_validate(raw, where, path)]
+    if not services:
+        raise UserError(f"{where}: service: an empty list; give one service LLM or several")
+    family = []
+    for i, service in enumerate(services):
+        member = dict(raw, service=service)
+        try:
+            family.append(_validate(member, where, path))
+        except UserError as exc:
+            raise UserError(str(exc).replace(f"{where}: service", f"{where}: service[{i}]", 1)) from None
+    labels = [p.service.label for p in family]
+    if len(set(labels)) < len(labels) or len({service_slug(p) for p in family}) < len(family):
+        raise UserError(f"{where}: service: two service LLMs share the label {labels}; give each a distinct `name`")
+    return family
+
+
+def _read_raw(path, overrides) -> tuple[dict, str]:
     overrides = list(overrides or [])
     source = str(path) if path else "<defaults>"
     raw: dict = {}
@@ -299,7 +363,10 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key, value)
-    where = source + (f" (with --set {', '.join(overrides)})" if overrides else "")
+    return raw, _where(path, overrides)
+
+
+def _validate(raw: dict, where: str, path) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:

@@ -30,37 +30,67 @@ def test_prompts_per_task(params: Params) -> int | None:
     return max(1, round(len(test) / len(params.tasks)))
 
 
-def describe(params: Params) -> str:
-    ft, syn, inf, ev = params.finetune, params.synthesize, params.infer, params.evaluate
+def describe(family: Params | list[Params]) -> str:
+    """The grid, the calls and the cost a params file implies (a list: a sweep over service LLMs)."""
+    family = family if isinstance(family, list) else [family]
+    params = family[0]
+    ft, syn, inf, ev, cyc = params.finetune, params.synthesize, params.infer, params.evaluate, params.cycle
     tasks, models, volumes, judges = params.tasks, ft.base_models, ft.volumes, params.judges
+    services = [p.service for p in family]
     lines = ["Grid:"]
+    lines.append(f"  service LLMs ({len(services)}): {', '.join(s.label for s in services)}"
+                 + ("  (each synthesises its own data: one run folder each)" if len(services) > 1 else ""))
     lines.append(f"  tasks ({len(tasks)}): {', '.join(tasks)}")
     lines.append(f"  local models ({len(models)}): {', '.join(models)}")
-    lines.append(f"  volumes ({len(volumes)}): {', '.join(str(v) for v in volumes)} (+ the base model as volume 0)")
-    lines.append(f"  judges ({len(judges)}): {', '.join(j.label for j in judges)}")
-    lines.append(f"  = {len(tasks) * len(models) * len(volumes)} adapters to train; "
-                 f"{len(tasks) * len(models) * (len(volumes) + 1) * len(judges)} (task, model, volume, judge) cells to judge")
-    synth_calls = len(tasks) * math.ceil(syn.samples_per_task / (syn.pairs_per_call * (1 - syn.expected_loss)))
+    lines.append(f"  volumes ({len(volumes)}): {', '.join(_volume(v) for v in volumes)} (+ the base model as volume 0)")
+    judge_labels = sorted({j.label for p in family for j in p.judges})
+    lines.append(f"  judges ({len(judge_labels)}): {', '.join(judge_labels)}")
+    adapters = len(services) * len(tasks) * len(models) * len(volumes)
+    cells = sum(len(tasks) * len(models) * (len(volumes) + 1) * len(p.judges) for p in family)
+    lines.append(f"  = {adapters} adapters to train; {cells} (service LLM, task, model, volume, judge) cells to judge")
+    if cyc.max_cycles > 1:
+        step = cyc.step or syn.samples_per_task
+        lines.append(f"  cycle: up to {cyc.max_cycles} cycles until {cyc.target}; each later cycle adds {step:,} pairs per task "
+                     f"and trains one adapter per (task, model) on all pairs so far")
+    synth_per_task = math.ceil(syn.samples_per_task / (syn.pairs_per_call * (1 - syn.expected_loss)))
     n_test = test_prompts_per_task(params)
     lines.append("Service-LLM calls (first pass, before retries and re-asks):")
-    lines.append(f"  synthesize: {synth_calls:,} calls to {params.service.label}")
-    cost = _cost(params.service, synth_calls * SYNTH_INPUT_TOKENS, synth_calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
-    total_cost = cost
+    total_cost, total_calls = 0.0, 0
+    for p in family:
+        calls = len(tasks) * synth_per_task
+        lines.append(f"  synthesize: {calls:,} calls to {p.service.label}")
+        total_calls += calls
+        total_cost += _cost(p.service, calls * SYNTH_INPUT_TOKENS, calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
     if n_test is None:
-        lines.append("  evaluate: unknown number of test prompts (set coverage.max_test_prompts for an estimate)")
-        judge_calls = None
+        per_prompt = len(tasks) * len(models) * (len(volumes) + 1) * inf.k * ev.m
+        lines.append(f"  evaluate: {per_prompt:,} calls per judge for each test prompt per task (the Hub test split's size is "
+                     f"known once loaded; set coverage.max_test_prompts for a total)")
     else:
         answers = len(tasks) * len(models) * (len(volumes) + 1) * n_test * inf.k
         judge_calls = answers * ev.m
-        lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}) × M={ev.m} = {judge_calls:,} calls per judge")
-        for judge in judges:
-            total_cost += _cost(judge, judge_calls * JUDGE_INPUT_TOKENS, judge_calls * JUDGE_OUTPUT_TOKENS)
-    samples = sum(volumes) * ft.num_train_epochs * len(tasks) * len(models)
+        lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}) × M={ev.m} = {judge_calls:,} calls per judge"
+                     + (f", per service LLM's run" if len(family) > 1 else ""))
+        for p in family:
+            for judge in p.judges:
+                total_calls += judge_calls
+                total_cost += _cost(judge, judge_calls * JUDGE_INPUT_TOKENS, judge_calls * JUDGE_OUTPUT_TOKENS)
+    lines.append(f"  total: {total_calls:,} calls in the first cycle" + ("" if n_test else " (synthesis only; judging scales with the test split)"))
+    if cyc.max_cycles > 1:
+        step = cyc.step or syn.samples_per_task
+        later_synth = len(tasks) * math.ceil(step / (syn.pairs_per_call * (1 - syn.expected_loss)))
+        later_judge = len(tasks) * len(models) * inf.k * ev.m * len(judges)  # one new adapter per (task, model); the base is cached
+        judged = f"{later_judge * n_test:,} judge calls" if n_test else f"{later_judge:,} judge calls per test prompt per task"
+        lines.append(f"  each later cycle: ~{later_synth:,} synthesis + {judged} per service LLM (at most {cyc.max_cycles - 1} later cycles)")
+    samples = sum(volumes) * ft.num_train_epochs * len(tasks) * len(models) * len(services)
     lines.append(f"Fine-tuning: {samples:,.0f} training samples in all ≈ {samples / GPU_SAMPLES_PER_SECOND / 3600:,.1f} GPU-hours "
                  f"(assuming {GPU_SAMPLES_PER_SECOND} samples/s per GPU)")
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
     return "\n".join(lines)
+
+
+def _volume(v: int) -> str:
+    return f"{v // 1024}k" if v >= 1024 and v % 1024 == 0 else str(v)
 
 
 def _cost(service, input_tokens: float, output_tokens: float) -> float:

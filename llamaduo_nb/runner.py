@@ -1,7 +1,9 @@
 """`llamaduo run`: execute the numbered notebooks in order with papermill.
 
 Stages whose DONE.json carries the current fingerprint are skipped without starting a
-kernel; the rest run, each writing its executed notebook to `<run>/notebooks/`.
+kernel; the rest run, each writing its executed notebook to `<run>/notebooks/`. After 06,
+the cycle (`cycle.py`) decides whether to run 02→06 again in `cycle-<t>/`; 07 then reports
+on every cycle.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from .errors import UserError
-from .io import write_yaml
+from .io import write_json, write_yaml
 from .llm.client import check_keys
-from .params import PROJECT_ROOT, Params, load_params
-from .stage import NOTEBOOKS, STAGES, is_done, update_manifest
+from .params import PROJECT_ROOT, Params, load_family, service_slug
+from .stage import NOTEBOOKS, STAGES, cycle_folder, is_done, update_manifest
+
+CYCLE_STAGES = ["synthesize", "deduplicate", "finetune", "infer", "evaluate"]
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -49,37 +55,204 @@ def check_notebooks() -> None:
 
 
 def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: list[str] | None = None,
-        stages: str | None = None, force: list[str] | None = None, log=print) -> Path:
-    """Run (or resume) an experiment; returns the run folder."""
-    params = load_params(params_file, overrides)  # refuses bad params before anything is written
+        stages: str | None = None, force: list[str] | None = None, log=print, only: str | None = None) -> Path:
+    """Run (or resume) an experiment, or a sweep over service LLMs; returns the run folder.
+
+    `force`: stage names to redo even when up to date; an empty string (bare `--force`) only
+    accepts params that differ from those the run folder was made with."""
+    family = load_family(params_file, overrides)  # refuses bad params before anything is written
     chosen = parse_stages(stages)
-    forced = parse_stages(",".join(force)) if force else []
-    check_keys([params.service] + params.judges)
+    forced = parse_stages(",".join(force)) if force and any(force) else []
+    for params in family:
+        check_keys([params.service] + params.judges)
     check_notebooks()
-    run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(params)
+    run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(family[0])
+    if len(family) == 1:
+        return _run_one(family[0], run_dir, chosen, forced, bool(force), log, only)
+    members = {service_slug(p): p for p in family}
+    for slug, params in members.items():  # refuse before any member runs
+        refuse_changed_params(run_dir / slug, params, bool(force))
+    log(f"sweep over {len(family)} service LLMs: {', '.join(p.service.label for p in family)}; run folder: {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "sweep.json", {"service_llms": {slug: p.service.label for slug, p in members.items()},
+                                        "folders": list(members)})
+    for slug, params in members.items():
+        log(f"=== service LLM {params.service.label}: {run_dir / slug}")
+        _run_one(params, run_dir / slug, chosen, forced, bool(force), log, only)
+    finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
+    if len(finished) > 1 and "report" in chosen:
+        from .report import compare_runs
+
+        paths = compare_runs(finished, run_dir / "comparison")
+        log(f"comparison of the service LLMs: {run_dir / 'comparison'} ({len(paths)} files)")
+    return run_dir
+
+
+def refuse_changed_params(run_dir: Path, params: Params, accepted: bool) -> None:
+    """A run folder made with other params is not silently reused: name what differs, ask for --force.
+
+    Settings that change no output (rate limits, concurrency, prices, key names), the run name and
+    the cycle budget may change freely: a finished run can be given more cycles."""
+    previous_file = run_dir / "params.yaml"
+    if accepted or not previous_file.exists():
+        return
+    import yaml
+
+    try:
+        previous = yaml.safe_load(previous_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{previous_file}: unreadable; add --force to replace it") from None
+    differences = params_differences(previous, params.dump())
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise UserError(f"{run_dir} was made with different params ({shown}); add --force to redo the stages they affect "
+                        f"there, or choose another --run-dir")
+
+
+def params_differences(old: dict, new: dict) -> list[str]:
+    """Dotted fields whose values differ, operational settings and the cycle budget left out."""
+    from .stage import OPERATIONAL
+
+    out: list[str] = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key in OPERATIONAL or (not prefix and key in ("run_name", "cycle")):
+                    continue
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(f"{prefix}: {a!r} → {b!r}")
+
+    walk(old, new, "")
+    return out
+
+
+def parse_only(text: str, params: Params) -> list[tuple[str, str, int]]:
+    """`task=coding,volume=4096[,model=gemma-2b-it]` → the (task, model, volume) cells it names.
+
+    A key may list several values with `|` (`task=coding|closed_qa`); an absent key means all."""
+    from .models import short_name
+
+    grid = {"task": list(params.tasks), "model": [short_name(m) for m in params.finetune.base_models],
+            "volume": [str(v) for v in params.finetune.volumes]}
+    chosen = dict(grid)
+    for item in [i.strip() for i in text.split(",") if i.strip()]:
+        key, _, values = item.partition("=")
+        key = key.strip()
+        if key not in grid or not values:
+            raise UserError(f"--only {text}: expected key=value with key one of {', '.join(grid)} (e.g. task=coding,volume=4096)")
+        wanted = [v.strip() for v in values.split("|")]
+        unknown = [v for v in wanted if v not in grid[key]]
+        if unknown:
+            raise UserError(f"--only {text}: {key} {', '.join(unknown)} is not in the grid ({key}s: {', '.join(grid[key])})")
+        chosen[key] = wanted
+    return [(t, m, int(v)) for t in chosen["task"] for m in chosen["model"] for v in chosen["volume"]]
+
+
+def redo_cells(run_dir: Path, cells: list[tuple[str, str, int]], log) -> int:
+    """Remove the named cells' adapters and answers and the DONE.json of the stages that hold them:
+    the next stages retrain and re-answer those cells only (every other unit is reused; the judge's
+    cache answers unchanged answers for free)."""
+    import shutil
+
+    from .stage import done_path, stage_dir
+
+    removed = 0
+    for task, model, volume in cells:
+        for path in (stage_dir(run_dir, "finetune") / task / model / str(volume), stage_dir(run_dir, "infer") / task / model / f"{volume}.jsonl"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            removed += 1
+    for stage in ("finetune", "infer", "evaluate", "report"):
+        with contextlib.suppress(FileNotFoundError):
+            done_path(run_dir, stage).unlink()
+    log(f"--only: {len(cells)} cell(s) to redo: " + ", ".join(f"{t}/{m}/{v}" for t, m, v in cells))
+    return removed
+
+
+def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str], accepted: bool, log, only: str | None = None) -> Path:
+    refuse_changed_params(run_dir, params, accepted)
+    cells = parse_only(only, params) if only else []
+    if cells and not (run_dir / "models" / "runs.csv").exists():
+        raise UserError(f"--only {only}: {run_dir} has no fine-tuned cells yet; run the whole grid once, then redo single cells")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
     write_yaml(resolved, params.dump())
     update_manifest(run_dir, params)
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
+    if cells:
+        redo_cells(run_dir, cells, log)
     os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
     executed_now = []
-    for stage in chosen:
-        executed = run_dir / "notebooks" / NOTEBOOKS[stage]
-        if stage not in forced and is_done(stage, params, run_dir) and executed.exists():
-            log(f"[{stage}] up to date, skipped")
-            continue
-        executed_now.append(stage)
-        log(f"[{stage}] running {NOTEBOOKS[stage]} …")
-        began = time.time()
-        _execute(stage, resolved, run_dir, executed, stage in forced)
-        log(f"[{stage}] done in {time.time() - began:.1f} s")
+    for stage in [s for s in chosen if s != "report"]:
+        if _run_stage(stage, params, resolved, run_dir, stage in forced, log):
+            executed_now.append(stage)
+    if "evaluate" in chosen and (run_dir / "metrics.csv").exists():
+        executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log)
+    if "report" in chosen and _run_stage("report", params, resolved, run_dir, "report" in forced, log):
+        executed_now.append("report")
     report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]
     if report_notebook.exists() and ("report" in executed_now or not (run_dir / "report.html").exists()):
         export_html(report_notebook, run_dir / "report.html")
         log(f"report: {run_dir / 'report.html'}")
     return run_dir
+
+
+def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, force: bool, log, label: str = "") -> bool:
+    """Run one stage's notebook in `folder` (the run folder or a cycle folder) unless it is up to date."""
+    from .cycle import params_for_cycle
+
+    executed = folder / "notebooks" / NOTEBOOKS[stage]
+    name = f"{label}{stage}"
+    if not force and is_done(stage, params_for_cycle(params, folder), folder) and executed.exists():
+        log(f"[{name}] up to date, skipped")
+        return False
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[{name}] running {NOTEBOOKS[stage]} …")
+    began = time.time()
+    _execute(stage, params_file, folder, executed, force)
+    log(f"[{name}] done in {time.time() - began:.1f} s")
+    return True
+
+
+def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[str], forced: list[str], log) -> list[str]:
+    """The LlamaDuo cycle: while the target is unmet and budget remains, run 02→06 again in `cycle-<t>/`.
+
+    Writes `cycles.json` after every decision, so an interrupted loop shows where it stood and
+    `run` again picks it up (finished cycles are skipped stage by stage)."""
+    from . import cycle as cyc
+
+    executed, decisions, t = [], [], 1
+    while True:
+        folder = cycle_folder(run_dir, t)
+        metrics = pd.read_csv(run_dir / "metrics.csv")
+        cost = sum(cyc.cycle_cost(cycle_folder(run_dir, c)) for c in range(1, t + 1))
+        decision = cyc.decide(params, t, metrics, cost, cyc.pair_counts(folder) if t > 1 else None)
+        decisions.append((t, decision))
+        log(f"[cycle {t}] {decision.reason}")
+        cyc.record(params, run_dir, decisions, decision.stop)
+        if decision.stop:
+            for moved in cyc.retire_later_cycles(run_dir, t):
+                log(f"[cycle] {moved.name}: a later cycle of an earlier loop, moved to {moved.parent.name}/")
+            return executed
+        t += 1
+        folder = cycle_folder(run_dir, t)
+        folder.mkdir(exist_ok=True)
+        for stage in [s for s in CYCLE_STAGES if s in chosen]:
+            if _run_stage(stage, params, params_file, folder, stage in forced, log, label=f"cycle {t} · "):
+                executed.append(f"cycle-{t}/{stage}")
+            if stage == "deduplicate" and not sum(cyc.pair_counts(folder).values()):
+                decision = cyc.Decision(True, f"cycle {t} kept no new pairs after deduplication; stopping before fine-tuning on the same data")
+                decisions.append((t, decision))
+                log(f"[cycle {t}] {decision.reason}")
+                cyc.record(params, run_dir, decisions, True)
+                return executed
 
 
 def export_html(notebook: Path, target: Path) -> Path:

@@ -60,7 +60,7 @@ DEPENDS_ON = {
     "finetune": ["seed", "finetune"],
     "infer": ["seed", "infer"],
     "evaluate": ["evaluate", "service"],
-    "report": ["evaluate.zetas"],
+    "report": ["evaluate.zetas", "cycle.target"],
 }
 # Service settings that change how fast answers come, not what they are.
 OPERATIONAL = {"batch_api", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env"}
@@ -142,6 +142,14 @@ def stage_fingerprint(stage: str, params: Params, run_dir: Path | str) -> str:
         done = read_done(run_dir, up)
         upstream[up] = done.get("completion_id") if done else None
     parts["upstream"] = upstream
+    cycle = cycle_of(run_dir)
+    if cycle > 1 and stage in ("deduplicate", "finetune", "infer"):
+        # dedup and fine-tuning read every earlier cycle's kept pairs; infer reuses cycle 1's base-model answers
+        earlier = "deduplicate" if stage != "infer" else "infer"
+        cycles = range(1, cycle) if stage != "infer" else [1]
+        parts["earlier_cycles"] = [(read_done(cycle_folder(run_dir, c), earlier) or {}).get("completion_id") for c in cycles]
+    if stage == "report":  # the report covers every cycle
+        parts["cycles"] = [(read_done(folder, "evaluate") or {}).get("completion_id") for _, folder in cycle_folders(run_dir)[1:]]
     parts["version"] = __version__
     return fingerprint(parts)
 

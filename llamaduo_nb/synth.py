@@ -1,7 +1,7 @@
 """Stage 2 · synthesize: the service LLM writes new pairs from seed pairs of the train split.
 
 Reads: `coverage/train.jsonl`. Writes: `synth/pairs.jsonl` (one row per valid pair, with
-provenance: seed prompt_id, service model, prompt version, cycle), `synth/calls.jsonl`
+provenance: seed prompt_id, service model, prompt version, cycle; cycle t ≥ 2 runs in `cycle-<t>/`), `synth/calls.jsonl`
 (one row per request: ok or the reason it failed), `synth/counts.csv`, DONE.json.
 
 Requests go out in rounds until each task has `samples_per_task` valid pairs (the first round
@@ -26,17 +26,21 @@ from .llm.base import ChatRequest
 from .llm.client import ServiceLLM
 from .params import Params
 from .prompts import Prompt, load_prompt
-from .stage import StageResult, StageRun, stage_dir
+from .stage import StageResult, StageRun, cycle_of, stage_dir
 
 
-def request_for(params: Params, prompt: Prompt, schema, seeds: list[dict], task: str, call: int) -> tuple[dict, ChatRequest]:
-    """The request of call number `call` for `task`: its seed pair depends only on (seed, task, call)."""
+CALLS_PER_CYCLE = 10**7  # call numbers of cycle t start at (t-1)·10^7: no request repeats an earlier cycle's
+
+
+def request_for(params: Params, prompt: Prompt, schema, seeds: list[dict], task: str, call: int, cycle: int = 1) -> tuple[dict, ChatRequest]:
+    """The request of call number `call` for `task` in `cycle`: its seed pair depends only on (seed, task, cycle, call)."""
     cfg = params.synthesize
-    seed = random.Random(f"{params.seed}-{task}-{call}").choice(seeds)
+    key = f"{params.seed}-{task}-{call}" if cycle == 1 else f"{params.seed}-{task}-c{cycle}-{call}"
+    seed = random.Random(key).choice(seeds)
     messages = prompt.messages(task=task, category=task.replace("_", " "), instruction=seed["instruction"],
                                response=seed["reference"], n=cfg.pairs_per_call)
     req = ChatRequest(messages=messages, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                      json_schema=schema, repeat=call)
+                      json_schema=schema, repeat=call + (cycle - 1) * CALLS_PER_CYCLE)
     return {"task": task, "call": call, "seed_prompt_id": seed["prompt_id"]}, req
 
 
@@ -58,7 +62,8 @@ def _pairs_from(meta: dict, result, params: Params, prompt: Prompt, cycle: int) 
     return out
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False, cycle: int = 1) -> StageResult:
+def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
+    cycle = cycle_of(run_dir)
     stage = StageRun("synthesize", params, run_dir, force)
     if stage.up_to_date():
         return stage.skipped()
@@ -85,7 +90,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False, cycle: int = 1
             else:
                 per_call = len(pairs[task]) / made[task]
             for _ in range(calls_needed(deficit, cfg.pairs_per_call, per_call)):
-                jobs.append(request_for(params, prompt, schema, seeds[task], task, made[task]))
+                jobs.append(request_for(params, prompt, schema, seeds[task], task, made[task], cycle))
                 made[task] += 1
         if not jobs:
             break

@@ -27,7 +27,7 @@ def test_paper_defaults_are_the_papers():
     assert (ft.lora.r, ft.lora.alpha, ft.lora.dropout) == (8, 16, 0.05)
     assert (ft.learning_rate, ft.lr_scheduler_type, ft.warmup_ratio) == (2e-4, "cosine", 0.1)
     assert (ft.per_device_train_batch_size, ft.gradient_accumulation_steps, ft.max_length) == (4, 2, 2048)
-    assert ft.volumes == [1000 * 2**n for n in range(9)]
+    assert ft.volumes == [1024 * 2**n for n in range(9)]  # "2^0..2^8 k"
     assert (p.infer.k, p.evaluate.m, p.evaluate.zetas, p.seed) == (4, 10, [50, 70], 42)
 
 

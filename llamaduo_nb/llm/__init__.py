@@ -8,8 +8,10 @@ _caches: dict = {}
 
 
 def cache_for(run_dir) -> ResponseCache:
-    """The run's persistent response cache (one per run folder and process)."""
-    path = (Path(run_dir) / "cache" / "llm.sqlite").resolve()
+    """The run's persistent response cache (one per run folder, shared by its cycles, and process)."""
+    from ..stage import root_of
+
+    path = (root_of(Path(run_dir).resolve()) / "cache" / "llm.sqlite").resolve()
     if path not in _caches:
         _caches[path] = ResponseCache(path)
     return _caches[path]

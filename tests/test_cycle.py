@@ -1,0 +1,234 @@
+"""The cycle's stop rule, its folders and tables, and the grid a params file expands into."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from llamaduo_nb import cycle as cyc
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import write_json, write_jsonl
+from llamaduo_nb.params import PROJECT_ROOT, expand_volumes, load_family, load_params
+from llamaduo_nb.plan import describe
+from llamaduo_nb.runner import params_differences, parse_only, refuse_changed_params
+from llamaduo_nb.stage import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
+
+QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
+
+
+def metrics_rows(cycle, values, judge="local:smollm2-135m-instruct", metric="precision"):
+    """values: {(task, volume): coverage_50}."""
+    rows = []
+    for (task, volume), value in values.items():
+        rows.append({"cycle": cycle, "task": task, "local_model": "m", "judge": judge, "volume": volume, "metric": metric,
+                     "mean": value / 2, "median": value, "coverage_50": value, "coverage_70": value / 3})
+    return pd.DataFrame(rows)
+
+
+def quick(*sets):
+    return load_params(QUICK, ["cycle.target=precision coverage_50 >= 70", "cycle.max_cycles=3", *sets])
+
+
+# -- the stop rule -----------------------------------------------------------------------------------
+def test_target_scores_use_the_largest_volume_of_the_cycle_and_the_first_judge():
+    params = quick()
+    metrics = pd.concat([
+        metrics_rows(1, {("summarization", 0): 99, ("summarization", 4): 90, ("summarization", 16): 40, ("closed_qa", 16): 75}),
+        metrics_rows(1, {("summarization", 16): 100}, judge="other"),
+        metrics_rows(1, {("summarization", 16): 100}, metric="similarity"),
+        metrics_rows(2, {("summarization", 30): 10}),
+    ])
+    scores = cyc.target_scores(metrics, params, 1).set_index("task")
+    assert scores.loc["summarization", "volume"] == 16 and scores.loc["summarization", "value"] == 40
+    assert not scores.loc["summarization", "met"] and scores.loc["closed_qa", "met"]
+
+
+def test_decide_goes_on_while_unmet_and_budget_remains():
+    params = quick()
+    metrics = metrics_rows(1, {("summarization", 16): 60, ("closed_qa", 16): 80})
+    decision = cyc.decide(params, 1, metrics)
+    assert not decision.stop
+    assert "not met in cycle 1" in decision.reason and "summarization/m 60 at 16" in decision.reason
+    assert "cycle 2 synthesises 20 more pairs per task" in decision.reason  # step defaults to samples_per_task
+
+
+def test_decide_stops_when_every_cell_meets_the_target():
+    params = quick()
+    decision = cyc.decide(params, 2, metrics_rows(2, {("summarization", 30): 70, ("closed_qa", 30): 71}), new_pairs={"summarization": 3})
+    assert decision.stop and decision.met
+    assert decision.reason.startswith("target met in cycle 2: precision coverage_50 ≥ 70")
+
+
+def test_decide_stops_when_the_cycle_budget_is_spent():
+    params = quick()
+    unmet = metrics_rows(3, {("summarization", 40): 10, ("closed_qa", 40): 10})
+    decision = cyc.decide(params, 3, unmet, new_pairs={"summarization": 4})
+    assert decision.stop and not decision.met and "cycle budget spent (cycle.max_cycles = 3)" in decision.reason
+    assert not cyc.decide(params, 2, unmet.assign(cycle=2), new_pairs={"summarization": 4}).stop
+
+
+def test_decide_stops_on_cost_budget_and_on_no_new_data():
+    params = quick("cycle.max_cost_usd=5")
+    unmet = metrics_rows(2, {("summarization", 30): 10})
+    assert "cost budget spent ($6.00 of cycle.max_cost_usd $5.00)" in cyc.decide(params, 2, unmet, cost_usd=6.0, new_pairs={"x": 1}).reason
+    assert not cyc.decide(params, 2, unmet, cost_usd=4.0, new_pairs={"x": 1}).stop
+    stalled = cyc.decide(params, 2, unmet, cost_usd=0.0, new_pairs={"summarization": 0, "closed_qa": 0})
+    assert stalled.stop and "kept no new pairs" in stalled.reason
+
+
+def test_decide_without_scores_stops_and_says_so():
+    decision = cyc.decide(quick(), 1, metrics_rows(1, {("summarization", 16): 90}, metric="similarity"))
+    assert decision.stop and "no precision scores" in decision.reason
+
+
+def test_target_text_and_mapping_and_errors():
+    assert str(quick().cycle.target) == "precision coverage_50 ≥ 70"
+    params = load_params(QUICK, ["cycle.target={metric: similarity, statistic: mean, threshold: 55.5}"])
+    assert (params.cycle.target.metric, params.cycle.target.statistic, params.cycle.target.threshold) == ("similarity", "mean", 55.5)
+    with pytest.raises(UserError, match=r"cycle\.target\.statistic: 'coverage_90' is not reported"):
+        load_params(QUICK, ["cycle.target=precision coverage_90 >= 70"])
+    with pytest.raises(UserError, match=r"cycle\.target: 'precision at least 70': expected"):
+        load_params(QUICK, ["cycle.target=precision at least 70"])
+    with pytest.raises(UserError, match=r"cycle\.target\.judge: 'gpt-9' is not a judge"):
+        load_params(QUICK, ["cycle.target={judge: gpt-9}"])
+
+
+# -- folders and tables ----------------------------------------------------------------------------
+def test_cycle_folders(tmp_path):
+    run = tmp_path / "run"
+    (run / "cycle-3").mkdir(parents=True)
+    (run / "cycle-2").mkdir()
+    (run / "superseded" / "cycle-4-x").mkdir(parents=True)
+    assert cycle_of(run) == 1 and cycle_of(run / "cycle-2") == 2 and root_of(run / "cycle-3") == run
+    assert cycle_folder(run / "cycle-2", 3) == run / "cycle-3" and cycle_folder(run / "cycle-3", 1) == run
+    assert [c for c, _ in cycle_folders(run)] == [1, 2, 3]
+
+
+def test_publish_merges_cycles_and_drops_stale_later_rows(tmp_path):
+    run = tmp_path / "run"
+    (run / "cycle-2").mkdir(parents=True)
+    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 10}))
+    cyc.publish(run / "cycle-2", "metrics.csv", metrics_rows(2, {("summarization", 9): 20}))
+    combined = pd.read_csv(run / "metrics.csv")
+    assert combined["cycle"].tolist() == [1, 2]
+    assert pd.read_csv(run / "cycle-2" / "metrics.csv")["cycle"].tolist() == [2]
+    cyc.publish(run / "cycle-2", "metrics.csv", metrics_rows(2, {("summarization", 9): 30}))  # a redo replaces its rows
+    assert pd.read_csv(run / "metrics.csv")["coverage_50"].tolist() == [10, 30]
+    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 11}))  # cycle 1 redone: cycle 2's rows are stale
+    assert pd.read_csv(run / "metrics.csv")[["cycle", "coverage_50"]].values.tolist() == [[1, 11]]
+
+
+def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tmp_path):
+    params = quick("cycle.step=5")
+    run = tmp_path / "run"
+    later = run / "cycle-2"
+    for folder, ids in ((run, ["a", "b"]), (later, ["c"])):
+        write_jsonl(folder / "dedup" / "kept.jsonl", [{"id": i, "task": "summarization"} for i in ids])
+        write_json(folder / "dedup" / "DONE.json", {"completion_id": f"done-{folder.name}"})
+    assert [p["id"] for p in cyc.kept_before(later)] == ["a", "b"]
+    assert cyc.kept_before(run) == []
+    assert cyc.pair_counts(later) == {"summarization": 1}
+    adjusted = cyc.params_for_cycle(params, later)
+    assert adjusted.synthesize.samples_per_task == 5 and params.synthesize.samples_per_task == 20
+    assert cyc.params_for_cycle(params, run) is params
+    before = stage_fingerprint("finetune", adjusted, later)
+    write_json(run / "dedup" / "DONE.json", {"completion_id": "cycle-1-redone"})
+    assert stage_fingerprint("finetune", adjusted, later) != before
+    assert stage_fingerprint("deduplicate", adjusted, later) != stage_fingerprint("deduplicate", adjusted, run)
+
+
+def test_record_writes_scores_pairs_cost_and_reason(tmp_path):
+    params = quick()
+    run = tmp_path / "run"
+    for folder, n, cost in ((run, 3, 0.5), (run / "cycle-2", 2, 0.25)):
+        write_jsonl(folder / "dedup" / "kept.jsonl", [{"id": str(i), "task": "closed_qa"} for i in range(n)])
+        write_json(folder / "dedup" / "DONE.json", {"completion_id": "x"})
+        write_json(folder / "manifest.json", {"llm_totals": {"cost_usd": cost}})
+    d1 = cyc.decide(params, 1, metrics_rows(1, {("closed_qa", 3): 10}))
+    d2 = cyc.Decision(True, "target met in cycle 2: …", [], met=True)
+    cyc.record(params, run, [(1, d1), (2, d2)], stopped=True)
+    body = json.loads((run / "cycles.json").read_text())
+    assert body["stop_reason"] == "target met in cycle 2: …" and body["stopped"]
+    assert [c["kept_pairs_total"] for c in body["cycles"]] == [{"closed_qa": 3}, {"closed_qa": 5}]
+    assert body["cost_usd"] == 0.75 and body["cycles"][1]["folder"] == "cycle-2"
+    assert body["cycles"][0]["scores"][0]["value"] == 10
+
+
+def test_retire_later_cycles_moves_folders_and_rows(tmp_path):
+    run = tmp_path / "run"
+    (run / "cycle-2").mkdir(parents=True)
+    (run / "cycle-3").mkdir()
+    pd.concat([metrics_rows(c, {("closed_qa", 4): 1}) for c in (1, 2, 3)]).to_csv(run / "metrics.csv", index=False)
+    moved = cyc.retire_later_cycles(run, 2)
+    assert len(moved) == 1 and moved[0].parent.name == "superseded" and not (run / "cycle-3").exists()
+    assert pd.read_csv(run / "metrics.csv")["cycle"].tolist() == [1, 2]
+
+
+# -- the grid --------------------------------------------------------------------------------------
+def test_volume_ranges():
+    assert expand_volumes("2^0..2^8 k") == [1024 * 2**n for n in range(9)]
+    assert expand_volumes("2^2..2^4") == [4, 8, 16]
+    assert load_params(QUICK, ["finetune.volumes=2^1..2^3"]).finetune.volumes == [2, 4, 8]
+    with pytest.raises(UserError, match=r"quickstart.yaml \(with --set finetune.volumes=2\^3..2\^1\): finetune.volumes: .*low ≤ high"):
+        load_params(QUICK, ["finetune.volumes=2^3..2^1"])
+    with pytest.raises(UserError, match=r"finetune.volumes\[1\]: Input should be greater than 0"):
+        load_params(QUICK, ["finetune.volumes=[4, 0]"])
+
+
+def test_paper_grid_from_one_file():
+    family = load_family(PROJECT_ROOT / "params" / "paper.yaml")
+    params = family[0]
+    assert len(family) == 1 and len(params.tasks) == 4 and len(params.finetune.base_models) == 4
+    assert params.finetune.volumes == [1024 * 2**n for n in range(9)] and len(params.judges) == 3
+    text = describe(load_family(PROJECT_ROOT / "params" / "paper.yaml", ["coverage.max_test_prompts=100"]))
+    assert "tasks (4)" in text and "local models (4)" in text and "volumes (9): 1k, 2k, 4k" in text and "judges (3)" in text
+    assert "= 144 adapters to train; 480 (service LLM, task, model, volume, judge) cells" in text
+    # 4 tasks × 4 models × 10 volumes (with the base) × 100 prompts × K=4 × M=10
+    assert "640,000 calls per judge" in text
+    # 282,356 synthesis + 3 judges × 640,000
+    assert "total: 2,202,356 calls in the first cycle" in text
+
+
+def test_service_list_expands_into_a_family(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    raw = yaml.safe_load(QUICK.read_text())
+    raw["service"] = [dict(raw["service"], name="small-a"), dict(raw["service"], name="small-b", model="smollm2-135m-instruct")]
+    path.write_text(yaml.safe_dump(raw))
+    family = load_family(path)
+    assert [p.service.label for p in family] == ["small-a", "small-b"]
+    assert family[0].tasks == family[1].tasks and family[0].judges[0].label == "small-a"
+    text = describe(family)
+    assert "service LLMs (2): small-a, small-b" in text and "= 8 adapters" in text
+    with pytest.raises(UserError, match="is a sweep"):
+        load_params(path)
+    raw["service"][1]["model"] = "no-such-model"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"sweep.yaml: service\[1\]\.model: "):
+        load_family(path)
+    raw["service"][1] = dict(raw["service"][0])
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="share the label"):
+        load_family(path)
+
+
+def test_only_names_cells_of_the_grid():
+    params = quick()
+    assert parse_only("task=closed_qa,volume=16", params) == [("closed_qa", "smollm2-135m-instruct", 16)]
+    assert len(parse_only("volume=4|16", params)) == 4
+    with pytest.raises(UserError, match=r"volume 4096 is not in the grid \(volumes: 4, 16\)"):
+        parse_only("task=closed_qa,volume=4096", params)
+    with pytest.raises(UserError, match="key one of task, model, volume"):
+        parse_only("tusk=coding", params)
+
+
+def test_a_run_folder_made_with_other_params_is_refused(tmp_path):
+    params = quick()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "params.yaml").write_text(yaml.safe_dump(params.dump()))
+    refuse_changed_params(run, quick("service.max_concurrency=2", "cycle.max_cycles=5"), accepted=False)  # no output changes
+    with pytest.raises(UserError, match=r"was made with different params \(infer.k: 2 → 3\); add --force"):
+        refuse_changed_params(run, quick("infer.k=3"), accepted=False)
+    refuse_changed_params(run, quick("infer.k=3"), accepted=True)
+    assert params_differences({"a": {"b": 1}, "run_name": "x"}, {"a": {"b": 2}, "run_name": "y"}) == ["a.b: 1 → 2"]
