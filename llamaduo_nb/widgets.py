@@ -1,4 +1,10 @@
-"""ipywidgets explorers for the notebooks (they render in JupyterLab and classic Jupyter)."""
+"""ipywidgets explorers for the notebooks (they render in JupyterLab and classic Jupyter).
+
+Each explorer reads every cycle of a run (cycle 1 is the run folder, cycle t ≥ 2 is
+`<run>/cycle-<t>/`) and has a plain function behind it that tests use directly:
+`synthetic_pairs` / `filter_pairs` (pair browser), `answer_table` (answer browser),
+`coverage_table` (ζ slider).
+"""
 
 from __future__ import annotations
 
@@ -8,45 +14,258 @@ from pathlib import Path
 import pandas as pd
 
 from . import coverage, evaluate, infer
+from .io import read_jsonl
 from .metrics import answer_scores, coverage_at
+from .stage import cycle_folders, root_of, stage_dir
+
+ALL = "all"
+
+
+def _esc(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    return html.escape(str(value)).replace("\n", "<br>")
+
+
+def _volume_label(volume, cycle=1) -> str:
+    return "base" if int(volume) == 0 else f"{int(volume)}" + (f" (cycle {int(cycle)})" if int(cycle) > 1 else "")
+
+
+# -- synthetic pairs and their dedup fate -------------------------------------------------------------
+
+PAIR_COLUMNS = ["cycle", "id", "task", "seed_prompt_id", "instruction", "response", "fate", "reason", "partner",
+                "partner_id", "rouge_l", "jaccard", "seed_instruction", "seed_response", "service_model"]
+
+
+def _pair_key(pair: dict):
+    return pair["id"] if pair.get("id") is not None else (pair.get("task"), pair.get("instruction"), pair.get("response"))
+
+
+def synthetic_pairs(run_dir: Path | str) -> pd.DataFrame:
+    """Every synthetic pair of every cycle (synth/pairs.jsonl) with its dedup fate: `kept`, `removed`
+    (with the reason and the partner it collided with, from dedup/removed.jsonl) or `pending` (that
+    cycle's dedup has not run), and its seed pair from the coverage train split."""
+    root = root_of(run_dir)
+    train = stage_dir(root, "coverage") / "train.jsonl"
+    seeds = {r["prompt_id"]: r for r in read_jsonl(train)} if train.exists() else {}
+    rows = []
+    for cycle, folder in cycle_folders(root):
+        pairs_path = stage_dir(folder, "synthesize") / "pairs.jsonl"
+        if not pairs_path.exists():
+            continue
+        dedup_dir = stage_dir(folder, "deduplicate")
+        kept = {_pair_key(p) for p in read_jsonl(dedup_dir / "kept.jsonl")} if (dedup_dir / "kept.jsonl").exists() else None
+        removed = {_pair_key(r): r for r in read_jsonl(dedup_dir / "removed.jsonl")} if (dedup_dir / "removed.jsonl").exists() else {}
+        for pair in read_jsonl(pairs_path):
+            key = _pair_key(pair)
+            seed = seeds.get(pair.get("seed_prompt_id"), {})
+            row = {"cycle": cycle, "id": pair.get("id"), "task": pair.get("task"), "seed_prompt_id": pair.get("seed_prompt_id"),
+                   "instruction": pair.get("instruction"), "response": pair.get("response"), "fate": "pending",
+                   "seed_instruction": seed.get("instruction"), "seed_response": seed.get("reference"),
+                   "service_model": pair.get("service_model")}
+            if key in removed:
+                r = removed[key]
+                row.update(fate="removed", reason=r.get("reason"), partner=r.get("partner"), partner_id=r.get("partner_id"),
+                           rouge_l=r.get("rouge_l"), jaccard=r.get("jaccard"))
+            elif kept is not None and key in kept:
+                row["fate"] = "kept"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def filter_pairs(frame: pd.DataFrame, task=None, seed=None, fate=None, cycle=None) -> pd.DataFrame:
+    """The rows of `synthetic_pairs` matching every filter given (None or "all": no filter).
+
+    `fate`: "kept", "removed", "pending", or a removal reason ("exact", "near_duplicate",
+    "too_close_to_earlier", "test_leakage"). `seed`: a seed prompt_id. `cycle`: a cycle number.
+    """
+    mask = pd.Series(True, index=frame.index)
+    if task not in (None, ALL):
+        mask &= frame["task"] == task
+    if seed not in (None, ALL):
+        mask &= frame["seed_prompt_id"] == seed
+    if fate not in (None, ALL):
+        mask &= (frame["fate"] == fate) | ((frame["fate"] == "removed") & (frame["reason"] == fate))
+    if cycle not in (None, ALL):
+        mask &= frame["cycle"] == int(cycle)
+    return frame[mask].reset_index(drop=True)
+
+
+def fate_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pairs per (cycle, task) and fate: kept, and removed by reason (the pair browser's static fallback)."""
+    if frame.empty:
+        return pd.DataFrame(columns=["cycle", "task"])
+    fate = frame["fate"].where(frame["fate"] != "removed", "removed: " + frame["reason"].fillna("?").astype(str))
+    return frame.assign(fate=fate).groupby(["cycle", "task", "fate"]).size().unstack(fill_value=0).reset_index()
+
+
+def _render_pair(row) -> str:
+    box = "style='white-space:pre-wrap;border-left:3px solid {};padding:2px 8px;margin:4px 0'"
+    if row.fate == "removed":
+        closeness = ", ".join(f"{name} {value:.2f}" for name, value in (("ROUGE-L", row.rouge_l), ("Jaccard", row.jaccard))
+                              if value is not None and not pd.isna(value))
+        fate = (f"<b style='color:#c8553d'>removed: {_esc(row.reason)}</b>" + (f" ({closeness})" if closeness else "")
+                + f"<div {box.format('#c8553d')}><i>partner {_esc(row.partner_id)}:</i><br>{_esc(row.partner)}</div>")
+    else:
+        colour = "#4c9a5a" if row.fate == "kept" else "#888"
+        fate = f"<b style='color:{colour}'>{_esc(row.fate)}</b>"
+    return (
+        f"<p><b>{_esc(row.id)}</b> · task {_esc(row.task)} · cycle {row.cycle} · {_esc(row.service_model)} · {fate}</p>"
+        f"<h4>Instruction</h4><div {box.format('#4477aa')}>{_esc(row.instruction)}</div>"
+        f"<h4>Response</h4><div {box.format('#4477aa')}>{_esc(row.response)}</div>"
+        f"<h4>Seed pair ({_esc(row.seed_prompt_id)})</h4>"
+        f"<div {box.format('#bbb')}><i>instruction:</i><br>{_esc(row.seed_instruction)}</div>"
+        f"<div {box.format('#bbb')}><i>reference:</i><br>{_esc(row.seed_response)}</div>"
+    )
+
+
+def pair_browser(run_dir: Path | str):
+    """Browse the synthetic pairs of every cycle; filter by task, seed prompt, dedup fate and cycle;
+    see the pair, its fate (reason and partner when removed) and the seed pair it came from."""
+    import ipywidgets as w
+
+    frame = synthetic_pairs(run_dir)
+    reasons = sorted(r for r in frame["reason"].dropna().unique())
+    task_box = w.Dropdown(options=[ALL] + sorted(frame["task"].dropna().unique()), description="task")
+    seed_box = w.Dropdown(description="seed", layout=w.Layout(width="45%"))
+    fate_box = w.Dropdown(options=[ALL, "kept", "removed", "pending"] + reasons, description="fate")
+    cycle_box = w.Dropdown(options=[ALL] + [int(c) for c in sorted(frame["cycle"].unique())], description="cycle")
+    pair_box = w.Dropdown(description="pair", layout=w.Layout(width="90%"))
+    count = w.HTML()
+    out = w.HTML()
+    shown = {"rows": frame.iloc[0:0]}
+
+    def seeds_for(task):
+        sub = filter_pairs(frame, task=task)
+        firsts = sub.drop_duplicates("seed_prompt_id")
+        return [(ALL, ALL)] + [(f"{str(r.seed_instruction or '')[:50]}… ({(sub['seed_prompt_id'] == r.seed_prompt_id).sum()})",
+                                r.seed_prompt_id) for r in firsts.itertuples()]
+
+    def refresh(*_):
+        rows = filter_pairs(frame, task_box.value, seed_box.value, fate_box.value, cycle_box.value)
+        shown["rows"] = rows
+        count.value = f"<b>{len(rows)}</b> of {len(frame)} pairs"
+        pair_box.options = [(f"{i + 1}. [{r.fate}] {str(r.instruction)[:70]}…", i) for i, r in enumerate(rows.itertuples())]
+        pair_box.value = 0 if len(rows) else None
+        show()
+
+    def show(*_):
+        rows = shown["rows"]
+        out.value = _render_pair(rows.iloc[pair_box.value]) if pair_box.value is not None and len(rows) else "<i>no pair matches</i>"
+
+    def on_task(_):
+        seed_box.unobserve(refresh, names="value")
+        seed_box.options = seeds_for(task_box.value)
+        seed_box.value = ALL
+        seed_box.observe(refresh, names="value")
+        refresh()
+
+    seed_box.options = seeds_for(ALL)
+    seed_box.value = ALL
+    task_box.observe(on_task, names="value")
+    for box in (seed_box, fate_box, cycle_box):
+        box.observe(refresh, names="value")
+    pair_box.observe(show, names="value")
+    refresh()
+    return w.VBox([w.HBox([task_box, fate_box, cycle_box]), seed_box, w.HBox([pair_box, count]), out])
+
+
+# -- answers and their judgements ----------------------------------------------------------------------
+
+
+def _across_cycles(load, run_dir: Path | str) -> pd.DataFrame:
+    """`load(folder)` for every cycle folder, with a `cycle` column; the base model (volume 0), answered
+    again in every cycle, kept once (its first cycle)."""
+    frames = []
+    for cycle, folder in cycle_folders(run_dir):
+        frame = load(folder)
+        if not frame.empty:
+            frames.append(frame.assign(cycle=cycle))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    first_base = out.loc[out["volume"] == 0, "cycle"].min()
+    return out[(out["volume"] != 0) | (out["cycle"] == first_base)].reset_index(drop=True)
+
+
+def load_answers(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(judgements, responses) of every cycle."""
+    return _across_cycles(evaluate.load_judgements, run_dir), _across_cycles(infer.load_responses, run_dir)
+
+
+def _scores_text(values) -> str:
+    values = [v for v in values if not pd.isna(v)]
+    return " · ".join(f"{v:g}" for v in values)
 
 
 def answer_table(run_dir: Path | str, prompt_id: str, judgements: pd.DataFrame, responses: pd.DataFrame) -> pd.DataFrame:
-    """Every answer to one prompt, with its mean judge scores and the first repeat's reasons."""
-    answers = responses[responses["prompt_id"] == prompt_id][["local_model", "volume", "k", "response"]]
-    j = judgements[(judgements["prompt_id"] == prompt_id) & judgements["valid"]]
-    scores = j.groupby(["local_model", "volume", "k", "judge"]).agg(
+    """Every answer to one prompt (each cycle, local model, volume and k) × every judge: the mean of the
+    judge's valid repeats, each repeat's score, how many repeats failed, and the first valid repeat's reasons."""
+    answers = with_cycle(responses[responses["prompt_id"] == prompt_id])[["cycle", "local_model", "volume", "k", "response"]]
+    j = with_cycle(judgements[judgements["prompt_id"] == prompt_id]) if not judgements.empty else judgements
+    if j.empty:
+        return answers.assign(judge=None, similarity=float("nan"), precision=float("nan"))
+    j = j.assign(valid=j["valid"].fillna(False).astype(bool))
+    keys = ["cycle", "local_model", "volume", "k", "judge"]
+    valid = j[j["valid"]]
+    scores = valid.groupby(keys).agg(
         similarity=("similarity", "mean"), precision=("precision", "mean"),
+        similarity_all=("similarity", _scores_text), precision_all=("precision", _scores_text),
         similarity_reason=("similarity_reason", "first"), precision_reason=("precision_reason", "first"),
-    ).reset_index()
-    return answers.merge(scores, on=["local_model", "volume", "k"], how="left").sort_values(["local_model", "volume", "k"])
+    )
+    counts = j.groupby(keys).agg(judgements=("valid", "size"), failed=("valid", lambda v: int((~v).sum())))
+    table = counts.join(scores, how="left").reset_index()
+    return answers.merge(table, on=["cycle", "local_model", "volume", "k"], how="left").sort_values(
+        ["local_model", "volume", "cycle", "k", "judge"], kind="stable").reset_index(drop=True)
+
+
+def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame if "cycle" in frame.columns else frame.assign(cycle=1)
+
+
+def _judge_block(rows: pd.DataFrame) -> str:
+    parts = []
+    for r in rows.itertuples():
+        if pd.isna(r.judge):
+            parts.append("<i>not judged</i>")
+            continue
+        failed = f" <span style='color:#c8553d'>({int(r.failed)} of {int(r.judgements)} failed)</span>" if r.failed else ""
+        sim = "–" if pd.isna(r.similarity) else f"{r.similarity:.0f}"
+        pre = "–" if pd.isna(r.precision) else f"{r.precision:.0f}"
+        many = isinstance(r.similarity_all, str) and "·" in r.similarity_all
+        parts.append(
+            f"<b>{_esc(r.judge)}</b>{failed}: similarity <b>{sim}</b>"
+            + (f" <small>({_esc(r.similarity_all)})</small>" if many else "")
+            + f", precision <b>{pre}</b>" + (f" <small>({_esc(r.precision_all)})</small>" if many else "")
+            + f"<div style='font-size:85%;color:#444'>similarity: {_esc(r.similarity_reason)}<br>precision: {_esc(r.precision_reason)}</div>"
+        )
+    return "<hr style='margin:2px 0'>".join(parts)
 
 
 def _render(prompt: dict, table: pd.DataFrame) -> str:
-    esc = lambda s: html.escape(str(s)).replace("\n", "<br>")  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{esc(r.local_model)}</td><td>{'base' if r.volume == 0 else r.volume}</td><td>{r.k}</td>"
-        f"<td style='text-align:left'>{esc(r.response)}</td><td>{esc(r.judge)}</td>"
-        f"<td>{r.similarity:.0f}</td><td>{r.precision:.0f}</td>"
-        f"<td style='text-align:left;font-size:85%'>{esc(r.similarity_reason)}<br>{esc(r.precision_reason)}</td></tr>"
-        for r in table.fillna({"similarity": float("nan"), "precision": float("nan")}).itertuples()
-    )
+    rows = []
+    for (model, volume, cycle, k), group in table.groupby(["local_model", "volume", "cycle", "k"], sort=False):
+        rows.append(
+            f"<tr><td>{_esc(model)}</td><td>{_volume_label(volume, cycle)}</td><td>{k}</td>"
+            f"<td style='text-align:left;white-space:pre-wrap;max-width:40em'>{_esc(group['response'].iloc[0])}</td>"
+            f"<td style='text-align:left'>{_judge_block(group)}</td></tr>"
+        )
     return (
-        f"<h4>Instruction</h4><div style='white-space:pre-wrap'>{esc(prompt['instruction'])}</div>"
-        f"<h4>Human reference</h4><div style='white-space:pre-wrap'>{esc(prompt['reference'])}</div>"
-        "<h4>Answers</h4><table><tr><th>model</th><th>volume</th><th>k</th><th>answer</th><th>judge</th>"
-        f"<th>similarity</th><th>precision</th><th>reasons</th></tr>{rows}</table>"
+        f"<h4>Instruction</h4><div style='white-space:pre-wrap'>{_esc(prompt['instruction'])}</div>"
+        f"<h4>Human reference</h4><div style='white-space:pre-wrap'>{_esc(prompt['reference'])}</div>"
+        "<h4>Answers</h4><table><tr><th>model</th><th>volume</th><th>k</th><th>answer</th>"
+        f"<th>judges: mean score (each repeat), reasons</th></tr>{''.join(rows)}</table>"
     )
 
 
 def answer_browser(run_dir: Path | str):
-    """Pick a task and a test prompt; see the reference, the K answers per volume and the judges' scores and reasons."""
+    """Pick a task and a test prompt; see the reference, the K answers of every volume (every cycle) and
+    every judge's scores and reasons."""
     import ipywidgets as w
 
     test = coverage.load(run_dir, "test")
     by_id = {p["prompt_id"]: p for p in test}
-    judgements = evaluate.load_judgements(run_dir)
-    responses = infer.load_responses(run_dir)
+    judgements, responses = load_answers(run_dir)
     tasks = sorted({p["task"] for p in test})
     task_box = w.Dropdown(options=tasks, description="task")
     prompt_box = w.Dropdown(description="prompt", layout=w.Layout(width="70%"))
@@ -71,21 +290,46 @@ def answer_browser(run_dir: Path | str):
     return w.VBox([w.HBox([task_box, prompt_box]), out])
 
 
+# -- coverage@ζ, live ----------------------------------------------------------------------------------
+
+
+def coverage_table(scores: pd.DataFrame, zeta: float, metric: str = "precision", judge: str | None = None,
+                   local_model: str | None = None) -> pd.DataFrame:
+    """coverage@ζ (%) of the answer scores (metrics.answer_scores, with a `cycle` column) of one metric,
+    judge and local model (default: the first of each); rows: volumes (base once, later cycles labelled),
+    columns: tasks."""
+    sub = with_cycle(scores[scores["metric"] == metric])
+    judge = judge or (sub["judge"].iloc[0] if len(sub) else None)
+    local_model = local_model or (sub["local_model"].iloc[0] if len(sub) else None)
+    sub = sub[(sub["judge"] == judge) & (sub["local_model"] == local_model)]
+    table = sub.groupby(["volume", "cycle", "task"])["score"].apply(lambda s: coverage_at(s, zeta)).unstack("task")
+    table.index = [_volume_label(v, c) for v, c in table.index]
+    return table
+
+
 def zeta_slider(run_dir: Path | str, metric: str = "precision"):
-    """A ζ slider that recomputes coverage@ζ per task and volume from the answer scores."""
+    """A ζ slider (and metric, judge pickers) that recomputes coverage@ζ per task and volume from the
+    answer scores of every cycle and redraws the bars."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    scores = answer_scores(evaluate.load_judgements(run_dir))
-    scores = scores[scores["metric"] == metric]
+    judgements = _across_cycles(evaluate.load_judgements, run_dir)
+    scores = answer_scores(judgements)
+    judges = list(dict.fromkeys(scores["judge"]))
+    model = scores["local_model"].iloc[0] if len(scores) else None
 
-    def draw(zeta):
-        table = scores.groupby(["task", "volume"])["score"].apply(lambda s: coverage_at(s, zeta)).unstack("task")
-        ax = table.plot(kind="bar", figsize=(7, 3.2), ylim=(0, 100), rot=0)
-        ax.set_xticklabels(["base" if v == 0 else str(v) for v in table.index])
+    def draw(zeta, metric, judge):
+        table = coverage_table(scores, zeta, metric, judge, model)
+        ax = table.plot(kind="bar", figsize=(7, 3.2), ylim=(0, 100), rot=0, width=0.75)
         ax.set_xlabel("training samples")
         ax.set_ylabel(f"% of answers with {metric} ≥ {zeta}")
+        ax.set_title(f"coverage@{zeta} of {metric} · {model} · judge {judge}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, title="task", title_fontsize=8)
         plt.show()
 
-    return w.interactive(draw, zeta=w.IntSlider(value=50, min=0, max=100, step=5, description="ζ"))
+    return w.interactive(
+        draw, zeta=w.IntSlider(value=50, min=0, max=100, step=5, description="ζ", continuous_update=False),
+        metric=w.Dropdown(options=["precision", "similarity"], value=metric, description="metric"),
+        judge=w.Dropdown(options=judges, description="judge"),
+    )
