@@ -63,6 +63,14 @@ def report(runs: list[str], out: str | None) -> int:
     import time
     from pathlib import Path
 
+    if len(runs) == 1 and (Path(runs[0]) / "sweep.json").exists():  # a sweep over service LLMs: compare its runs
+        import json
+
+        sweep = Path(runs[0])
+        members = [str(sweep / f) for f in json.loads((sweep / "sweep.json").read_text())["folders"] if (sweep / f / "metrics.csv").exists()]
+        if len(members) < 2:
+            raise UserError(f"{sweep}: fewer than two finished runs in this sweep")
+        runs, out = members, out or str(sweep / "comparison")
     for run_dir in runs:
         if not (Path(run_dir) / "metrics.csv").exists():
             raise UserError(f"{run_dir}: not a finished run folder (no metrics.csv)")

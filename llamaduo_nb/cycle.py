@@ -12,6 +12,7 @@ folder's top records each cycle's scores and the reason the loop stopped.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ def target_scores(metrics: pd.DataFrame, params: Params, cycle: int) -> pd.DataF
     target = params.cycle.target
     judge = target.judge or params.judges[0].label
     columns = ["task", "local_model", "judge", "volume", "value", "met"]
-    if metrics.empty:
+    if metrics.empty or target.statistic not in metrics.columns:
         return pd.DataFrame(columns=columns)
     rows = metrics[(metrics["cycle"] == cycle) & (metrics["metric"] == target.metric) & (metrics["judge"] == judge) & (metrics["volume"] > 0)]
     out = []
@@ -104,6 +105,8 @@ def decide(params: Params, cycle: int, metrics: pd.DataFrame, cost_usd: float = 
     scores = target_scores(metrics, params, cycle)
     records = scores.to_dict("records")
     shown = ", ".join(f"{r['task']}/{r['local_model']} {r['value']:g} at {r['volume']}" for r in records)
+    if scores.empty and cfg.target.statistic not in metrics.columns:
+        return Decision(True, f"the target's statistic {cfg.target.statistic} is not reported (evaluate.zetas); no further cycles", records)
     if scores.empty:
         return Decision(True, f"cycle {cycle} has no {cfg.target.metric} scores to compare with the target {cfg.target}", records)
     if bool(scores["met"].all()):
@@ -155,7 +158,10 @@ def record(params: Params, run_dir: Path | str, decisions: list[tuple[int, Decis
         "stopped": stopped, "stop_reason": last.reason if (last and stopped) else None,
         "next": None if (stopped or not last) else last.reason,
     }
-    return write_json(root / CYCLES_JSON, body)
+    path = root / CYCLES_JSON
+    if path.exists() and read_json(path) == json.loads(json.dumps(body)):
+        return path  # unchanged: a re-run that did nothing leaves the file as it was
+    return write_json(path, body)
 
 
 def retire_later_cycles(run_dir: Path | str, last_cycle: int) -> list[Path]:

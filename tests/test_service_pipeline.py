@@ -269,3 +269,28 @@ def test_kill9_mid_synthesis_then_resume_pays_nothing_twice(params_file, tmp_pat
     expected_ids = {f"closed_qa-c1-{c['call']:06d}-0" for c in calls}
     assert sorted(p["id"] for p in pairs) == sorted(expected_ids)  # each expected row, once
     assert leaks(run_dir, resumed) == []
+
+
+# -- a list of service LLMs is a sweep: one run folder each, from one params file ------------------------
+def test_service_llm_sweep_runs_each_in_its_own_folder(tmp_path, emulator_factory):
+    import yaml
+
+    emus = {p: emulator_factory(p, reply=service_reply, api_key=KEY) for p in ("openai", "anthropic")}
+    raw = yaml.safe_load(TINY)
+    raw["service"] = [dict(raw["service"], name=f"{p}-emu", backend=p, model=f"{p}-emu-model", base_url=emu.url, api_key_env=KEY_ENV)
+                      for p, emu in emus.items()]
+    params = tmp_path / "sweep.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    dry = llamaduo("run", str(params), "--dry-run")
+    assert dry.returncode == 0 and "service LLMs (2): openai-emu, anthropic-emu" in dry.stdout
+    run_dir = tmp_path / "sweep"
+    proc = llamaduo("run", str(params), "--run-dir", str(run_dir), "--stages", "coverage,synthesize")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "sweep.json").read_text())["folders"] == ["openai-emu", "anthropic-emu"]
+    for provider, emu in emus.items():
+        member = run_dir / f"{provider}-emu"
+        pairs = read_jsonl(member / "synth" / "pairs.jsonl")
+        assert pairs and {p["service_model"] for p in pairs} == {f"{provider}-emu"}
+        assert emu.stats.total == len(read_jsonl(member / "synth" / "calls.jsonl"))  # each service answered only its own run
+        assert yaml.safe_load((member / "params.yaml").read_text())["service"]["backend"] == provider
+    assert leaks(run_dir, dry, proc) == []

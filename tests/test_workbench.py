@@ -117,16 +117,6 @@ def test_second_run_reexecutes_nothing(run, tiny_params):
     assert changed == []
 
 
-def test_changed_param_redoes_only_downstream(run, tiny_params):
-    run_dir, _ = run
-    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    skipped = [line for line in proc.stdout.splitlines() if "skipped" in line]
-    assert len(skipped) == 5  # coverage … infer untouched
-    assert "[evaluate] done" in proc.stdout and "[report] done" in proc.stdout
-    assert "coverage_40" in pd.read_csv(run_dir / "metrics.csv").columns
-
-
 def test_bad_params_exit_2_and_write_nothing(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  lora:\n    r: eight\n")
@@ -155,3 +145,63 @@ def test_validate_and_doctor():
     assert proc.returncode == 0
     assert "OPENAI_API_KEY: set" in proc.stdout and "sk-should-never-print" not in proc.stdout
     assert "smollm2-135m-instruct: installed" in proc.stdout
+
+
+def test_only_redoes_one_cell_and_reuses_the_others(run, tiny_params):
+    run_dir, _ = run
+    models = run_dir / "models" / "closed_qa" / "smollm2-135m-instruct"
+    answers = run_dir / "responses" / "closed_qa" / "smollm2-135m-instruct"
+    before = {p: p.stat().st_mtime_ns for p in (models / "2" / "UNIT.json", models / "4" / "UNIT.json", answers / "2.jsonl",
+                                                 answers / "4.jsonl", answers / "0.jsonl")}
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--only", "volume=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    changed = {p.parent.name + "/" + p.name for p in before if p.stat().st_mtime_ns != before[p]}
+    assert changed == {"2/UNIT.json", "smollm2-135m-instruct/2.jsonl"}
+    finetune = json.loads((run_dir / "models" / "DONE.json").read_text())["counts"]
+    assert (finetune["trained"], finetune["reused"]) == (1, 1)
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--only", "volume=4096")
+    assert proc.returncode == 2 and "volume 4096 is not in the grid (volumes: 2, 4)" in proc.stderr
+
+
+def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params):
+    run_dir, _ = run
+    cycle_args = ["--set", "cycle.max_cycles=2", "--set", "cycle.target=precision mean >= 100", "--set", "cycle.step=4"]
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), *cycle_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[cycle 1] target precision mean ≥ 100 not met in cycle 1" in proc.stdout
+    for stage in ("synthesize", "deduplicate", "finetune", "infer", "evaluate"):
+        assert f"[cycle 2 · {stage}] done" in proc.stdout
+    cycles = json.loads((run_dir / "cycles.json").read_text())
+    assert cycles["stopped"] and [c["cycle"] for c in cycles["cycles"]] == [1, 2]
+    assert cycles["stop_reason"].endswith("cycle budget spent (cycle.max_cycles = 2)")
+    later = run_dir / "cycle-2"
+    new_pairs = [json.loads(line) for line in (later / "synth" / "pairs.jsonl").read_text().splitlines()]
+    assert new_pairs and all("-c2-" in p["id"] and p["cycle"] == 2 for p in new_pairs)
+    kept = [len((folder / "dedup" / "kept.jsonl").read_text().splitlines()) for folder in (run_dir, later)]
+    assert cycles["cycles"][1]["kept_pairs_total"] == {"closed_qa": sum(kept)}
+    # cycle 2 trains once on everything kept so far; the base model's answers are cycle 1's
+    assert (later / "models" / "closed_qa" / "smollm2-135m-instruct" / str(sum(kept)) / "adapter_config.json").exists()
+    base = "responses/closed_qa/smollm2-135m-instruct/0.jsonl"
+    assert (later / base).read_text() == (run_dir / base).read_text()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["cycle"]) == {1, 2}
+    assert set(metrics[metrics["cycle"] == 2]["volume"]) == {0, sum(kept)}
+    judged = json.loads((later / "manifest.json").read_text())["stages"]["evaluate"]["llm"]["local:smollm2-135m-instruct"]
+    assert judged["cache_hits"] >= 2 * 2 * 2  # the base model's answers were judged in cycle 1: 2 prompts × K × M
+    # the same command again: every stage of both cycles is up to date
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), *cycle_args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("up to date, skipped") == len(NOTEBOOKS) + 5
+
+
+def test_changed_param_redoes_only_downstream(run, tiny_params):
+    run_dir, _ = run
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]")
+    assert proc.returncode == 2 and "was made with different params (evaluate.zetas: [50, 70] → [40, 70]); add --force" in proc.stderr
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]", "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = [line for line in proc.stdout.splitlines() if "skipped" in line]
+    assert len(skipped) == 5  # coverage … infer untouched
+    assert "[evaluate] done" in proc.stdout and "[report] done" in proc.stdout
+    assert "coverage_40" in pd.read_csv(run_dir / "metrics.csv").columns
+    assert not (run_dir / "cycle-2").exists() and (run_dir / "superseded").is_dir()  # the longer loop's cycle 2 moved aside
