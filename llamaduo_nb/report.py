@@ -143,8 +143,13 @@ def ci_columns(statistic: str) -> tuple[str, str] | None:
 
 def stat_label(metric: str, statistic: str) -> str:
     if statistic.startswith("coverage_"):
-        return f"{metric} coverage@{statistic.split('_', 1)[1]} (% of answers)"
+        return f"{metric} coverage@{statistic.split('_', 1)[1]} (%)"
     return f"{metric} ({statistic}, 0–100)"
+
+
+def _colours(keys) -> dict:
+    """One colour per line key, the same in every panel."""
+    return {key: f"C{i % 10}" for i, key in enumerate(dict.fromkeys(keys))}
 
 
 def _line_label(model: str, judge: str, several_judges: bool) -> str:
@@ -183,7 +188,7 @@ def _figure_legend(fig, axes, title: str, extra: list | None = None, ncol: int =
     rows = -(-len(labels) // ncol)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, title=title, title_fontsize=7, frameon=False)
     height = fig.get_figheight()
-    return min(0.45, (0.32 + 0.16 * rows) / height)
+    return min(0.45, (0.22 + 0.15 * rows) / height)
 
 
 def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean", ci: bool = True):
@@ -195,14 +200,15 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean",
     tasks = list(dict.fromkeys(data["task"]))
     several = data["judge"].nunique() > 1
     fig, axes = _panels(max(1, len(tasks)))
+    colours = _colours(data[["local_model", "judge"]].drop_duplicates().itertuples(index=False, name=None))
     later_cycles = shaded = False
     for ax, task in zip(axes, tasks):
         sub = data[data["task"] == task]
         for (model, judge), line in sub.groupby(["local_model", "judge"], sort=False):
             tuned = line[line["volume"] > 0].sort_values(["volume", "cycle"], kind="stable")
-            handle = ax.plot(tuned["volume"], tuned[statistic], marker="o", ms=4, zorder=3,
-                             label=_line_label(model, judge, several))[0]
-            color = handle.get_color()
+            color = colours[(model, judge)]
+            ax.plot(tuned["volume"], tuned[statistic], marker="o", ms=4, zorder=3, color=color,
+                    label=_line_label(model, judge, several))
             if ci and _has_ci(tuned, statistic):
                 _shade(ax, tuned["volume"], tuned, statistic, color)
                 shaded = True
@@ -210,23 +216,24 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean",
             if not later.empty:
                 later_cycles = True
                 ax.plot(later["volume"], later[statistic], ls="none", marker="s", ms=6, mfc="white", mec=color, mew=1.2, zorder=4)
-                for r in later.itertuples():
-                    ax.annotate(f"c{r.cycle}", (r.volume, getattr(r, statistic)), textcoords="offset points", xytext=(4, -10),
-                                fontsize=7, color=color)
             base = line[line["volume"] == 0]
             if not base.empty:
                 ax.axhline(float(base[statistic].iloc[0]), ls="--", lw=1, color=color, alpha=0.7, zorder=2)
+        for volume, cycle in sub.loc[(sub["cycle"] > 1) & (sub["volume"] > 0), ["volume", "cycle"]].drop_duplicates().itertuples(index=False):
+            ax.axvline(volume, ls=":", lw=0.8, color="0.55", zorder=1)
+            ax.text(volume, 1.5, f"c{cycle}", ha="center", va="bottom", fontsize=7, color="0.35",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(task.replace("_", " "))
         ax.set_xlabel("training samples (log2 scale)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(stat_label(metric, statistic))
-    axes[0].set_ylim(0, 100)
+    axes[0].set_ylim(0, 103)
     parts = ["lines: fine-tuned" + (" (shaded: 95% CI)" if shaded else ""), "dashed: base model"]
     extra = []
     if later_cycles:
-        extra.append(Line2D([], [], ls="none", marker="s", mfc="white", mec="0.3", label="later cycle (whole pool kept so far)"))
+        extra.append(Line2D([], [], ls="none", marker="s", mfc="white", mec="0.3", label="cycle ≥ 2 (c<t>: trained on the whole pool kept so far)"))
     bottom = _figure_legend(fig, axes, "; ".join(parts), extra)
     what = "mean" if statistic == "mean" else statistic.replace("coverage_", "coverage@")
     fig.suptitle(f"{metric.capitalize()} ({what}) vs data volume", fontsize=11)
@@ -268,10 +275,10 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
         ax.set_xlabel("training samples")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"{metric}: % of answers ≥ ζ")
-    axes[0].set_ylim(0, 100)
-    axes[-1].legend(fontsize=8, title="error bars: 95% CI" if ci else None, title_fontsize=7)
+    axes[0].set_ylim(0, 103)
+    bottom = _figure_legend(fig, axes, "error bars: 95% CI" if ci else "", ncol=len(zetas))
     fig.suptitle(f"Coverage of {metric} · {local_model} · judge {judge}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 
@@ -288,6 +295,7 @@ def cycle_scores(metrics: pd.DataFrame, target, judge: str | None = None) -> pd.
     data = with_cycle(metrics[metrics["metric"] == target.metric])
     judge = target.judge or judge or _first(data["judge"])
     data = data[data["judge"] == judge]
+    data = data[(data["volume"] > 0) | ~data.groupby("cycle")["volume"].transform("max").gt(0)]  # the base model only where nothing was trained
     if data.empty:
         return data.assign(value=[], met=[])
     idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
@@ -304,34 +312,30 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
     tasks = list(dict.fromkeys(best["task"])) if not best.empty else []
     cycles = int(best["cycle"].max()) if not best.empty else 1
     fig, axes = _panels(max(1, len(tasks)), width=max(3.6, 2.6 + 0.5 * cycles))
+    colours = _colours(best["local_model"]) if not best.empty else {}
     shaded = False
     for ax, task in zip(axes, tasks):
         for model, line in best[best["task"] == task].groupby("local_model", sort=False):
-            handle = ax.plot(line["cycle"], line["value"], marker="o", ms=6, zorder=3, label=str(model))[0]
-            color = handle.get_color()
-            handle.set_markerfacecolor("none")
+            color = colours[model]
+            ax.plot(line["cycle"], line["value"], marker="o", ms=6, mfc="white", zorder=3, color=color, label=str(model))
             hit = line[line["met"]]
             ax.plot(hit["cycle"], hit["value"], ls="none", marker="o", ms=6, color=color, zorder=4)
             if _has_ci(line, target.statistic):
                 _shade(ax, line["cycle"], line, target.statistic, color)
                 shaded = True
-            for r in line.itertuples():
-                ax.annotate(f"n={r.volume:g}", (r.cycle, r.value), textcoords="offset points", xytext=(0, 7),
-                            ha="center", fontsize=7, color=color)
         ax.axhline(target.threshold, ls="--", lw=1.2, color="0.25", zorder=2, label=f"target: {target}")
-        ax.set_xticks(range(1, cycles + 1))
+        volumes = best[best["task"] == task].groupby("cycle")["volume"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
+        ax.set_xticks(range(1, cycles + 1), [f"{c}\nn={volumes[c]}" if c in volumes.index else str(c) for c in range(1, cycles + 1)])
         ax.set_xlim(0.6, cycles + 0.4)
         ax.set_title(task.replace("_", " "))
-        ax.set_xlabel("cycle")
+        ax.set_xlabel("cycle (training samples)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(stat_label(target.metric, target.statistic))
-    axes[0].set_ylim(0, 105)
-    title = "n = training samples at the cycle's largest volume; filled: target met" + ("; shaded: 95% CI" if shaded else "")
+    axes[0].set_ylim(0, 103)
+    title = "n: training samples at the cycle's largest volume; filled: target met" + ("; shaded: 95% CI" if shaded else "")
     bottom = _figure_legend(fig, axes, title)
-    fig.suptitle(f"{stat_label(target.metric, target.statistic).split(' (')[0].capitalize()} across cycles", fontsize=11)
-    if stop_reason:
-        fig.text(0.5, 0.005, f"stopped: {stop_reason}", ha="center", va="bottom", fontsize=7, style="italic")
-        bottom += 0.06
+    heading = f"{stat_label(target.metric, target.statistic).split(' (')[0].capitalize()} across cycles"
+    fig.suptitle(heading + (f"\nstopped: {stop_reason}" if stop_reason else ""), fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
@@ -356,21 +360,20 @@ def cost_per_stage(run_dir_or_costs):
             if column == "seconds" and minutes:
                 values = values / 60.0
             bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, color=colours[i], label=f"cycle {cycle}")
-            if len(cycles) <= 3 and column != "seconds":
-                ax.bar_label(bars, labels=[fmt.format(v) if v else "" for v in values], fontsize=6, padding=1)
+            if len(cycles) <= 4 and column != "seconds":
+                ax.bar_label(bars, labels=[fmt.format(v) if v else "" for v in values], fontsize=6, padding=2,
+                             rotation=90 if len(cycles) > 1 else 0)
         ax.set_xticks(x, stages, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(label)
-        ax.set_title(label.split(" (")[0])
         ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.12)
+        ax.margins(y=0.18)
     if costs.empty or costs["cost_usd"].sum() == 0:
         note = "no service cost recorded:\nlocal stand-in (free)" if not costs.empty and costs["requests"].sum() else "no service cost recorded"
         axes[1].text(0.5, 0.6, note, transform=axes[1].transAxes, ha="center", va="center", fontsize=8, color="0.35")
         axes[1].set_ylim(0, 1)
-    if len(cycles) > 1:
-        axes[-1].legend(fontsize=7)
-    fig.suptitle("Cost per stage" + (" and cycle" if len(cycles) > 1 else ""), fontsize=11)
-    fig.tight_layout()
+    bottom = _figure_legend(fig, axes[-1:], "", ncol=len(cycles)) if len(cycles) > 1 else 0.0
+    fig.suptitle("Service-LLM calls, estimated cost and wall time per stage" + (" and cycle" if len(cycles) > 1 else ""), fontsize=11)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 
@@ -386,7 +389,13 @@ def funnel_plot(funnel: pd.DataFrame):
     funnel = with_cycle(funnel) if not funnel.empty else funnel.assign(cycle=[])
     steps = [c for c in FUNNEL_LABELS if c in funnel.columns]
     cycles = sorted(funnel["cycle"].unique()) or [1]
-    fig, axes = _panels(len(cycles), width=max(4.4, 1.25 * len(steps)) if len(cycles) > 1 else 7.5)
+    ncols = min(3, len(cycles))
+    nrows = -(-len(cycles) // ncols)
+    width = 7.5 if len(cycles) == 1 else 5.2
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.4 * nrows), squeeze=False, sharey=True)
+    axes = grid.ravel()
+    for ax in axes[len(cycles):]:
+        ax.set_visible(False)
     x = np.arange(len(steps))
     for ax, cycle in zip(axes, cycles):
         sub = funnel[funnel["cycle"] == cycle]
@@ -395,13 +404,14 @@ def funnel_plot(funnel: pd.DataFrame):
             values = pd.Series([row[s] for s in steps], dtype=float).ffill().to_numpy()
             bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=row["task"].replace("_", " "), color=f"C{i}")
             ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=6 if len(sub) > 2 else 7)
-        ax.set_xticks(x, [FUNNEL_LABELS[s] for s in steps], fontsize=7 if len(cycles) > 1 else 8)
+        ax.set_xticks(x, [FUNNEL_LABELS[s] for s in steps], fontsize=7.5 if len(cycles) > 1 else 8)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.1)
         if len(cycles) > 1:
             ax.set_title(f"cycle {cycle}", fontsize=9)
-    axes[0].set_ylabel("pairs")
-    axes[-1].legend(fontsize=8)
+    for row in grid:
+        row[0].set_ylabel("pairs")
+    axes[len(cycles) - 1].legend(fontsize=8)
     if len(cycles) > 1:
         fig.suptitle("Synthesis and deduplication funnel per cycle", fontsize=11)
     else:

@@ -119,39 +119,51 @@ def _render_pair(row) -> str:
     )
 
 
+def _explorer(name: str, children):
+    """A VBox whose text form (what a static page shows where widgets do not render) is one short line."""
+    import ipywidgets as w
+
+    class Explorer(w.VBox):
+        def __repr__(self) -> str:
+            return f"[{name}: an interactive explorer; open the notebook in JupyterLab or Jupyter to use it]"
+
+    return Explorer(children)
+
+
 def pair_browser(run_dir: Path | str):
     """Browse the synthetic pairs of every cycle; filter by task, seed prompt, dedup fate and cycle;
-    see the pair, its fate (reason and partner when removed) and the seed pair it came from."""
+    step through the matching pairs and see each one, its fate (reason and partner when removed)
+    and the seed pair it came from."""
     import ipywidgets as w
 
     frame = synthetic_pairs(run_dir)
     reasons = sorted(r for r in frame["reason"].dropna().unique())
     task_box = w.Dropdown(options=[ALL] + sorted(frame["task"].dropna().unique()), description="task")
-    seed_box = w.Dropdown(description="seed", layout=w.Layout(width="45%"))
+    seed_box = w.Dropdown(description="seed", layout=w.Layout(width="60%"))
     fate_box = w.Dropdown(options=[ALL, "kept", "removed", "pending"] + reasons, description="fate")
     cycle_box = w.Dropdown(options=[ALL] + [int(c) for c in sorted(frame["cycle"].unique())], description="cycle")
-    pair_box = w.Dropdown(description="pair", layout=w.Layout(width="90%"))
+    pick = w.IntSlider(min=1, max=1, value=1, description="pair", continuous_update=False, layout=w.Layout(width="60%"))
     count = w.HTML()
     out = w.HTML()
     shown = {"rows": frame.iloc[0:0]}
 
     def seeds_for(task):
         sub = filter_pairs(frame, task=task)
-        firsts = sub.drop_duplicates("seed_prompt_id")
-        return [(ALL, ALL)] + [(f"{str(r.seed_instruction or '')[:50]}… ({(sub['seed_prompt_id'] == r.seed_prompt_id).sum()})",
-                                r.seed_prompt_id) for r in firsts.itertuples()]
+        per_seed = sub.groupby("seed_prompt_id", sort=False).agg(n=("id", "size"), text=("seed_instruction", "first"))
+        return [(ALL, ALL)] + [(f"{str(r.text or '')[:60]}… ({r.n} pairs)", sid) for sid, r in per_seed.iterrows()]
 
     def refresh(*_):
         rows = filter_pairs(frame, task_box.value, seed_box.value, fate_box.value, cycle_box.value)
         shown["rows"] = rows
         count.value = f"<b>{len(rows)}</b> of {len(frame)} pairs"
-        pair_box.options = [(f"{i + 1}. [{r.fate}] {str(r.instruction)[:70]}…", i) for i, r in enumerate(rows.itertuples())]
-        pair_box.value = 0 if len(rows) else None
+        pick.unobserve(show, names="value")
+        pick.max, pick.value, pick.disabled = max(1, len(rows)), 1, len(rows) <= 1
+        pick.observe(show, names="value")
         show()
 
     def show(*_):
         rows = shown["rows"]
-        out.value = _render_pair(rows.iloc[pair_box.value]) if pair_box.value is not None and len(rows) else "<i>no pair matches</i>"
+        out.value = _render_pair(rows.iloc[pick.value - 1]) if len(rows) else "<i>no pair matches</i>"
 
     def on_task(_):
         seed_box.unobserve(refresh, names="value")
@@ -165,9 +177,9 @@ def pair_browser(run_dir: Path | str):
     task_box.observe(on_task, names="value")
     for box in (seed_box, fate_box, cycle_box):
         box.observe(refresh, names="value")
-    pair_box.observe(show, names="value")
+    pick.observe(show, names="value")
     refresh()
-    return w.VBox([w.HBox([task_box, fate_box, cycle_box]), seed_box, w.HBox([pair_box, count]), out])
+    return _explorer("synthetic-pair browser", [w.HBox([task_box, fate_box, cycle_box]), seed_box, w.HBox([pick, count]), out])
 
 
 # -- answers and their judgements ----------------------------------------------------------------------
@@ -287,7 +299,7 @@ def answer_browser(run_dir: Path | str):
     prompt_box.options = options(tasks[0])
     prompt_box.value = prompt_box.options[0][1]
     show()
-    return w.VBox([w.HBox([task_box, prompt_box]), out])
+    return _explorer("answer browser", [w.HBox([task_box, prompt_box]), out])
 
 
 # -- coverage@ζ, live ----------------------------------------------------------------------------------
