@@ -66,13 +66,32 @@ def load_rows(params: Params) -> list[dict]:
     return validate_rows(rows, where, params)
 
 
+def check_file(params: Params) -> None:
+    """Called when params with `coverage.source: file` are loaded, so that an empty file, rows not in
+    No Robots' schema, an unknown category or a test prompt also in train stop the run before anything
+    is written (one line naming the file)."""
+    where = params.coverage.path
+    rows = _read_file(Path(where))
+    if not rows:
+        raise UserError(f"{where}: the coverage set is empty")
+    try:
+        split_rows(validate_rows(rows, where, params), params)
+    except UserError as exc:
+        message = str(exc)
+        raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
 def validate_rows(rows: list[dict], where: str, params: Params) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: row {i + 1}: not an object (expected No Robots' schema: {', '.join(REQUIRED)})")
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise UserError(f"{where}: row {i + 1}: missing {', '.join(missing)} (expected No Robots' schema: {', '.join(REQUIRED)})")
-        messages = list(row["messages"])
+        messages = list(row["messages"]) if not isinstance(row["messages"], (str, bytes, dict)) else [None]
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise UserError(f"{where}: row {i + 1}: messages must be a list of {{role, content}} objects")
         roles = [m.get("role") for m in messages]
         if "user" not in roles or "assistant" not in roles:
             raise UserError(f"{where}: row {i + 1}: messages need a user and an assistant turn")
@@ -112,6 +131,7 @@ def split_rows(rows: list[dict], params: Params) -> tuple[list[dict], list[dict]
         train += [dict(r, split="train") for r in tr]
         test += [dict(r, split="test") for r in te]
     overlap = {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
+    overlap |= {r["prompt_id"] for r in test if r["instruction"] in {t["instruction"] for t in train}}  # same prompt, other id
     if overlap:
         raise UserError(f"coverage: {len(overlap)} prompt(s) are in both the train and the test split (e.g. prompt_id {sorted(overlap)[0][:12]}…)")
     return train, test

@@ -402,4 +402,7 @@ def _validate(raw: dict, where: str, path) -> Params:
         if not cov.exists():
             raise UserError(f"{where}: coverage.path: file not found: {params.coverage.path}")
         params.coverage.path = str(cov.resolve())
+        from .coverage import check_file  # empty, not No Robots' schema, unknown category, test in train
+
+        check_file(params)
     return params

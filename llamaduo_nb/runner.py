@@ -9,6 +9,7 @@ on every cycle.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -275,6 +276,7 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
     running = executed.with_name(f".{executed.stem}.running.ipynb")  # renamed into place only on success
     with contextlib.suppress(FileNotFoundError):
         failed.unlink()
+    os.environ["LLAMADUO_RUNNER_PID"] = str(os.getpid())  # the kernel exits when this process dies (notebook.setup)
     try:
         pm.execute_notebook(
             str(NOTEBOOK_DIR / NOTEBOOKS[stage]), str(running),
@@ -287,10 +289,22 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
             os.replace(running, failed)  # kept for debugging, under a name the skip logic never trusts
         if exc.ename == "UserError":
             raise UserError(f"stage {stage}: {exc.evalue}") from None
-        if exc.ename in ("PermissionError", "OSError", "FileNotFoundError") or "No space left" in str(exc.evalue):
+        if exc.ename in ("PermissionError", "OSError", "FileNotFoundError") or any(m in str(exc.evalue) for m in WRITE_FAILURES):
             raise UserError(f"stage {stage} could not write its outputs ({exc.ename}: {exc.evalue}); earlier stages are intact") from None
         raise StageFailed(f"stage {stage} failed: {exc.ename}: {exc.evalue} (executed notebook: {failed})") from None
+    except OSError as exc:  # papermill could not write the executed notebook (read-only folder, full disk)
+        with contextlib.suppress(OSError):
+            running.unlink()  # maybe half-written
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"stage {stage} could not write its outputs ({exc.filename or running}: {exc.strerror}); earlier stages are intact") from None
     os.replace(running, executed)
+
+
+# A stage that fails with one of these could not write: the folder is read-only or the disk is full.
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+WRITE_FAILURES = ("No space left", "File too large", "Read-only file system", "Disk quota", "disk is full",
+                  "readonly database", "unable to open database file")
 
 
 class StageFailed(Exception):
