@@ -331,14 +331,19 @@ def zeta_slider(run_dir: Path | str, metric: str = "precision"):
     model = scores["local_model"].iloc[0] if len(scores) else None
 
     def draw(zeta, metric, judge):
+        from IPython.display import display
+
         table = coverage_table(scores, zeta, metric, judge, model)
-        ax = table.plot(kind="bar", figsize=(7, 3.2), ylim=(0, 100), rot=0, width=0.75)
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        table.plot(kind="bar", ax=ax, ylim=(0, 100), rot=0, width=0.75)
         ax.set_xlabel("training samples")
         ax.set_ylabel(f"% of answers with {metric} ≥ {zeta}")
         ax.set_title(f"coverage@{zeta} of {metric} · {model} · judge {judge}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, title="task", title_fontsize=8)
-        plt.show()
+        fig.tight_layout()
+        display(fig)  # this figure only: plt.show() would also pull in the cell's other open figures
+        plt.close(fig)
 
     return w.interactive(
         draw, zeta=w.IntSlider(value=50, min=0, max=100, step=5, description="ζ", continuous_update=False),
