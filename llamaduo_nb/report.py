@@ -411,7 +411,8 @@ def funnel_plot(funnel: pd.DataFrame):
             ax.set_title(f"cycle {cycle}", fontsize=9)
     for row in grid:
         row[0].set_ylabel("pairs")
-    axes[len(cycles) - 1].legend(fontsize=8)
+    if not funnel.empty:
+        axes[len(cycles) - 1].legend(fontsize=8)
     if len(cycles) > 1:
         fig.suptitle("Synthesis and deduplication funnel per cycle", fontsize=11)
     else:
