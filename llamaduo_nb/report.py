@@ -321,8 +321,14 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
             hit = line[line["met"]]
             ax.plot(hit["cycle"], hit["value"], ls="none", marker="o", ms=6, color=color, zorder=4)
             if _has_ci(line, target.statistic):
-                _shade(ax, line["cycle"], line, target.statistic, color)
                 shaded = True
+                if len(line) > 1:
+                    _shade(ax, line["cycle"], line, target.statistic, color)
+                else:  # one cycle: a band has no width, so an error bar
+                    low, high = (float(line[c].iloc[0]) for c in ci_columns(target.statistic))
+                    value = float(line["value"].iloc[0])
+                    ax.errorbar(line["cycle"], line["value"], yerr=[[max(0.0, value - low)], [max(0.0, high - value)]],
+                                fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
         ax.axhline(target.threshold, ls="--", lw=1.2, color="0.25", zorder=2, label=f"target: {target}")
         volumes = best[best["task"] == task].groupby("cycle")["volume"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
         ax.set_xticks(range(1, cycles + 1), [f"{c}\nn={volumes[c]}" if c in volumes.index else str(c) for c in range(1, cycles + 1)])
@@ -332,7 +338,8 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(stat_label(target.metric, target.statistic))
     axes[0].set_ylim(0, 103)
-    title = "n: training samples at the cycle's largest volume; filled: target met" + ("; shaded: 95% CI" if shaded else "")
+    title = "n: training samples at the cycle's largest volume; filled: target met" + (
+        ("; shaded: 95% CI" if cycles > 1 else "; bars: 95% CI") if shaded else "")
     bottom = _figure_legend(fig, axes, title)
     heading = f"{stat_label(target.metric, target.statistic).split(' (')[0].capitalize()} across cycles"
     fig.suptitle(heading + (f"\nstopped: {stop_reason}" if stop_reason else ""), fontsize=10)

@@ -240,6 +240,9 @@ def test_score_across_cycles_single_cycle_and_named_judge(tmp_path):
     want = metrics[(metrics["judge"] == "b") & (metrics["metric"] == "similarity") & (metrics["task"] == _task(fig.axes[0]))
                    & (metrics["local_model"] == MODELS[0]) & (metrics["volume"] == VOLUMES[-1])]
     assert list(line.get_xdata()) == [1] and list(line.get_ydata()) == pytest.approx(want["mean"].tolist())
+    colour = matplotlib.colors.to_rgb(line.get_color())  # one cycle: the CI as an error bar of the line's colour
+    bar = next(c for c in fig.axes[0].collections if tuple(c.get_color()[0][:3]) == pytest.approx(colour)).get_segments()[0]
+    assert (bar[0][1], bar[1][1]) == pytest.approx((want["mean_ci_low"].iloc[0], want["mean_ci_high"].iloc[0]))
 
 
 # -- cost per stage ----------------------------------------------------------------------------------------
