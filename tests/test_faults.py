@@ -190,9 +190,9 @@ def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
     assert not (run_dir / "judgements" / "DONE.json").exists()
 
     emu.latency = 0.0
-    resumed = llamaduo("run", str(base.params), "--run-dir", str(run_dir))
+    resumed = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "[evaluate] done" in resumed.stdout and "[report] done" in resumed.stdout
+    assert "[evaluate] done" in resumed.stdout
 
     rows = read_jsonl(run_dir / JUDGEMENTS)
     keys = Counter((r["volume"], r["prompt_id"], r["k"], r["m"]) for r in rows)
@@ -274,7 +274,7 @@ def test_fault_storms_while_judging_every_judgement_accounted_for(base, emu, tmp
 
     emu.policy = policy
     try:
-        proc = llamaduo("run", str(base.params), "--run-dir", str(run_dir))
+        proc = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
     finally:
         emu.policy = None
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,7 +318,7 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
         limit = small + 1500
         assert limit < (PROJECT_ROOT / "notebooks" / "06_evaluate.ipynb").stat().st_size
     before = fingerprints(run_dir, EARLIER + ["notebooks"])
-    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(base.params), "--run-dir", str(run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate"],
                           cwd=PROJECT_ROOT, env=dict(os.environ, **{KEY_ENV: KEY}), capture_output=True, text=True,
                           timeout=600, preexec_fn=_file_size_limit(limit))
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -332,7 +332,7 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())
 
-    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir))  # room again: the run completes
+    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # room again: the run completes
     assert again.returncode == 0, again.stderr[-3000:]
     rows = read_jsonl(run_dir / JUDGEMENTS)
     assert len({(r["volume"], r["prompt_id"], r["m"]) for r in rows}) == len(rows) == base.needed
@@ -369,7 +369,7 @@ def test_read_only_run_folder(read_only, base, emu, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     _readable_by_all(run_dir)
-    _readable_by_all(base.params)
+    _readable_by_all(base.params.parent)
     shutil.chown(home, 65534, 65534)
     for path in ([] if read_only == "run folder" else [run_dir, *run_dir.rglob("*")]):
         os.chown(path, 65534, 65534)  # writable by the user, except:
@@ -380,7 +380,7 @@ def test_read_only_run_folder(read_only, base, emu, tmp_path):
     before = fingerprints(run_dir, EARLIER + ["notebooks"])
     env = dict(os.environ, **{KEY_ENV: KEY}, HOME=str(home), JUPYTER_RUNTIME_DIR=str(home / "rt"), IPYTHONDIR=str(home / "ipy"),
                MPLCONFIGDIR=str(home / "mpl"), XDG_CACHE_HOME=str(home / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(base.params), "--run-dir", str(run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate"],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_as_nobody(home))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_error_line(proc)
@@ -396,7 +396,7 @@ def test_read_only_run_folder(read_only, base, emu, tmp_path):
 
     for path in [run_dir, *run_dir.rglob("*")]:
         os.chown(path, 0, 0)
-    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir))  # writable again (as root): the run completes
+    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # writable again (as root): the run completes
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(read_jsonl(run_dir / JUDGEMENTS)) == base.needed
     repeated = len(emu.stats.successes()) - base.needed
