@@ -375,7 +375,8 @@ def cost_per_stage(run_dir_or_costs):
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.18)
     if costs.empty or costs["cost_usd"].sum() == 0:
-        note = "no service cost recorded:\nlocal stand-in (free)" if not costs.empty and costs["requests"].sum() else "no service cost recorded"
+        note = ("no service cost recorded:\nlocal stand-in, or prices\n(service.price_*_per_mtok) not set"
+                if not costs.empty and costs["requests"].sum() else "no service cost recorded")
         axes[1].text(0.5, 0.6, note, transform=axes[1].transAxes, ha="center", va="center", fontsize=8, color="0.35")
         axes[1].set_ylim(0, 1)
     bottom = _figure_legend(fig, axes[-1:], "", ncol=len(cycles)) if len(cycles) > 1 else 0.0
