@@ -79,10 +79,21 @@ def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int
         report_to=[],
         bf16=cuda,
         use_cpu=not cuda,
-        **({"gradient_checkpointing": True} if cfg.quantization == "nf4" and cuda else {}),
+        **_checkpointing(cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda),
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
+
+
+def _checkpointing(on: bool) -> dict:
+    """Recompute activations in the backward pass: saves GPU memory, costs time. TRL turns it on by
+    default; transformers ≥ 5 calls it activation_checkpointing."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    return {"activation_checkpointing": on} if "activation_checkpointing" in names else {"gradient_checkpointing": on}
 
 
 def _warmup(ratio: float) -> dict:

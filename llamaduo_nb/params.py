@@ -135,6 +135,7 @@ class FinetuneParams(Strict):
     max_length: PositiveInt = 2048
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 caps optimizer steps (smoke runs)
+    gradient_checkpointing: Optional[bool] = None  # recompute activations to save memory; default on with CUDA, off on CPU
     chat_template: Optional[str] = None  # Jinja template for base models that ship none
     logging_steps: PositiveInt = 1
 
