@@ -13,6 +13,7 @@ answered again in every cycle; the figures and the table show it once (its first
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -311,7 +312,9 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
     best = cycle_scores(metrics, target, judge)
     tasks = list(dict.fromkeys(best["task"])) if not best.empty else []
     cycles = int(best["cycle"].max()) if not best.empty else 1
-    fig, axes = _panels(max(1, len(tasks)), width=max(3.6, 2.6 + 0.5 * cycles))
+    width = max(4.2, 2.6 + 0.5 * cycles)
+    reason = textwrap.fill(f"stopped: {stop_reason}", max(60, int(width * max(1, len(tasks)) * 15))) if stop_reason else ""
+    fig, axes = _panels(max(1, len(tasks)), width=width, height=3.4 + 0.17 * (reason.count("\n") + bool(reason)))
     colours = _colours(best["local_model"]) if not best.empty else {}
     shaded = False
     for ax, task in zip(axes, tasks):
@@ -342,7 +345,7 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
         ("; shaded: 95% CI" if cycles > 1 else "; bars: 95% CI") if shaded else "")
     bottom = _figure_legend(fig, axes, title)
     heading = f"{stat_label(target.metric, target.statistic).split(' (')[0].capitalize()} across cycles"
-    fig.suptitle(heading + (f"\nstopped: {stop_reason}" if stop_reason else ""), fontsize=10)
+    fig.suptitle(heading + ("\n" + reason if reason else ""), fontsize=10)  # the reason wrapped to the figure's width
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
