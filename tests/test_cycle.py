@@ -50,7 +50,7 @@ def test_decide_goes_on_while_unmet_and_budget_remains():
     decision = cyc.decide(params, 1, metrics)
     assert not decision.stop
     assert "not met in cycle 1" in decision.reason and "summarization/m 60 at 16" in decision.reason
-    assert "cycle 2 synthesises 20 more pairs per task" in decision.reason  # step defaults to samples_per_task
+    assert "cycle 2 synthesises 12 more pairs per task" in decision.reason  # the quickstart's cycle.step
 
 
 def test_decide_stops_when_every_cell_meets_the_target():
@@ -131,6 +131,7 @@ def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tm
     assert cyc.pair_counts(later) == {"summarization": 1}
     adjusted = cyc.params_for_cycle(params, later)
     assert adjusted.synthesize.samples_per_task == 5 and params.synthesize.samples_per_task == 20
+    assert cyc.params_for_cycle(quick("cycle.step=null"), later).synthesize.samples_per_task == 20  # default: samples_per_task
     assert cyc.params_for_cycle(params, run) is params
     before = stage_fingerprint("finetune", adjusted, later)
     write_json(run / "dedup" / "DONE.json", {"completion_id": "cycle-1-redone"})

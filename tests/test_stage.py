@@ -85,8 +85,10 @@ def test_coverage_rejects_overlap_and_bad_rows(tmp_path):
             "messages": [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "a"}]}
     rows = [dict(good, split="train"), dict(good, split="test")]
     data = tmp_path / "cov.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data.write_text("\n".join(json.dumps(dict(good, split=split, prompt_id=split, prompt=split, messages=[{"role": "user", "content": split}, {"role": "assistant", "content": "a"}])) for split in ("train", "test")))
     params = _params(tmp_path, f"coverage: {{source: file, path: {data}}}\n")
+    # the file is checked when the params load (tests/test_bad_input.py); the stage checks again what it reads
+    data.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(UserError, match="both the train and the test split"):
         coverage.run(params, tmp_path / "run")
     assert not (tmp_path / "run" / "coverage").exists()  # nothing half-written
