@@ -304,7 +304,7 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
 # A stage that fails with one of these could not write: the folder is read-only or the disk is full.
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 WRITE_FAILURES = ("No space left", "File too large", "Read-only file system", "Disk quota", "disk is full",
-                  "readonly database", "unable to open database file")
+                  "readonly database", "unable to open database file", "disk I/O error")
 
 
 class StageFailed(Exception):

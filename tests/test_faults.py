@@ -20,6 +20,7 @@ One module-scoped base run (coverage → infer, about 3 minutes on 2 cores) is c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -159,6 +160,14 @@ def fingerprints(run_dir: Path, folders: list[str]) -> dict[str, str]:
             if p.is_file()}
 
 
+def unchanged(before: dict, after: dict) -> bool:
+    """Every earlier file byte for byte; the only newcomer allowed is the failed stage's notebook, kept for
+    debugging under a name the skip logic never trusts."""
+    assert {k: after.get(k) for k in before} == before
+    assert set(after) - set(before) <= {"notebooks/06_evaluate.failed.ipynb"}, set(after) - set(before)
+    return True
+
+
 # -- kill -9 while judging ------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed, how", [(1, "cli"), (2, "tree"), (3, "cli")])
 def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
@@ -268,8 +277,8 @@ def test_fault_storms_while_judging_every_judgement_accounted_for(base, emu, tmp
             return Fault.rate_limit(retry_after=1)  # a 429 storm
         if ctx.index < 16:
             return Fault.error(rng.choice([500, 502, 503]))  # a 5xx burst
-        if ctx.attempt == 1 and ctx.index < 60 and rng.random() < 0.35:
-            return rng.choice(kinds)  # timeouts, dropped connections, bad JSON, no choices
+        if ctx.index < 46 and ctx.index % 3 == 1:
+            return kinds[(ctx.index // 3) % len(kinds)]  # timeouts, dropped connections, bad JSON, no choices
         return None
 
     emu.policy = policy
@@ -284,7 +293,7 @@ def test_fault_storms_while_judging_every_judgement_accounted_for(base, emu, tmp
     acc = done(run_dir, "judgements")["llm"][LABEL]
     faults = emu.stats.by_fault
     assert faults["429"] == 10 and sum(faults[s] for s in ("500", "502", "503")) == 6
-    assert sum(faults[k] for k in ("slow", "drop", "malformed", "truncated", "empty")) >= 3
+    assert all(faults[k] == 2 for k in ("slow", "drop", "malformed", "truncated", "empty")), faults
     assert acc["failures"] == 0 and acc["requests"] == base.needed
     assert emu.stats.total == acc["api_calls"] == base.needed + acc["retries"] + acc["reasks"]
     print(f"faults served {dict(faults)}; retries {acc['retries']}, re-asks {acc['reasks']}; "
@@ -324,11 +333,10 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_error_line(proc)
     assert line.startswith("error: stage evaluate could not write its outputs (") and "earlier stages are intact" in line, line
-    assert "File too large" in line or "disk is full" in line, line
+    assert any(m in line for m in ("File too large", "disk is full", "disk I/O error")), line
     if what == "notebook":  # papermill could not write the executed notebook: nothing was asked
         assert "06_evaluate" in line and emu.stats.total == 0
-    after = fingerprints(run_dir, EARLIER + ["notebooks"])
-    assert after == before  # earlier stages byte for byte
+    assert unchanged(before, fingerprints(run_dir, EARLIER + ["notebooks"]))  # earlier stages byte for byte
     assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())
 
@@ -343,62 +351,53 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     print(f"limit {limit} B ({what}): {line}\n  paid before {paid}; repeated after {repeated}; lost 0")
 
 
-def _as_nobody(home: Path):
-    def apply():
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-    return apply
+@contextlib.contextmanager
+def read_only(*folders: Path):
+    """Folders nobody may write to, root included: the immutable attribute as root (chattr +i), else chmod."""
+    root = os.geteuid() == 0
+    try:
+        for folder in folders:
+            if root:
+                if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+                    pytest.skip("chattr +i is not available here (root writes through chmod)")
+            else:
+                folder.chmod(0o555)
+        yield
+    finally:
+        for folder in folders:
+            if root:
+                subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+            else:
+                folder.chmod(0o755)
 
 
-def _readable_by_all(path: Path) -> None:
-    for parent in [path, *path.parents]:
-        if parent == Path("/") or str(parent) == "/tmp":
-            break
-        parent.chmod(parent.stat().st_mode | 0o755)
-
-
-@pytest.mark.parametrize("read_only", ["run folder", "judgements folder", "notebooks folder"])
-def test_read_only_run_folder(read_only, base, emu, tmp_path):
-    """Run as an unprivileged user (root writes anywhere), the run folder owned by root where it must refuse."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run the CLI as another user")  # without root, chmod alone makes it read-only
+@pytest.mark.parametrize("which", ["run folder", "judgements folder", "notebooks folder"])
+def test_read_only_run_folder(which, base, emu, tmp_path):
     run_dir = copy_run(base.after_infer, tmp_path)
     emu.stats.reset()
     emu.latency = 0.0
-    home = tmp_path / "home"
-    home.mkdir()
-    _readable_by_all(run_dir)
-    _readable_by_all(base.params.parent)
-    shutil.chown(home, 65534, 65534)
-    for path in ([] if read_only == "run folder" else [run_dir, *run_dir.rglob("*")]):
-        os.chown(path, 65534, 65534)  # writable by the user, except:
-    if read_only == "judgements folder":
+    if which == "judgements folder":
         (run_dir / "judgements").mkdir()
-    if read_only == "notebooks folder":
-        os.chown(run_dir / "notebooks", 0, 0)
+    folder = {"run folder": run_dir, "judgements folder": run_dir / "judgements", "notebooks folder": run_dir / "notebooks"}[which]
     before = fingerprints(run_dir, EARLIER + ["notebooks"])
-    env = dict(os.environ, **{KEY_ENV: KEY}, HOME=str(home), JUPYTER_RUNTIME_DIR=str(home / "rt"), IPYTHONDIR=str(home / "ipy"),
-               MPLCONFIGDIR=str(home / "mpl"), XDG_CACHE_HOME=str(home / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "llamaduo_nb", "run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate"],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_as_nobody(home))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = _one_error_line(proc)
-    if read_only == "run folder":  # refused before any stage: the resolved params cannot be written
-        assert line == f"error: {run_dir / 'params.yaml'}: Permission denied (the run folder must be writable and its disk not full)"
-        assert emu.stats.total == 0
-    else:
-        assert line.startswith("error: stage evaluate could not write its outputs (") and "Permission denied" in line, line
-        assert ("judgements" if read_only == "judgements folder" else "06_evaluate") in line, line
-    assert fingerprints(run_dir, EARLIER + ["notebooks"]) == before
-    assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
+    with read_only(folder):
+        proc = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = _one_error_line(proc)
+        if which == "run folder":  # refused before any stage: the resolved params cannot be written
+            assert line.startswith(f"error: {run_dir / 'params.yaml'}: ") and line.endswith(
+                "(the run folder must be writable and its disk not full)"), line
+            assert emu.stats.total == 0
+        else:
+            assert line.startswith("error: stage evaluate could not write its outputs (") and line.endswith(
+                "earlier stages are intact"), line
+            assert ("judgements" if which == "judgements folder" else "06_evaluate") in line, line
+        assert unchanged(before, fingerprints(run_dir, EARLIER + ["notebooks"]))
+        assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())
-
-    for path in [run_dir, *run_dir.rglob("*")]:
-        os.chown(path, 0, 0)
-    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # writable again (as root): the run completes
+    again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # writable again
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(read_jsonl(run_dir / JUDGEMENTS)) == base.needed
     repeated = len(emu.stats.successes()) - base.needed
     assert repeated == 0, f"{repeated} judge request(s) paid twice"
-    print(f"read-only {read_only}: {line}\n  paid before {paid}; repeated after {repeated}; lost 0")
+    print(f"read-only {which}: {line}\n  paid before {paid}; repeated after {repeated}; lost 0")
