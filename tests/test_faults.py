@@ -11,8 +11,8 @@ only), on tiny params: one task, two test prompts, K 1, M 12, one LoRA volume of
 - the kernel a killed runner started exits by itself (it would otherwise go on judging or training);
 - 429 storms with Retry-After, 5xx bursts, timeouts, dropped connections, malformed and truncated JSON
   and empty `choices` while judging: every judgement valid, every request accounted for;
-- a full disk (RLIMIT_FSIZE: writes fail with EFBIG) and a read-only run folder (the CLI run as an
-  unprivileged user): exit 2, one `error:` line naming the stage or the file, earlier stages
+- a full disk (RLIMIT_FSIZE: writes fail with EFBIG) and read-only folders (`chattr +i` as root, who
+  writes through chmod; chmod otherwise): exit 2, one `error:` line naming the stage or the file, earlier stages
   byte-for-byte unchanged, no temporary file left behind.
 
 One module-scoped base run (coverage → infer, about 3 minutes on 2 cores) is copied for each case.
