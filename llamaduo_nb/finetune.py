@@ -85,6 +85,19 @@ def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int
     )
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint the trainer finished writing (trainer_state.json is written last); one cut
+    short by a kill is removed, so the resume starts from the one before it."""
+    if not folder.exists():
+        return None
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for checkpoint in reversed(found):
+        if (checkpoint / "trainer_state.json").exists():
+            return checkpoint
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
 def _checkpointing(on: bool) -> dict:
     """Recompute activations in the backward pass: saves GPU memory, costs time. TRL turns it on by
     default; transformers ≥ 5 calls it activation_checkpointing."""
@@ -151,9 +164,9 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
         model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
     )
-    resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
+    resume = last_complete_checkpoint(checkpoints)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = round(time.time() - started, 2)
     if not trainer.is_world_process_zero():
         return {"task": task, "volume": volume, "skipped": False, "n_train": len(pairs)}  # rank 0 writes the outputs

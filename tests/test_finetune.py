@@ -78,3 +78,16 @@ def test_loss_mask_covers_the_assistant_turn_only_and_training_resumes(tmp_path)
     # 3. a finished unit is never retrained
     again = finetune.train_unit(params, run_dir, "closed_qa", "smollm2-135m-instruct", 4, pairs)
     assert again["skipped"]
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    from llamaduo_nb.finetune import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((2, True), (4, True), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # numeric order, not text order
+    assert not (tmp_path / "checkpoint-10").exists()  # the one killed mid-save is gone

@@ -1,7 +1,7 @@
 """ServiceLLM + each API backend against a local emulator of its provider.
 
 Real SDKs (openai, anthropic, google-genai) talk HTTP to `tests/emulators`, which
-inject 429 with Retry-After, 5xx, timeouts, dropped connections, malformed,
+inject 429 with Retry-After, 5xx, timeouts, dropped connections (before and mid-response), malformed,
 truncated and empty answers, and count every request they receive.
 """
 
@@ -58,6 +58,7 @@ def test_mixed_faults_every_item_accounted_for(provider, emulator_factory, tmp_p
         "p01-unavailable": [503],
         "p02-slow": [Fault.slow(3.0)],
         "p03-dropped": ["drop"],
+        "p03-cut-mid-response": ["cut"],
         "p04-malformed": ["malformed"],
         "p05-truncated": ["truncated"],
         "p06-empty": ["empty"],
@@ -95,7 +96,8 @@ def test_mixed_faults_every_item_accounted_for(provider, emulator_factory, tmp_p
     counts = emu.stats.by_fault
     assert counts["429"] == 1 and counts["400"] == 1 and counts["500"] == 2
     assert counts["503"] == 1 + 3  # p01 once, p08 on all 3 tries
-    assert counts["slow"] == 1 and counts["drop"] == 1 and counts["empty"] == 1
+    assert counts["slow"] == 1 and counts["drop"] == 1 and counts["cut"] == 1 and counts["empty"] == 1
+    assert by_prompt["p03-cut-mid-response"].retries == 1  # half a body is a transport error: retried, not re-asked
     assert counts["malformed"] == 1 + 3 and counts["truncated"] == 1
     assert acc.retries == sum(r.retries for r in results)
     assert acc.api_calls == sum(r.api_calls for r in results)

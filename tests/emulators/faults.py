@@ -36,6 +36,7 @@ class Fault:
                   optional `retry_after` header value (seconds, or an HTTP date string)
       slow        answer normally after `delay` seconds (past the client's timeout)
       drop        close the socket without sending any response
+      cut         send the status line, headers and half the body of a normal answer, then close
       malformed   200, but the reply text is not valid JSON
       truncated   200, but the reply text is cut in half (truncated JSON)
       empty       200, but no choices / content blocks / candidates
@@ -72,6 +73,10 @@ class Fault:
         return Fault("drop")
 
     @staticmethod
+    def cut() -> "Fault":
+        return Fault("cut")
+
+    @staticmethod
     def malformed() -> "Fault":
         return Fault("malformed")
 
@@ -84,7 +89,7 @@ class Fault:
         return Fault("empty")
 
 
-_SHORTHANDS = {"ok", "slow", "drop", "malformed", "truncated", "empty"}
+_SHORTHANDS = {"ok", "slow", "drop", "cut", "malformed", "truncated", "empty"}
 
 
 def as_fault(value: Union[Fault, str, int, None]) -> Fault:

@@ -217,6 +217,18 @@ class ProviderEmulator:
         handler.wfile.write(data)
         handler.wfile.flush()
 
+    def _send_cut(self, handler: _Handler, status: int, payload, headers: Optional[dict] = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data[: len(data) // 2])
+        handler.wfile.flush()
+        self._drop(handler)
+
     @staticmethod
     def _drop(handler: _Handler) -> None:
         handler.close_connection = True
@@ -257,6 +269,11 @@ class ProviderEmulator:
             handler.close_connection = True
             return
         status, payload, headers = outcome
+        if record.fault == "cut":  # the connection dies mid-response: headers promise a body that never completes
+            self._send_cut(handler, status, payload, headers)
+            record.status = 0
+            record.answered = time.monotonic()
+            return
         self._send(handler, status, payload, headers)  # raises when the client has gone
         record.status = status
         record.answered = time.monotonic()
