@@ -169,6 +169,7 @@ def unchanged(before: dict, after: dict) -> bool:
 
 
 # -- kill -9 while judging ------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize("seed, how", [(1, "cli"), (2, "tree"), (3, "cli")])
 def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
     run_dir = copy_run(base.after_infer, tmp_path)
@@ -220,6 +221,7 @@ def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
 
 
 # -- kill -9 while training -------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize("seed, how", [(1, "cli"), (2, "tree")])
 def test_kill9_while_training_then_resume(seed, how, base, emu, tmp_path):
     run_dir = copy_run(base.after_dedup, tmp_path)
