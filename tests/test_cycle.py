@@ -87,7 +87,8 @@ def test_target_text_and_mapping_and_errors():
     params = load_params(QUICK, ["cycle.target={metric: similarity, statistic: mean, threshold: 55.5}"])
     assert (params.cycle.target.metric, params.cycle.target.statistic, params.cycle.target.threshold) == ("similarity", "mean", 55.5)
     with pytest.raises(UserError, match=r"cycle\.target\.statistic: 'coverage_90' is not reported"):
-        load_params(QUICK, ["cycle.target=precision coverage_90 >= 70"])
+        load_params(QUICK, ["cycle.target=precision coverage_90 >= 70", "cycle.max_cycles=2"])
+    load_params(QUICK, ["evaluate.zetas=[40]"])  # no cycling: the default target does not veto the zetas
     with pytest.raises(UserError, match=r"cycle\.target: 'precision at least 70': expected"):
         load_params(QUICK, ["cycle.target=precision at least 70"])
     with pytest.raises(UserError, match=r"cycle\.target\.judge: 'gpt-9' is not a judge"):

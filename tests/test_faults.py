@@ -42,7 +42,7 @@ from llamaduo_nb.params import PROJECT_ROOT
 from tests.emulators import Fault, OpenAIEmulator
 from tests.test_service_pipeline import KEY, KEY_ENV, _kill_tree, llamaduo, service_reply
 
-pytestmark = [pytest.mark.slow, pytest.mark.emulator]
+pytestmark = [pytest.mark.slow, pytest.mark.emulator, pytest.mark.long]  # make test-long (CI runs it)
 
 PARAMS = """\
 run_name: faults

@@ -197,7 +197,8 @@ def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_facto
     # the same answers judged through notebook 06 by the Anthropic and the Gemini emulator: only params change
     for provider in ("anthropic", "gemini"):
         other = emulator_factory(provider, reply=service_reply, api_key=KEY)
-        proc = llamaduo("run", str(params_file), "--run-dir", str(run_dir), "--stages", "evaluate", *provider_overrides(provider, other))
+        proc = llamaduo("run", str(params_file), "--run-dir", str(run_dir), "--stages", "evaluate", *provider_overrides(provider, other),
+                        "--force")  # another judge on a finished run: accepted with a bare --force
         assert proc.returncode == 0, proc.stderr[-3000:]
         label = f"{provider}:{provider}-emu-model"
         assert set(pd.read_csv(run_dir / "metrics.csv")["judge"]) == {label}
