@@ -293,6 +293,8 @@ def cycle_scores(metrics: pd.DataFrame, target, judge: str | None = None) -> pd.
     """Per (cycle, task, local model): the target's metric and statistic at the cycle's largest volume,
     for the target's judge (else `judge`, else the first in metrics.csv), with `met` against the threshold."""
     target = _target(target)
+    if target.statistic not in metrics.columns:  # e.g. coverage_50 with evaluate.zetas [40, 70]: nothing to show
+        return pd.DataFrame(columns=["cycle", "task", "local_model", "judge", "volume", "value", "met"])
     data = with_cycle(metrics[metrics["metric"] == target.metric])
     judge = target.judge or judge or _first(data["judge"])
     data = data[data["judge"] == judge]
@@ -339,6 +341,9 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
         ax.set_title(task.replace("_", " "))
         ax.set_xlabel("cycle (training samples)")
         ax.grid(alpha=0.3)
+    if best.empty:
+        axes[0].text(0.5, 0.5, f"no {target.metric} {target.statistic} scores\n(is ζ in evaluate.zetas?)", ha="center",
+                     va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel(stat_label(target.metric, target.statistic))
     axes[0].set_ylim(0, 103)
     title = "n: training samples at the cycle's largest volume; filled: target met" + (

@@ -400,3 +400,15 @@ def test_coverage_table_recomputes_coverage(run2, metrics2):
     assert list(table.index) == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP} (cycle 2)"]
     assert table["closed_qa"].tolist() == pytest.approx(want["coverage_50"].tolist())
     assert widgets.zeta_slider(run2) is not None
+
+
+def test_score_across_cycles_when_the_target_statistic_is_not_reported():
+    """zetas without the target's ζ (no cycling, so the params allow it): an empty panel that says why."""
+    from llamaduo_nb.params import CycleTarget
+
+    metrics = pd.DataFrame([{"cycle": 1, "task": "closed_qa", "local_model": "m", "judge": "j", "volume": v, "metric": "precision",
+                             "mean": 50.0, "median": 50.0, "coverage_40": 60.0, "coverage_70": 20.0, "n": 4} for v in (0, 4)])
+    target = CycleTarget(statistic="coverage_50")
+    assert report.cycle_scores(metrics, target).empty
+    fig = report.score_across_cycles(metrics, target)
+    assert any("no precision coverage_50 scores" in t.get_text() for t in fig.axes[0].texts)
