@@ -126,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # unwritable run folder, disk full, …
-        import errno
+        from .runner import WRITE_ERRNOS
 
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        hint = " (the run folder must be writable and its disk not full)" if exc.errno in (
-            errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        hint = " (the run folder must be writable and its disk not full)" if exc.errno in WRITE_ERRNOS else ""
         print(f"error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

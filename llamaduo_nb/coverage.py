@@ -131,7 +131,8 @@ def split_rows(rows: list[dict], params: Params) -> tuple[list[dict], list[dict]
         train += [dict(r, split="train") for r in tr]
         test += [dict(r, split="test") for r in te]
     overlap = {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
-    overlap |= {r["prompt_id"] for r in test if r["instruction"] in {t["instruction"] for t in train}}  # same prompt, other id
+    train_prompts = {t["instruction"] for t in train}
+    overlap |= {r["prompt_id"] for r in test if r["instruction"] in train_prompts}  # same prompt, other id
     if overlap:
         raise UserError(f"coverage: {len(overlap)} prompt(s) are in both the train and the test split (e.g. prompt_id {sorted(overlap)[0][:12]}…)")
     return train, test

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .io import read_json, read_jsonl, write_csv, write_json
-from .params import Params
+from .params import CycleTarget, Params
 from .stage import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
 
 CYCLES_JSON = "cycles.json"
@@ -45,11 +45,6 @@ def kept_before(run_dir: Path | str) -> list[dict]:
         if path.exists():
             out += read_jsonl(path)
     return out
-
-
-def earlier_dedup_ids(run_dir: Path | str) -> list:
-    """Completion ids of earlier cycles' deduplication: a stage that reads them is redone when they change."""
-    return [(read_done(cycle_folder(run_dir, c), "deduplicate") or {}).get("completion_id") for c in range(1, cycle_of(run_dir))]
 
 
 # -- combined tables at the run folder's top ------------------------------------------------------
@@ -82,21 +77,44 @@ class Decision:
     met: bool = False
 
 
+def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with an integer `cycle` column (1 where it has none: a run from before cycles)."""
+    if "cycle" in frame.columns:
+        return frame.assign(cycle=pd.to_numeric(frame["cycle"], errors="coerce").fillna(1).astype(int))
+    return frame.assign(cycle=1)
+
+
+def cycle_scores(metrics: pd.DataFrame, target: CycleTarget, judge: str | None = None) -> pd.DataFrame:
+    """Per (cycle, task, local model): the metrics row of the target's metric at the cycle's largest volume,
+    for the target's judge (else `judge`, else the first in metrics.csv), with `value` (the target's
+    statistic) and `met`. The stop rule and the across-cycles figure both read it."""
+    if target.statistic not in metrics.columns:  # e.g. coverage_50 with evaluate.zetas [40, 70]: nothing to score
+        return pd.DataFrame(columns=["cycle", "task", "local_model", "judge", "volume", "value", "met"])
+    data = with_cycle(metrics[metrics["metric"] == target.metric])
+    judge = target.judge or judge or (data["judge"].iloc[0] if len(data) else None)
+    data = data[data["judge"] == judge]
+    data = data[(data["volume"] > 0) | ~data.groupby("cycle")["volume"].transform("max").gt(0)]  # the base model only where nothing was trained
+    if data.empty:
+        return data.assign(value=[], met=[])
+    idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
+    best = data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable")
+    return best.assign(value=best[target.statistic], met=best[target.statistic] >= target.threshold).reset_index(drop=True)
+
+
 def target_scores(metrics: pd.DataFrame, params: Params, cycle: int) -> pd.DataFrame:
     """The target statistic per (task, local model) at the largest volume cycle `cycle` trained."""
-    target = params.cycle.target
-    judge = target.judge or params.judges[0].label
     columns = ["task", "local_model", "judge", "volume", "value", "met"]
-    if metrics.empty or target.statistic not in metrics.columns:
-        return pd.DataFrame(columns=columns)
-    rows = metrics[(metrics["cycle"] == cycle) & (metrics["metric"] == target.metric) & (metrics["judge"] == judge) & (metrics["volume"] > 0)]
-    out = []
-    for (task, model), group in rows.groupby(["task", "local_model"], sort=False):
-        largest = group.loc[group["volume"].idxmax()]
-        value = float(largest[target.statistic])
-        out.append({"task": task, "local_model": model, "judge": judge, "volume": int(largest["volume"]),
-                    "value": round(value, 2), "met": bool(value >= target.threshold)})
-    return pd.DataFrame(out, columns=columns)
+    best = cycle_scores(metrics, params.cycle.target, params.judges[0].label)
+    best = best[(best["cycle"] == cycle) & (best["volume"] > 0)]
+    return best.assign(volume=best["volume"].astype(int), value=best["value"].astype(float).round(2),
+                       met=best["met"].astype(bool))[columns].reset_index(drop=True)
+
+
+def no_new_pairs(cycle: int, new_pairs: dict | None) -> str | None:
+    """Why a later cycle cannot help, when its deduplication kept nothing new (None otherwise)."""
+    if new_pairs is not None and cycle > 1 and sum(new_pairs.values()) == 0:
+        return f"cycle {cycle} kept no new pairs after deduplication"
+    return None
 
 
 def decide(params: Params, cycle: int, metrics: pd.DataFrame, cost_usd: float = 0.0, new_pairs: dict | None = None) -> Decision:
@@ -112,8 +130,8 @@ def decide(params: Params, cycle: int, metrics: pd.DataFrame, cost_usd: float = 
     if bool(scores["met"].all()):
         return Decision(True, f"target met in cycle {cycle}: {cfg.target} ({shown})", records, met=True)
     missing = f"target {cfg.target} not met in cycle {cycle} ({shown})"
-    if new_pairs is not None and cycle > 1 and sum(new_pairs.values()) == 0:
-        return Decision(True, f"{missing}; cycle {cycle} kept no new pairs after deduplication, so another cycle would not help", records)
+    if stalled := no_new_pairs(cycle, new_pairs):
+        return Decision(True, f"{missing}; {stalled}, so another cycle would not help", records)
     if cycle >= cfg.max_cycles:
         return Decision(True, f"{missing}; cycle budget spent (cycle.max_cycles = {cfg.max_cycles})", records)
     if cfg.max_cost_usd is not None and cost_usd >= cfg.max_cost_usd:
@@ -182,7 +200,3 @@ def retire_later_cycles(run_dir: Path | str, last_cycle: int) -> list[Path]:
                 write_csv(path, frame[frame["cycle"] <= last_cycle])
     return moved
 
-
-def load_cycles(run_dir: Path | str) -> dict:
-    path = root_of(run_dir) / CYCLES_JSON
-    return read_json(path) if path.exists() else {}

@@ -32,7 +32,7 @@ from typing import Optional
 import pandas as pd
 
 from .errors import UserError
-from .io import read_jsonl, write_csv, write_jsonl
+from .io import read_jsonl, write_jsonl
 from .llm.base import ChatRequest
 from .prompts import Prompt, load_prompt
 from .cycle import publish

@@ -69,7 +69,7 @@ def describe(family: Params | list[Params]) -> str:
         answers = len(tasks) * len(models) * (len(volumes) + 1) * n_test * inf.k
         judge_calls = answers * ev.m
         lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}) × M={ev.m} = {judge_calls:,} calls per judge"
-                     + (f", per service LLM's run" if len(family) > 1 else ""))
+                     + (", per service LLM's run" if len(family) > 1 else ""))
         for p in family:
             for judge in p.judges:
                 total_calls += judge_calls

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from . import cycle as _cycle
 from . import evaluate, finetune
+from .cycle import with_cycle
 from .io import read_json, save_figure, write_csv
 from .params import CycleTarget, Params
 from .stage import STAGES, StageResult, StageRun, cycle_folders, root_of, stage_dir
@@ -46,13 +48,6 @@ def load_metrics(run_dir: Path | str) -> pd.DataFrame:
     return with_cycle(evaluate.load_metrics(root_of(run_dir)))
 
 
-def with_cycle(metrics: pd.DataFrame) -> pd.DataFrame:
-    """The frame with a `cycle` column (1 where it has none: a run from before cycles)."""
-    if "cycle" in metrics.columns:
-        return metrics.assign(cycle=pd.to_numeric(metrics["cycle"], errors="coerce").fillna(1).astype(int))
-    return metrics.assign(cycle=1)
-
-
 def base_once(metrics: pd.DataFrame) -> pd.DataFrame:
     """Drop the base model's (volume 0) repeats in later cycles: its first cycle's row stays."""
     data = with_cycle(metrics)
@@ -64,7 +59,7 @@ def base_once(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def load_cycles(run_dir: Path | str) -> dict | None:
     """`<run>/cycles.json` (written by the runner when it cycles), or None."""
-    path = root_of(run_dir) / "cycles.json"
+    path = root_of(run_dir) / _cycle.CYCLES_JSON
     return read_json(path) if path.exists() else None
 
 
@@ -290,20 +285,8 @@ def _target(target) -> CycleTarget:
 
 
 def cycle_scores(metrics: pd.DataFrame, target, judge: str | None = None) -> pd.DataFrame:
-    """Per (cycle, task, local model): the target's metric and statistic at the cycle's largest volume,
-    for the target's judge (else `judge`, else the first in metrics.csv), with `met` against the threshold."""
-    target = _target(target)
-    if target.statistic not in metrics.columns:  # e.g. coverage_50 with evaluate.zetas [40, 70]: nothing to show
-        return pd.DataFrame(columns=["cycle", "task", "local_model", "judge", "volume", "value", "met"])
-    data = with_cycle(metrics[metrics["metric"] == target.metric])
-    judge = target.judge or judge or _first(data["judge"])
-    data = data[data["judge"] == judge]
-    data = data[(data["volume"] > 0) | ~data.groupby("cycle")["volume"].transform("max").gt(0)]  # the base model only where nothing was trained
-    if data.empty:
-        return data.assign(value=[], met=[])
-    idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
-    best = data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable")
-    return best.assign(value=best[target.statistic], met=best[target.statistic] >= target.threshold).reset_index(drop=True)
+    """`cycle.cycle_scores` (what the stop rule reads) for a target given as text, a mapping or a CycleTarget."""
+    return _cycle.cycle_scores(metrics, _target(target), judge)
 
 
 def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None, stop_reason: str | None = None):

@@ -79,7 +79,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
                                         "folders": list(members)})
     for slug, params in members.items():
         log(f"=== service LLM {params.service.label}: {run_dir / slug}")
-        _run_one(params, run_dir / slug, chosen, forced, bool(force), log, only)
+        _run_one(params, run_dir / slug, chosen, forced, True, log, only)  # params already checked above
     finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
     if len(finished) > 1 and "report" in chosen:
         from .report import compare_runs
@@ -248,8 +248,9 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
         for stage in [s for s in CYCLE_STAGES if s in chosen]:
             if _run_stage(stage, params, params_file, folder, stage in forced, log, label=f"cycle {t} · "):
                 executed.append(f"cycle-{t}/{stage}")
-            if stage == "deduplicate" and not sum(cyc.pair_counts(folder).values()):
-                decision = cyc.Decision(True, f"cycle {t} kept no new pairs after deduplication; stopping before fine-tuning on the same data")
+            stalled = cyc.no_new_pairs(t, cyc.pair_counts(folder)) if stage == "deduplicate" else None
+            if stalled:
+                decision = cyc.Decision(True, f"{stalled}; stopping before fine-tuning on the same data")
                 decisions.append((t, decision))
                 log(f"[cycle {t}] {decision.reason}")
                 cyc.record(params, run_dir, decisions, True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import coverage, evaluate, infer
+from .cycle import with_cycle
 from .io import read_jsonl
 from .metrics import answer_scores, coverage_at
 from .stage import cycle_folders, root_of, stage_dir
@@ -229,10 +230,6 @@ def answer_table(run_dir: Path | str, prompt_id: str, judgements: pd.DataFrame, 
     table = counts.join(scores, how="left").reset_index()
     return answers.merge(table, on=["cycle", "local_model", "volume", "k"], how="left").sort_values(
         ["local_model", "volume", "cycle", "k", "judge"], kind="stable").reset_index(drop=True)
-
-
-def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame if "cycle" in frame.columns else frame.assign(cycle=1)
 
 
 def _judge_block(rows: pd.DataFrame) -> str:
