@@ -180,8 +180,8 @@ def rss_mb() -> float:
 
 
 def run_one(n: int, weights: tuple[float, float], seed: int, leak_k=None) -> dict:
-    from llamaduo_nb.dedup import deduplicate
-    from llamaduo_nb.params import DeduplicateParams
+    from llamaduo_nb.methods.near_duplicates import deduplicate
+    from llamaduo_nb.pipeline.params import DeduplicateParams
 
     t0 = time.perf_counter()
     pairs, earlier, test_prompts, category, truth = make_dataset(n, seed)
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     if args.lsh_weights:
         weights = tuple(float(x) for x in args.lsh_weights.split(","))
     else:
-        from llamaduo_nb.dedup import LSH_WEIGHTS
+        from llamaduo_nb.methods.near_duplicates import LSH_WEIGHTS
 
         weights = LSH_WEIGHTS
     if args.one:

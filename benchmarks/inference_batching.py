@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from llamaduo_nb import coverage
+from llamaduo_nb.stages import coverage
 from llamaduo_nb.models import generate_chat, load_model, load_tokenizer
 
 

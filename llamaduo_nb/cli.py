@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from llamaduo_nb.errors import UserError
 
 KEY_ENVS = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"]
 
@@ -39,7 +39,7 @@ def doctor() -> int:
     import importlib.util
     import platform
 
-    from .models import available
+    from llamaduo_nb.models import available
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores")
     try:
@@ -75,14 +75,14 @@ def report(runs: list[str], out: str | None) -> int:
         if not (Path(run_dir) / "metrics.csv").exists():
             raise UserError(f"{run_dir}: not a finished run folder (no metrics.csv)")
     if len(runs) == 1:
-        from .runner import run
+        from llamaduo_nb.pipeline.runner import run
 
         run_dir = Path(runs[0]).resolve()
         run(run_dir / "params.yaml", run_dir, stages="report", force=["report"])
         print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'figures'}")
         return 0
-    from .params import PROJECT_ROOT
-    from .report import compare_runs
+    from llamaduo_nb.pipeline.params import PROJECT_ROOT
+    from llamaduo_nb.stages.report import compare_runs
 
     target = Path(out) if out else PROJECT_ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     for path in compare_runs(runs, target):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
-            from .params import load_family
+            from llamaduo_nb.pipeline.params_file import load_family
 
             family = load_family(args.params, args.overrides)
             params = family[0]
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return report(args.runs, args.out)
         if args.command == "run" and args.dry_run:
-            from .params import load_family
-            from .plan import describe
+            from llamaduo_nb.pipeline.params_file import load_family
+            from llamaduo_nb.pipeline.plan import describe
 
             print(describe(load_family(args.params, args.overrides)))
             return 0
         if args.command == "run":
-            from .runner import StageFailed, run
+            from llamaduo_nb.pipeline.runner import StageFailed, run
 
             try:
                 run_dir = run(args.params, args.run_dir, args.overrides, args.stages, args.force, only=args.only)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # unwritable run folder, disk full, …
-        from .runner import WRITE_ERRNOS
+        from llamaduo_nb.pipeline.runner import WRITE_ERRNOS
 
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         hint = " (the run folder must be writable and its disk not full)" if exc.errno in WRITE_ERRNOS else ""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from llamaduo_nb.errors import UserError
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": {

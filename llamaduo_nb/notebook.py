@@ -13,26 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-from .io import write_yaml
-from .params import Params, load_params
-from .stage import StageResult, update_manifest
-
-STAGE_MODULES = {
-    "coverage": "coverage", "synthesize": "synth", "deduplicate": "dedup", "finetune": "finetune",
-    "infer": "infer", "evaluate": "evaluate", "report": "report",
-}
+from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.pipeline.units import STAGES, StageResult, check_layout
 
 
 def setup(params_file: str | Path, run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Params, Path]:
-    """Load and validate the params; create the run folder with its resolved params.yaml."""
+    """Load and validate the params. Writes nothing: a notebook opened to explore a finished run only reads
+    it; the stage writes (its folder, params.yaml, manifest.json) only when it runs."""
     exit_with_runner()
     params = load_params(params_file, overrides)
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "params.yaml"
-    if not resolved.exists() or Path(params_file).resolve() != resolved:
-        write_yaml(resolved, params.dump())
-    update_manifest(run_dir, params)
+    check_layout(run_dir)
     return params, run_dir
 
 
@@ -78,9 +70,11 @@ _WATCHING = False
 
 
 def run_stage(stage: str, params: Params, run_dir: str | Path, force: bool = False) -> StageResult:
-    from .cycle import params_for_cycle
+    from llamaduo_nb.pipeline.cycle import params_for_cycle
 
-    module = importlib.import_module(f".{STAGE_MODULES[stage]}", __package__)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    module = importlib.import_module(f"llamaduo_nb.stages.{stage}")
     result = module.run(params_for_cycle(params, run_dir), run_dir, force=force)
     print(result.summary())
     return result

@@ -7,9 +7,9 @@ from typing import Optional
 
 import yaml
 
-from .errors import UserError
-from .io import file_fingerprint
-from .params import resolve_prompt
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import file_fingerprint
+from llamaduo_nb.pipeline.params import resolve_prompt
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import coverage, evaluate, infer
-from .cycle import with_cycle
-from .io import read_jsonl
-from .metrics import answer_scores, coverage_at
-from .stage import cycle_folders, root_of, stage_dir
+from llamaduo_nb.stages import coverage
+
+from llamaduo_nb.stages import evaluate
+
+from llamaduo_nb.stages import infer
+from llamaduo_nb.pipeline.cycle import with_cycle
+from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.methods.metrics import answer_scores, coverage_at
+from llamaduo_nb.pipeline.units import cycle_folders, root_of, stage_dir
 
 ALL = "all"
 

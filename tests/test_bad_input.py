@@ -19,9 +19,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from llamaduo_nb import cli, runner
+from llamaduo_nb import cli
+
+from llamaduo_nb.pipeline import runner
 from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.params import PROJECT_ROOT
+from llamaduo_nb.pipeline.params import PROJECT_ROOT
 
 BUNDLED = PROJECT_ROOT / "llamaduo_nb" / "data" / "coverage.jsonl"
 LOCAL = "service: {backend: local, model: smollm2-135m-instruct}\nfinetune: {base_models: [smollm2-135m-instruct], quantization: none}\n"

@@ -6,13 +6,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from llamaduo_nb import cycle as cyc
+from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import write_json, write_jsonl
-from llamaduo_nb.params import PROJECT_ROOT, expand_volumes, load_family, load_params
-from llamaduo_nb.plan import describe
-from llamaduo_nb.runner import params_differences, parse_only, refuse_changed_params
-from llamaduo_nb.stage import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
+from llamaduo_nb.pipeline.params import PROJECT_ROOT, expand_volumes
+from llamaduo_nb.pipeline.params_file import load_family, load_params
+from llamaduo_nb.pipeline.plan import describe
+from llamaduo_nb.pipeline.runner import params_differences, parse_only, refuse_changed_params
+from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
 
 QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
 

@@ -15,7 +15,7 @@ from datasketch import MinHash
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-from llamaduo_nb.dedup import (
+from llamaduo_nb.methods.near_duplicates import (
     REASONS,
     DedupOutcome,
     Sketcher,
@@ -27,7 +27,7 @@ from llamaduo_nb.dedup import (
     rouge_l_f,
     tokenize,
 )
-from llamaduo_nb.params import DeduplicateParams
+from llamaduo_nb.pipeline.params import DeduplicateParams
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = DeduplicateParams()

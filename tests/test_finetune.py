@@ -2,8 +2,8 @@
 
 import pytest
 
-from llamaduo_nb.finetune import select_volume, to_prompt_completion, training_order
-from llamaduo_nb.params import load_params
+from llamaduo_nb.stages.finetune import select_volume, to_prompt_completion, training_order
+from llamaduo_nb.pipeline.params_file import load_params
 
 
 def _pairs(n):
@@ -30,7 +30,7 @@ def test_loss_mask_covers_the_assistant_turn_only_and_training_resumes(tmp_path)
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
-    from llamaduo_nb import finetune
+    from llamaduo_nb.stages import finetune
     from llamaduo_nb.models import load_tokenizer
 
     params_file = tmp_path / "p.yaml"
@@ -81,7 +81,7 @@ def test_loss_mask_covers_the_assistant_turn_only_and_training_resumes(tmp_path)
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    from llamaduo_nb.finetune import last_complete_checkpoint
+    from llamaduo_nb.stages.finetune import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, complete in ((2, True), (4, True), (10, False)):

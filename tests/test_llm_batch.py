@@ -16,7 +16,7 @@ from llamaduo_nb.errors import UserError
 from llamaduo_nb.llm.batch import BATCH_DISCOUNT, BatchAccounting
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
-from llamaduo_nb.params import ServiceParams
+from llamaduo_nb.pipeline.params import ServiceParams
 from tests.emulators import Fault, by_attempt
 from tests.emulators.requests import SCHEMA, files_contain, request
 

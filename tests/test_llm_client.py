@@ -6,8 +6,9 @@ import pytest
 
 from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
-from llamaduo_nb.llm.client import ServiceLLM, extract_json
-from llamaduo_nb.params import ServiceParams
+from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.llm.common import extract_json
+from llamaduo_nb.pipeline.params import ServiceParams
 
 SCHEMA = {"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}}
 

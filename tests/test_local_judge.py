@@ -2,7 +2,7 @@
 
 import pytest
 
-from llamaduo_nb import coverage
+from llamaduo_nb.stages import coverage
 
 pytestmark = pytest.mark.slow
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def judge():
     from llamaduo_nb.llm.local import LocalBackend
-    from llamaduo_nb.params import ServiceParams
+    from llamaduo_nb.pipeline.params import ServiceParams
 
     return LocalBackend(ServiceParams(backend="local", model="smollm2-135m-instruct"))
 

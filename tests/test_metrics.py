@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from llamaduo_nb.metrics import aggregate, answer_scores, coverage_at
+from llamaduo_nb.methods.metrics import aggregate, answer_scores, coverage_at
 
 
 def _j(prompt, k, m, sim, prec, valid=True, volume=8):
@@ -186,7 +186,7 @@ def test_bootstrap_resamples_prompts_not_answers():
 def test_bootstrap_matches_a_plain_loop():
     import numpy as np
 
-    from llamaduo_nb.metrics import bootstrap_ci
+    from llamaduo_nb.methods.metrics import bootstrap_ci
 
     scores = [10.0, 30.0, 55.0, 70.0, 90.0, 20.0, 50.0]
     prompts = ["a", "a", "b", "c", "c", "d", "e"]
@@ -204,7 +204,7 @@ def test_bootstrap_matches_a_plain_loop():
 
 
 def test_bootstrap_edge_cases():
-    from llamaduo_nb.metrics import bootstrap_ci
+    from llamaduo_nb.methods.metrics import bootstrap_ci
 
     one = bootstrap_ci([40, 60], ["a", "a"], zetas=(50,), resamples=100, rng=0)
     assert one["mean"] == (50.0, 50.0) and one["coverage_50"] == (50.0, 50.0)  # one prompt: nothing varies
@@ -215,7 +215,7 @@ def test_bootstrap_edge_cases():
 
 
 def test_judge_spread_view():
-    from llamaduo_nb.metrics import judge_spread
+    from llamaduo_nb.methods.metrics import judge_spread
 
     m = aggregate(pd.DataFrame([_j("a", 0, 0, 40, 50), _j("a", 0, 1, 60, 50), _j("a", 0, 2, None, None, valid=False)]), bootstrap=0)
     spread = judge_spread(m)

@@ -6,11 +6,13 @@ import re
 import pandas as pd
 import pytest
 
-from llamaduo_nb import evaluate, pairwise
+from llamaduo_nb.stages import evaluate
+
+from llamaduo_nb.methods import pairwise
 from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
-from llamaduo_nb.params import Params, ServiceParams
+from llamaduo_nb.pipeline.params import Params, ServiceParams
 
 
 class JudgeBackend(Backend):
@@ -273,9 +275,9 @@ class BothJudge(Backend):
 
 
 def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatch):
-    from llamaduo_nb import refmetrics
+    from llamaduo_nb.methods import reference_metrics
     from llamaduo_nb.io import write_json, write_jsonl
-    from llamaduo_nb.stage import stage_dir
+    from llamaduo_nb.pipeline.units import stage_dir
 
     run_dir = tmp_path / "run"
     write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl",
@@ -310,11 +312,11 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     import matplotlib
 
     matplotlib.use("Agg")
-    from llamaduo_nb import report
+    from llamaduo_nb.stages import report
 
     assert not report.judge_spread_table(metrics).empty
     report.pairwise_bars(pair)
-    fig = report.judge_vs_reference_scatter(refmetrics.judge_vs_reference(evaluate.load_judgements(run_dir), refs), corr)
+    fig = report.judge_vs_reference_scatter(reference_metrics.judge_vs_reference(evaluate.load_judgements(run_dir), refs), corr)
     assert "Spearman" in fig.axes[0].get_title()
 
     # switched off, their files go

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.params import PROJECT_ROOT, load_params
+from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.pipeline.params_file import load_params
 
 PARAM_FILES = sorted((PROJECT_ROOT / "params").glob("*.yaml"))
 

@@ -3,8 +3,10 @@
 import subprocess
 import sys
 
-from llamaduo_nb.params import PROJECT_ROOT, load_params
-from llamaduo_nb.plan import describe
+from llamaduo_nb.pipeline.params import PROJECT_ROOT
+
+from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.pipeline.plan import describe
 
 
 def test_paper_grid_and_call_counts():

@@ -7,16 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llamaduo_nb import refmetrics
+from llamaduo_nb.methods import reference_metrics
 
 
 def test_rouge_l_hand_computed():
     ref, ans = "the cat sat on the mat", "the cat on mat"
     # LCS = "the cat on mat" (4 tokens): P = 4/4, R = 4/6, F = 2PR/(P+R) = 0.8
-    assert refmetrics.rouge_l([ref], [ans]) == [pytest.approx(0.8)]
-    assert refmetrics.rouge_l(["Same words here."], ["same words HERE"]) == [pytest.approx(1.0)]
-    assert refmetrics.rouge_l(["alpha beta"], ["gamma delta"]) == [0.0]
-    assert refmetrics.rouge_l(["alpha beta"], [""]) == [0.0]
+    assert reference_metrics.rouge_l([ref], [ans]) == [pytest.approx(0.8)]
+    assert reference_metrics.rouge_l(["Same words here."], ["same words HERE"]) == [pytest.approx(1.0)]
+    assert reference_metrics.rouge_l(["alpha beta"], ["gamma delta"]) == [0.0]
+    assert reference_metrics.rouge_l(["alpha beta"], [""]) == [0.0]
 
 
 def test_rouge_l_equals_rouge_score():
@@ -26,7 +26,7 @@ def test_rouge_l_equals_rouge_score():
     refs = ["The Elm Street bridge opened to traffic in 1932.", "Paris is the capital of France, on the Seine.", "x = 1; y = 2"]
     answers = ["It opened in 1932, after four years.", "France's capital: Paris (Seine river). Paris!", "y = 2\nx = 1"]
     expected = [scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(refs, answers)]
-    assert refmetrics.rouge_l(refs, answers) == pytest.approx(expected)
+    assert reference_metrics.rouge_l(refs, answers) == pytest.approx(expected)
 
 
 class FakeEncoder:
@@ -55,7 +55,7 @@ REFS = {"p": {"instruction": "say it", "reference": "same"}}
 
 def test_reference_metrics_per_answer_with_a_fake_encoder():
     enc = FakeEncoder({"same": [1, 0], "orthogonal": [0, 1], "diagonal": [1, 1]})
-    out = refmetrics.reference_metrics(_responses(), REFS, model=enc)
+    out = reference_metrics.reference_metrics(_responses(), REFS, model=enc)
     assert list(out.columns) == refmetrics.KEYS + ["rouge_l", "embedding_cosine"]
     assert out["embedding_cosine"].tolist() == pytest.approx([1.0, 0.0, math.sqrt(0.5)])
     assert out["rouge_l"].tolist() == [1.0, 0.0, 0.0]
@@ -70,14 +70,14 @@ def test_embedding_skipped_with_a_warning_when_the_model_cannot_load(monkeypatch
     monkeypatch.setattr(refmetrics, "_MODEL", None)
     monkeypatch.setattr(refmetrics, "embedding_model_path", missing)
     with pytest.warns(UserWarning, match="embedding similarity skipped"):
-        out = refmetrics.reference_metrics(_responses(), REFS)
+        out = reference_metrics.reference_metrics(_responses(), REFS)
     assert out["embedding_cosine"].isna().all()
     assert out["rouge_l"].tolist() == [1.0, 0.0, 0.0]  # ROUGE-L is kept
 
 
 def test_no_embedding_when_not_asked(monkeypatch):
     monkeypatch.setattr(refmetrics, "load_embedding_model", lambda: pytest.fail("must not load"))
-    out = refmetrics.reference_metrics(_responses(), REFS, embed=False)
+    out = reference_metrics.reference_metrics(_responses(), REFS, embed=False)
     assert out["embedding_cosine"].isna().all()
 
 
@@ -100,7 +100,7 @@ def test_spearman_between_the_judge_and_each_reference_metric():
     judgements = pd.concat([_judgements([10, 20, 30, 40, 50]), _judgements([10, 20, 30, 40, 50], task="u")], ignore_index=True)
     refs = pd.concat([_refs([0.1, 0.3, 0.2, 0.5, 0.9], embed=[0.9, 0.8, 0.7, 0.6, 0.5]),
                       _refs([0.5, 0.4, 0.3, 0.2, 0.1], task="u")], ignore_index=True)
-    c = refmetrics.correlations(judgements, refs)
+    c = reference_metrics.correlations(judgements, refs)
     assert list(c.columns) == ["task", "judge", "judge_metric", "reference_metric", "spearman_rho", "p_value", "n"]
     get = lambda task, jm, rm: c[(c.task == task) & (c.judge_metric == jm) & (c.reference_metric == rm)].iloc[0]  # noqa: E731
     # ranks 1..5 vs 1,3,2,4,5: rho = 1 - 6·(1+1)/(5·24) = 0.9
@@ -114,7 +114,7 @@ def test_spearman_between_the_judge_and_each_reference_metric():
 
 
 def test_correlations_on_nothing():
-    assert refmetrics.correlations(pd.DataFrame(), pd.DataFrame()).empty
+    assert reference_metrics.correlations(pd.DataFrame(), pd.DataFrame()).empty
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_offline_minilm_ranks_a_paraphrase_above_an_unrelated_answer(monkeypatch
     monkeypatch.setattr(refmetrics, "_MODEL", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # must load, not skip
-        model = refmetrics.load_embedding_model()
-    close, far = refmetrics.embedding_cosine(model, ["The bridge opened in 1932."] * 2,
+        model = reference_metrics.load_embedding_model()
+    close, far = reference_metrics.embedding_cosine(model, ["The bridge opened in 1932."] * 2,
                                              ["It opened in 1932.", "Bananas grow in tropical climates."])
     assert close > 0.5 > far

@@ -19,10 +19,12 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer
 
-from llamaduo_nb import report, widgets
+from llamaduo_nb import widgets
+
+from llamaduo_nb.stages import report
 from llamaduo_nb.io import write_csv, write_json, write_jsonl
-from llamaduo_nb.metrics import aggregate
-from llamaduo_nb.params import CycleTarget
+from llamaduo_nb.methods.metrics import aggregate
+from llamaduo_nb.pipeline.params import CycleTarget
 
 TASKS = ("summarization", "closed_qa")
 MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct")
@@ -281,8 +283,8 @@ def test_cost_figure_notes_a_free_local_stand_in(tmp_path):
 
 
 def test_report_run_writes_every_figure_as_png_and_svg(run2):
-    from llamaduo_nb import stage
-    from llamaduo_nb.params import load_params
+    from llamaduo_nb.pipeline import units
+    from llamaduo_nb.pipeline.params_file import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params" / "quickstart.yaml",
                          ["service.backend=openai", "service.model=gpt-4o"])  # judge openai:gpt-4o, as in fake_run
@@ -390,7 +392,7 @@ def test_answer_table_every_judge_and_k_answers_per_volume(tmp_path):
 
 
 def test_coverage_table_recomputes_coverage(run2, metrics2):
-    from llamaduo_nb.metrics import answer_scores
+    from llamaduo_nb.methods.metrics import answer_scores
 
     judgements, _ = widgets.load_answers(run2)
     scores = answer_scores(judgements)
@@ -404,7 +406,7 @@ def test_coverage_table_recomputes_coverage(run2, metrics2):
 
 def test_score_across_cycles_when_the_target_statistic_is_not_reported():
     """zetas without the target's ζ (no cycling, so the params allow it): an empty panel that says why."""
-    from llamaduo_nb.params import CycleTarget
+    from llamaduo_nb.pipeline.params import CycleTarget
 
     metrics = pd.DataFrame([{"cycle": 1, "task": "closed_qa", "local_model": "m", "judge": "j", "volume": v, "metric": "precision",
                              "mean": 50.0, "median": 50.0, "coverage_40": 60.0, "coverage_70": 20.0, "n": 4} for v in (0, 4)])

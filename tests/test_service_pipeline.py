@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.params import PROJECT_ROOT
+from llamaduo_nb.pipeline.params import PROJECT_ROOT
 from tests.emulators import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]

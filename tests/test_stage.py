@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from llamaduo_nb import coverage
+from llamaduo_nb.stages import coverage
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import atomic_path, read_json, write_json
-from llamaduo_nb.params import load_params
-from llamaduo_nb.stage import StageRun, is_done, read_done, stage_fingerprint
+from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.pipeline.units import StageRun, is_done, read_done, stage_fingerprint
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from llamaduo_nb import coverage, synth
+from llamaduo_nb.stages import coverage
+
+from llamaduo_nb.stages import synthesize
 from llamaduo_nb.llm import client as client_module
 from llamaduo_nb.llm.base import Backend, Completion
-from llamaduo_nb.params import load_params
+from llamaduo_nb.pipeline.params_file import load_params
 
 
 class FakeService(Backend):
@@ -46,8 +48,8 @@ def test_rounds_reach_the_target_and_record_provenance(tmp_path, fake_backend):
     params = _params(tmp_path, 8)
     run_dir = tmp_path / "run"
     coverage.run(params, run_dir)
-    result = synth.run(params, run_dir)
-    pairs = synth.load(run_dir)
+    result = synthesize.run(params, run_dir)
+    pairs = synthesize.load(run_dir)
     for task in ("closed_qa", "coding"):
         mine = [p for p in pairs if p["task"] == task]
         assert len(mine) >= 8  # 4 calls give 6 pairs (one is cut short), a second round tops up
@@ -69,15 +71,15 @@ def test_resume_pays_only_for_what_is_missing(tmp_path, fake_backend):
     run_dir = tmp_path / "run"
     params = _params(tmp_path, 6)
     coverage.run(params, run_dir)
-    synth.run(params, run_dir)
+    synthesize.run(params, run_dir)
     first = len(fake_backend.calls)
-    synth.run(params, run_dir, force=True)  # same requests: all from the cache
+    synthesize.run(params, run_dir, force=True)  # same requests: all from the cache
     assert len(fake_backend.calls) == first
     bigger = _params(tmp_path, 12)
-    synth.run(bigger, run_dir)
+    synthesize.run(bigger, run_dir)
     new_calls = fake_backend.calls[first:]
     assert new_calls and min(new_calls) >= first // 2  # only calls beyond those already made per task
-    assert len(synth.load(run_dir)) >= 24
+    assert len(synthesize.load(run_dir)) >= 24
 
 
 def test_same_call_index_same_seed(tmp_path):
@@ -87,7 +89,7 @@ def test_same_call_index_same_seed(tmp_path):
     from llamaduo_nb.prompts import load_prompt
 
     prompt = load_prompt("synthesize")
-    a = synth.request_for(params, prompt, None, seeds, "coding", 5)
-    b = synth.request_for(params, prompt, None, list(reversed(seeds))[::-1], "coding", 5)
+    a = synthesize.request_for(params, prompt, None, seeds, "coding", 5)
+    b = synthesize.request_for(params, prompt, None, list(reversed(seeds))[::-1], "coding", 5)
     assert a[0] == b[0] and a[1] == b[1]
     assert "programming request" in a[1].messages[-1]["content"]  # the task's own guidance

@@ -12,8 +12,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from llamaduo_nb.params import PROJECT_ROOT
-from llamaduo_nb.stage import FOLDERS, NOTEBOOKS
+from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.pipeline.units import FOLDERS, NOTEBOOKS
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 

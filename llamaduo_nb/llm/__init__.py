@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from .cache import ResponseCache
+from llamaduo_nb.llm.cache import ResponseCache
 
 _caches: dict = {}
 
 
 def cache_for(run_dir) -> ResponseCache:
     """The run's persistent response cache (one per run folder, shared by its cycles, and process)."""
-    from ..stage import root_of
+    from llamaduo_nb.pipeline.units import root_of
 
     path = (root_of(Path(run_dir).resolve()) / "cache" / "llm.sqlite").resolve()
     if path not in _caches:

@@ -18,8 +18,8 @@ import json
 
 import anthropic
 
-from .base import ChatRequest, Completion, PermanentError, TransientError
-from .openai_backend import SDKClientBackend, Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
+from llamaduo_nb.llm.base import ChatRequest, Completion, PermanentError, TransientError
+from llamaduo_nb.llm.common import SDKClientBackend, Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
 
 
 class AnthropicBackend(SDKClientBackend):

@@ -23,13 +23,15 @@ class ChatRequest:
     max_tokens: int = 512
     json_schema: Optional[dict] = None  # ask for (and validate against) this JSON schema
     repeat: int = 0  # keeps M repeated judgements of the same prompt distinct in the cache
-    # (instruction, reference, answer) for the local stand-in judge, which scores by
-    # likelihood instead of writing digits; API backends ignore it.
-    judge_inputs: tuple = ()
+    # The prompt template's fields, ((name, value), ...), that the messages were rendered from. The
+    # messages already hold them (so they are not part of the cache key); a backend that reads
+    # meaning rather than text uses them: the local likelihood judge scores (instruction, reference, answer).
+    fields: tuple = ()
 
     def key(self, backend: str, model: str, base_url: Optional[str] = None) -> str:
         """Cache key: everything that changes the answer."""
         body = asdict(self)
+        body.pop("fields")
         body.update(backend=backend, model=model, base_url=base_url or "")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -45,10 +45,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from ..errors import UserError
-from ..progress import tqdm
-from .base import ChatRequest, ChatResult, Completion, PermanentError, TransientError
-from .client import Accounting, _describe, reask_request, validate_output
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.progress import tqdm
+from llamaduo_nb.llm.base import ChatRequest, ChatResult, Completion, PermanentError, TransientError
+from llamaduo_nb.llm.common import Accounting, describe_error, reask_request, validate_output
 
 #: providers bill batch requests at half the price of live ones
 BATCH_DISCOUNT = 0.5
@@ -220,7 +220,7 @@ class _BatchRun:
                         elif isinstance(out, _Final):
                             self._fail_all(its, out.reason)
                         elif isinstance(out, PermanentError):
-                            self._fail_all(its, f"refused: {_describe(out)}")
+                            self._fail_all(its, f"refused: {describe_error(out)}")
                         elif tries[key] <= cfg.max_retries:  # stays pending: the next round sends it again
                             self.acc.retries += 1
                             its[0].result.retries += 1
@@ -228,7 +228,7 @@ class _BatchRun:
                             if getattr(out, "retry_after", None) is not None:
                                 waits.append(out.retry_after)
                         else:
-                            self._fail_all(its, f"gave up after {tries[key]} tries: {_describe(out)}")
+                            self._fail_all(its, f"gave up after {tries[key]} tries: {describe_error(out)}")
                     if retried:
                         await self._sleep(self._backoff(retried, waits))
                 pending = [it for it in pending if not it.done]
@@ -318,7 +318,7 @@ class _BatchRun:
         try:
             batch_id = await self._control(lambda: self.backend.batch_submit(chunk))
         except (TransientError, PermanentError) as exc:
-            reason = f"batch not created: {_describe(exc)}"
+            reason = f"batch not created: {describe_error(exc)}"
             return {k: _Final(reason) for k in keys}
         self.store.add(batch_id, self.cfg, keys)  # before waiting: a killed run's next run reads it back
         self.acc.batch_jobs += 1
@@ -335,10 +335,10 @@ class _BatchRun:
             except PermanentError as exc:
                 if str(exc).startswith("404"):  # the provider does not know it (any more): send the requests again
                     self.store.finish(batch_id)
-                    return {k: TransientError(f"batch {batch_id}: {_describe(exc)}") for k in keys}
-                return {k: _Final(f"batch {batch_id}: status refused ({_describe(exc)}); {kept}") for k in keys}
+                    return {k: TransientError(f"batch {batch_id}: {describe_error(exc)}") for k in keys}
+                return {k: _Final(f"batch {batch_id}: status refused ({describe_error(exc)}); {kept}") for k in keys}
             except TransientError as exc:
-                return {k: _Final(f"batch {batch_id}: status unknown ({_describe(exc)}); {kept}") for k in keys}
+                return {k: _Final(f"batch {batch_id}: status unknown ({describe_error(exc)}); {kept}") for k in keys}
             if ended:
                 break
             if time.monotonic() >= deadline:
@@ -350,7 +350,7 @@ class _BatchRun:
         try:
             lines = await self._control(lambda: self.backend.batch_results(batch_id))
         except (TransientError, PermanentError) as exc:
-            return {k: _Final(f"batch {batch_id}: results not read ({_describe(exc)}); {kept}") for k in keys}
+            return {k: _Final(f"batch {batch_id}: results not read ({describe_error(exc)}); {kept}") for k in keys}
         got: dict = {}
         for key, out in lines:
             if key not in keys or key in got:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .base import Completion
+from llamaduo_nb.llm.base import Completion
 
 
 class ResponseCache:

@@ -11,119 +11,42 @@ with a reason; none is lost and none raises out of `run`.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
 import threading
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-import jsonschema
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
-from ..progress import tqdm
+from llamaduo_nb.progress import tqdm
 
-from ..errors import UserError
-from .base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError
-from .cache import ResponseCache
-
-
-@dataclass
-class Accounting:
-    requests: int = 0
-    cache_hits: int = 0
-    api_calls: int = 0
-    retries: int = 0
-    reasks: int = 0
-    failures: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    failure_reasons: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["cost_usd"] = round(self.cost_usd, 6)
-        return out
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError
+from llamaduo_nb.llm.cache import ResponseCache
+from llamaduo_nb.llm.common import Accounting, describe_error, reask_request, validate_output
 
 
-def api_key(cfg) -> Optional[str]:
-    """The key from the environment variable the params name; never logged."""
-    if not cfg.api_key_env:
-        return None
-    value = os.environ.get(cfg.api_key_env)
-    if not value:
-        raise UserError(f"service '{cfg.label}': environment variable {cfg.api_key_env} is not set (it must hold the API key)")
-    return value
-
-
-def check_keys(services) -> None:
-    """Fail before any work starts when a needed key is missing."""
-    for cfg in services:
-        if cfg.backend != "local" and cfg.api_key_env:
-            api_key(cfg)
+_LOCAL_BACKENDS: dict = {}  # one in-process model per process: the judge and pairwise share its loaded weights and memo
 
 
 def make_backend(cfg) -> Backend:
     if cfg.backend == "local":
-        from .local import LocalBackend
+        from llamaduo_nb.llm.local import LocalBackend
 
-        return LocalBackend(cfg)
+        if cfg.model not in _LOCAL_BACKENDS:
+            _LOCAL_BACKENDS[cfg.model] = LocalBackend(cfg)
+        return _LOCAL_BACKENDS[cfg.model]
     if cfg.backend == "openai":
-        from .openai_backend import OpenAIBackend
+        from llamaduo_nb.llm.openai_backend import OpenAIBackend
 
         return OpenAIBackend(cfg)
     if cfg.backend == "anthropic":
-        from .anthropic_backend import AnthropicBackend
+        from llamaduo_nb.llm.anthropic_backend import AnthropicBackend
 
         return AnthropicBackend(cfg)
     if cfg.backend == "gemini":
-        from .gemini_backend import GeminiBackend
+        from llamaduo_nb.llm.gemini_backend import GeminiBackend
 
         return GeminiBackend(cfg)
     raise UserError(f"service.backend: unknown backend '{cfg.backend}'")
-
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
-def extract_json(text: str) -> Any:
-    """Parse the JSON object in a model's reply (bare, fenced, or with prose around it)."""
-    candidates = [text.strip()]
-    candidates += [m.strip() for m in _FENCE.findall(text)]
-    start, end = text.find("{"), text.rfind("}")
-    if start != -1 and end > start:
-        candidates.append(text[start : end + 1])
-    last_error = None
-    for cand in candidates:
-        try:
-            return json.loads(cand)
-        except (json.JSONDecodeError, ValueError) as exc:
-            last_error = exc
-    raise ValueError(f"no JSON object found ({last_error})")
-
-
-def validate_output(text: str, schema: Optional[dict]) -> Any:
-    if schema is None:
-        return None
-    obj = extract_json(text)
-    try:
-        jsonschema.validate(obj, schema)
-    except jsonschema.ValidationError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise ValueError(f"schema: {path}: {exc.message}") from None
-    return obj
-
-
-def reask_request(request: ChatRequest, bad_text: str, problem: str) -> ChatRequest:
-    messages = tuple(request.messages) + (
-        {"role": "assistant", "content": bad_text},
-        {"role": "user", "content": f"That reply was not valid ({problem[:300]}). Reply again with only the JSON object that follows the requested format."},
-    )
-    return ChatRequest(
-        messages=messages, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
-        json_schema=request.json_schema, repeat=request.repeat, judge_inputs=request.judge_inputs,
-    )
 
 
 class _Failed(Exception):
@@ -212,7 +135,7 @@ class ServiceLLM:
             self.backend = make_backend(self.cfg)
         cfg = self.cfg
         if getattr(cfg, "batch_api", False):  # the provider's batch API instead of live calls (llm/batch.py)
-            from .batch import run_batch_api
+            from llamaduo_nb.llm.batch import run_batch_api
 
             return await run_batch_api(self, requests, desc, progress)
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
@@ -299,9 +222,9 @@ class ServiceLLM:
                     completion = await self._attempt(request)
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            raise _Failed(f"gave up after {cfg.max_retries + 1} tries: {_describe(last)}") from None
+            raise _Failed(f"gave up after {cfg.max_retries + 1} tries: {describe_error(last)}") from None
         except PermanentError as exc:
-            raise _Failed(f"refused: {_describe(exc)}") from None
+            raise _Failed(f"refused: {describe_error(exc)}") from None
         self.cache.put(key, cfg.backend, cfg.model, completion)
         acc = self.accounting
         acc.input_tokens += completion.input_tokens
@@ -327,9 +250,3 @@ class ServiceLLM:
                 raise TransientError(f"no answer within {self.cfg.timeout_s * 1.5:.0f} s") from None
 
 
-def _describe(exc: Optional[BaseException]) -> str:
-    if exc is None:
-        return "unknown error"
-    status = getattr(exc, "status", None)
-    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return f"{status} {text}" if status else text

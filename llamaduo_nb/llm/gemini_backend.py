@@ -22,9 +22,9 @@ from typing import Optional
 from google import genai
 from google.genai import errors, types
 
-from ..errors import UserError
-from .base import Backend, ChatRequest, Completion, PermanentError, TransientError
-from .openai_backend import Scrubber, is_transient_status, resolve_key, retry_after_from_headers, split_system
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentError, TransientError
+from llamaduo_nb.llm.common import Scrubber, is_transient_status, resolve_key, retry_after_from_headers, split_system
 
 _DELAY = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
 

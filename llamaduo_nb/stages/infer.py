@@ -1,10 +1,15 @@
 """Stage 5 · infer: every fine-tuned model answers every test prompt K times.
 
-Reads: `coverage/test.jsonl`, `models/runs.csv` and the adapters. Writes:
-`responses/<task>/<model>/<volume>.jsonl` (prompt_id, volume, k, response, tokens, latency),
-`responses/summary.csv`, DONE.json. Volume 0 is the base model without an adapter, the
-baseline every volume is compared with. `infer.engine` picks transformers (default),
-vLLM's offline engine (CUDA) or any OpenAI-compatible server.
+Reads: `coverage/test.jsonl`, `finetune/runs.csv` and the adapters. Writes:
+`infer/<task>/<model>/<volume>.jsonl` (prompt_id, volume, k, response, tokens, latency) with its
+unit record `<volume>.jsonl.unit.json`, `infer/summary.csv`, DONE.json. Volume 0 is the base model
+without an adapter, the baseline every volume is compared with. `infer.engine` picks transformers
+(default), vLLM's offline engine (CUDA) or any OpenAI-compatible server.
+
+Units: one answer file per (task, model, volume), made from `infer.*` (K, sampling, batch size:
+the generation seed is per batch), the seed, the base model and chat template, the task's test
+prompts and the content of the adapter's weights. Only files whose unit is not current are
+answered again; files of cells no longer in the grid are moved to `orphaned/`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from .progress import tqdm
+from llamaduo_nb.progress import tqdm
 
-from . import coverage, finetune
-from .errors import UserError
-from .io import fingerprint, read_jsonl, write_csv, write_jsonl
-from .models import generate_chat, load_model, load_tokenizer, short_name
-from .params import Params
-from .stage import StageResult, StageRun, cycle_folder, cycle_of, stage_dir
+from llamaduo_nb.stages import coverage
+
+from llamaduo_nb.stages import finetune
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.models import generate_chat, load_model, load_tokenizer, short_name
+from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_folder, cycle_of, read_done, set_aside, stage_dir
 
 
 def unit_path(run_dir: Path | str, task: str, model: str, volume: int) -> Path:
@@ -67,7 +74,7 @@ def _answer_vllm(params: Params, run_dir: Path, task: str, model_ref: str, units
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from .models import resolve
+    from llamaduo_nb.models import resolve
 
     cfg = params.infer
     src = resolve(model_ref)
@@ -110,6 +117,16 @@ def _answer_openai(params: Params, task: str, model_name: str, volume: int, prom
     return rows
 
 
+def answer_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, prompts: list[dict],
+                adapter_content: str | None) -> Unit:
+    made_from = {
+        "infer": params.infer.model_dump(mode="json"), "seed": params.seed, "base_model": model_ref,
+        "chat_template": params.finetune.chat_template, "volume": volume, "adapter": adapter_content,
+        "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts]),
+    }
+    return Unit.file(unit_path(run_dir, task, short_name(model_ref), volume), made_from)
+
+
 def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
     stage = StageRun("infer", params, run_dir, force)
     if stage.up_to_date():
@@ -118,39 +135,60 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     stage.begin()
     test = coverage.load(run_dir, "test")
     runs = finetune.load_runs(run_dir)
-    summary = []
+    summary, redone, outputs = [], [], []
+    wanted = set()
     for task in params.tasks:
         prompts = [p for p in test if p["task"] == task]
         for model_ref in params.finetune.base_models:
             model_name = short_name(model_ref)
             adapters = runs[(runs.task == task) & (runs.local_model == model_name)].sort_values("volume")
-            units = [{"volume": 0, "adapter": None}] + [{"volume": int(r.volume), "adapter": r.adapter} for r in adapters.itertuples()]
-            todo = [u for u in units if not unit_path(run_dir, task, model_name, u["volume"]).exists() or force]
-            if cycle_of(run_dir) > 1 and any(u["volume"] == 0 for u in todo):
-                base_answers = unit_path(cycle_folder(run_dir, 1), task, model_name, 0)
-                if base_answers.exists():  # the base model is the same in every cycle: reuse cycle 1's answers
-                    write_jsonl(unit_path(run_dir, task, model_name, 0), read_jsonl(base_answers))
-                    todo = [u for u in todo if u["volume"] != 0]
+            cells = [{"volume": 0, "adapter": None, "content": None}]
+            cells += [{"volume": int(r.volume), "adapter": r.adapter, "content": r.content} for r in adapters.itertuples()]
+            units = {c["volume"]: answer_unit(params, run_dir, task, model_ref, c["volume"], prompts, c["content"]) for c in cells}
+            wanted |= {u.outputs[0] for u in units.values()}
+            todo = [c for c in cells if not units[c["volume"]].current(force)]
+            if cycle_of(run_dir) > 1 and any(c["volume"] == 0 for c in todo) and _reuse_base_answers(params, run_dir, units[0], force):
+                todo = [c for c in todo if c["volume"] != 0]  # the base model is the same in every cycle
+            for c in todo:
+                units[c["volume"]].discard()
             answers: dict = {}
             if todo and params.infer.engine == "vllm":
                 answers = _answer_vllm(params, Path(run_dir), task, model_ref, todo, prompts)
             elif todo and params.infer.engine == "openai":
-                answers = {u["volume"]: _answer_openai(params, task, model_name, u["volume"], prompts) for u in todo}
+                answers = {c["volume"]: _answer_openai(params, task, model_name, c["volume"], prompts) for c in todo}
             elif todo:
                 answers = _answer_all_volumes(params, Path(run_dir), task, model_ref, todo, prompts)
-            for unit in units:
-                path = unit_path(run_dir, task, model_name, unit["volume"])
-                if unit["volume"] in answers:
-                    rows = [dict(r, task=task, local_model=model_name, volume=unit["volume"]) for r in answers[unit["volume"]]]
+            for cell in cells:
+                unit = units[cell["volume"]]
+                path = unit.outputs[0]
+                if cell["volume"] in answers:
+                    rows = [dict(r, task=task, local_model=model_name, volume=cell["volume"]) for r in answers[cell["volume"]]]
                     write_jsonl(path, rows)  # one file per volume: a crash loses at most the volume in progress
+                    unit.commit(task=task, local_model=model_name, volume=cell["volume"], answers=len(rows))
+                    redone.append(f"{task}/{model_name}/{cell['volume']}")
                 rows = read_jsonl(path)
-                summary.append({"task": task, "local_model": model_name, "volume": unit["volume"], "answers": len(rows),
+                outputs.append(str(path.relative_to(stage_dir(run_dir, "infer"))))
+                summary.append({"task": task, "local_model": model_name, "volume": cell["volume"], "answers": len(rows),
                                 "mean_output_tokens": round(sum(r["output_tokens"] or 0 for r in rows) / max(1, len(rows)), 1),
                                 "truncated": sum(r["finish_reason"] == "length" for r in rows),
                                 "mean_latency_s": round(sum(r["latency_s"] for r in rows) / max(1, len(rows)), 3)})
+    present = set(stage_dir(run_dir, "infer").glob("*/*/*.jsonl"))
+    set_aside(run_dir, "infer", sorted(present - wanted), "task, local model or volume dropped from the params")
     frame = pd.DataFrame(summary)
     write_csv(stage_dir(run_dir, "infer") / "summary.csv", frame)
-    return stage.finish({"units": len(summary), "answers": int(frame["answers"].sum()) if len(frame) else 0})
+    return stage.finish({"units": len(summary), "answered": len(redone), "reused": len(summary) - len(redone),
+                         "answers": int(frame["answers"].sum()) if len(frame) else 0},
+                        outputs=outputs, units={"redone": redone})
+
+
+def _reuse_base_answers(params: Params, run_dir: Path | str, unit: Unit, force: bool) -> bool:
+    """Copy cycle 1's base-model answers when they were made from the same things (a forced infer answers anew)."""
+    first = Unit.file(unit_path(cycle_folder(run_dir, 1), *unit.outputs[0].parts[-3:-1], 0), unit.made_from)
+    if force or not first.current():
+        return False
+    write_jsonl(unit.outputs[0], read_jsonl(first.outputs[0]))
+    unit.commit(copied_from=str(first.outputs[0].relative_to(cycle_folder(run_dir, 1))))
+    return True
 
 
 def _answer_all_volumes(params: Params, run_dir: Path, task: str, model_ref: str, units: list[dict], prompts: list[dict]) -> dict:
@@ -187,7 +225,11 @@ def _answer_all_volumes(params: Params, run_dir: Path, task: str, model_ref: str
 
 
 def load_responses(run_dir: Path | str) -> pd.DataFrame:
+    """The answers of the current grid: the files infer's DONE.json lists (never a file it did not make)."""
+    done = read_done(run_dir, "infer") or {}
     rows = []
-    for path in sorted(stage_dir(run_dir, "infer").glob("*/*/*.jsonl")):
-        rows += read_jsonl(path)
+    for name in done.get("outputs", []):
+        path = stage_dir(run_dir, "infer") / name
+        if path.exists():
+            rows += read_jsonl(path)
     return pd.DataFrame(rows)

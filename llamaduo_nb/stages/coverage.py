@@ -3,7 +3,8 @@
 Reads: the bundled set (`llamaduo_nb/data/coverage.jsonl`, written for this project in
 No Robots' schema), `HuggingFaceH4/no_robots` from the Hub, or a local JSONL/parquet file.
 Writes: `coverage/train.jsonl`, `coverage/test.jsonl` (rows with `task` added),
-`coverage/counts.csv`, DONE.json.
+`coverage/counts.csv`, DONE.json. One unit: the split, made from the source's content, the tasks,
+`coverage.*` and the seed (which shuffles a source without a split of its own).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
-from .io import read_jsonl, write_csv, write_jsonl
-from .params import TASK_CATEGORIES, Params
-from .stage import StageResult, StageRun, stage_dir
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, TASK_CATEGORIES, Params
+from llamaduo_nb.pipeline.units import StageResult, StageRun, stage_dir
 
-BUNDLED = Path(__file__).parent / "data" / "coverage.jsonl"
+BUNDLED = BUNDLED_COVERAGE
 REQUIRED = ("prompt", "prompt_id", "messages", "category")
 CATEGORY_TASKS = {v: k for k, v in TASK_CATEGORIES.items()}
 
@@ -150,7 +151,8 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     write_jsonl(out / "test.jsonl", test)
     counts = counts_frame(train, test)
     write_csv(out / "counts.csv", counts)
-    return stage.finish({"train": len(train), "test": len(test), "tasks": len(params.tasks)})
+    return stage.finish({"train": len(train), "test": len(test), "tasks": len(params.tasks)},
+                        outputs=["train.jsonl", "test.jsonl", "counts.csv"])
 
 
 def counts_frame(train: list[dict], test: list[dict]) -> pd.DataFrame:

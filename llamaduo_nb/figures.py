@@ -1,20 +1,12 @@
-"""Stage 7 · report: the paper's figures, the metrics table, and the answer browser.
+"""The report's figures: publication-ready matplotlib figures drawn from tables (no run-folder IO).
 
-Reads: `metrics.csv` (at the run folder's top, every cycle), each cycle's `dedup/funnel.csv`,
-`models/` training logs and `manifest.json`, and `cycles.json` when the run cycled. Writes
-`figures/*.png` and `figures/*.svg` (publication-ready: labelled axes, log2 volume axis, a panel
-per task, a line per local model, shaded 95 % CI), `figures/metrics_table.csv`, DONE.json.
-
-Cycles: cycle 1 is the run folder itself, cycle t ≥ 2 is `<run>/cycle-<t>/`. metrics.csv holds
-the rows of every cycle (column `cycle`); a cycle ≥ 2 trains one adapter per (task, local model)
-on everything kept so far, so its volume is the pool size. The base model (volume 0) is
-answered again in every cycle; the figures and the table show it once (its first cycle).
+Labelled axes, a log2 volume axis, a panel per task, a line per local model, shaded 95 % CI. The
+report stage (`stages/report.py`) reads the run and saves them as PNG + SVG; notebooks draw them inline.
 """
 
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
@@ -25,27 +17,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from . import cycle as _cycle
-from . import evaluate, finetune
-from .cycle import with_cycle
-from .io import read_json, save_figure, write_csv
-from .params import CycleTarget, Params
-from .stage import STAGES, StageResult, StageRun, cycle_folders, root_of, stage_dir
+from llamaduo_nb.pipeline import cycle as _cycle
+from llamaduo_nb.pipeline.cycle import with_cycle
+from llamaduo_nb.pipeline.params import CycleTarget
+from llamaduo_nb.pipeline.units import STAGES
 
-NOT_THE_PAPER = (
-    "Offline stand-in: the judge is the local model itself, scoring by likelihood. "
-    "These numbers show the pipeline works; they are not the paper's numbers."
-)
 KEY = ["task", "local_model", "judge", "metric"]
 CI_ALPHA = 0.18
-
-
-# -- reading a run (every cycle) -------------------------------------------------------------------
-
-
-def load_metrics(run_dir: Path | str) -> pd.DataFrame:
-    """metrics.csv of the run (the top folder's, which holds every cycle), with a `cycle` column."""
-    return with_cycle(evaluate.load_metrics(root_of(run_dir)))
 
 
 def base_once(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -55,71 +33,6 @@ def base_once(metrics: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in KEY if k in data.columns]
     first = data[base].sort_values("cycle", kind="stable").drop_duplicates(keys)
     return pd.concat([first, data[~base]]).sort_index()
-
-
-def load_cycles(run_dir: Path | str) -> dict | None:
-    """`<run>/cycles.json` (written by the runner when it cycles), or None."""
-    path = root_of(run_dir) / _cycle.CYCLES_JSON
-    return read_json(path) if path.exists() else None
-
-
-def cycles_table(cycles: dict | None) -> pd.DataFrame:
-    """cycles.json as a table: one row per (cycle, task, local model, judge) score checked against the target."""
-    cols = ["cycle", "task", "local_model", "judge", "volume", "value", "met", "cycle_met", "new_pairs", "kept_pairs_total", "cost_usd"]
-    rows = []
-    for c in (cycles or {}).get("cycles", []):
-        new, kept = c.get("new_pairs") or {}, c.get("kept_pairs_total") or {}
-        for s in c.get("scores") or [{}]:
-            task = s.get("task")
-            rows.append({"cycle": c.get("cycle"), "task": task, "local_model": s.get("local_model"), "judge": s.get("judge"),
-                         "volume": s.get("volume"), "value": s.get("value"), "met": s.get("met"), "cycle_met": c.get("met"),
-                         "new_pairs": new.get(task) if task else sum(new.values()),
-                         "kept_pairs_total": kept.get(task) if task else sum(kept.values()), "cost_usd": c.get("cost_usd")})
-    return pd.DataFrame(rows, columns=cols)
-
-
-def load_funnels(run_dir: Path | str) -> pd.DataFrame:
-    """Every cycle's dedup/funnel.csv, with a `cycle` column."""
-    frames = []
-    for cycle, folder in cycle_folders(run_dir):
-        path = stage_dir(folder, "deduplicate") / "funnel.csv"
-        if path.exists():
-            frames.append(pd.read_csv(path).assign(cycle=cycle))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def load_train_logs(run_dir: Path | str) -> pd.DataFrame:
-    """Every cycle's training logs, with a `cycle` column."""
-    frames = []
-    for cycle, folder in cycle_folders(run_dir):
-        if stage_dir(folder, "finetune").exists():
-            logs = finetune.load_train_logs(folder)
-            if not logs.empty:
-                frames.append(logs.assign(cycle=cycle))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-LLM_KEYS = ("requests", "cache_hits", "api_calls", "input_tokens", "output_tokens", "cost_usd")
-
-
-def stage_costs(run_dir: Path | str) -> pd.DataFrame:
-    """One row per (cycle, stage) from every cycle's manifest.json: wall time and the service-LLM
-    accounting summed over services (judges included)."""
-    cols = ["cycle", "stage", "seconds", *LLM_KEYS]
-    rows = []
-    for cycle, folder in cycle_folders(run_dir):
-        path = Path(folder) / "manifest.json"
-        if not path.exists():
-            continue
-        for stage, record in (read_json(path).get("stages") or {}).items():
-            row = {"cycle": cycle, "stage": stage, "seconds": float(record.get("seconds") or 0.0)}
-            for key in LLM_KEYS:
-                row[key] = sum(float((acc or {}).get(key) or 0) for acc in (record.get("llm") or {}).values())
-            rows.append(row)
-    frame = pd.DataFrame(rows, columns=cols)
-    order = {s: i for i, s in enumerate(STAGES)}
-    return frame.sort_values(["cycle", "stage"], key=lambda s: s.map(order).fillna(len(order)) if s.name == "stage" else s,
-                             kind="stable").reset_index(drop=True)
 
 
 # -- figure helpers ----------------------------------------------------------------------------------
@@ -338,10 +251,9 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
     return fig
 
 
-def cost_per_stage(run_dir_or_costs):
-    """Service-LLM calls, estimated cost (USD) and wall time per stage, bars grouped by cycle, from every
-    cycle's manifest.json (or a `stage_costs` frame)."""
-    costs = run_dir_or_costs if isinstance(run_dir_or_costs, pd.DataFrame) else stage_costs(run_dir_or_costs)
+def cost_per_stage(costs: pd.DataFrame):
+    """Service-LLM calls, estimated cost (USD) and wall time per stage, bars grouped by cycle (a
+    `stages.report.stage_costs` frame, read from every cycle's manifest.json)."""
     stages = [s for s in STAGES if s in set(costs["stage"])] + sorted(set(costs["stage"]) - set(STAGES))
     cycles = sorted(costs["cycle"].unique()) if not costs.empty else [1]
     minutes = not costs.empty and costs["seconds"].max() > 600
@@ -436,67 +348,13 @@ def loss_curves(logs: pd.DataFrame):
     return fig
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("report", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
-    stage.begin()
-    out = stage_dir(run_dir, "report")
-    metrics = load_metrics(run_dir)
-    zetas = params.evaluate.zetas
-    written = []
-    for metric in ("similarity", "precision"):
-        written += save_figure(score_vs_volume(metrics, metric), out / f"{metric}_vs_volume")
-        written += save_figure(coverage_bars(metrics, metric, zetas), out / f"{metric}_coverage")
-    target = params.cycle.target
-    cycles = load_cycles(run_dir)
-    written += save_figure(score_across_cycles(metrics, target, judge=params.judges[0].label,
-                                               stop_reason=(cycles or {}).get("stop_reason")), out / "score_across_cycles")
-    written += save_figure(cost_per_stage(root_of(run_dir)), out / "cost_per_stage")
-    funnels = load_funnels(run_dir)
-    if not funnels.empty:
-        written += save_figure(funnel_plot(funnels), out / "dedup_funnel")
-    logs = load_train_logs(run_dir)
-    if not logs.empty:
-        written += save_figure(loss_curves(logs), out / "training_loss")
-    plt.close("all")
-    write_csv(out / "metrics_table.csv", metrics_table(metrics, zetas))
-    return stage.finish({"figures": len(written) // 2}, outputs={"figures": [str(p) for p in written]})
-
-
-def metrics_table(metrics: pd.DataFrame, zetas=(50, 70)) -> pd.DataFrame:
-    """The paper's table: one row per (cycle, task, model, judge, volume), similarity and precision side
-    by side (the base model once, in its first cycle)."""
-    cols = ["mean", "median"] + [f"coverage_{z}" for z in zetas]
-    index = ["cycle", "task", "local_model", "judge", "volume"]
-    wide = base_once(metrics).pivot_table(index=index, columns="metric", values=cols)
-    wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
-    ordered = [f"{m}_{c}" for m in ("similarity", "precision") for c in cols if f"{m}_{c}" in wide.columns]
-    return wide[ordered].round(1).reset_index()
-
-
-def compare_runs(run_dirs: list[Path | str], out_dir: Path | str) -> list[Path]:
-    """Overlay several runs: one line per (run, local model, judge) in the score-vs-volume figures."""
-    frames = []
-    for run_dir in run_dirs:
-        metrics = load_metrics(run_dir)
-        frames.append(metrics.assign(local_model=Path(run_dir).name + ": " + metrics["local_model"].astype(str)))
-    merged = pd.concat(frames, ignore_index=True)
-    out_dir = Path(out_dir)
-    written = []
-    for metric in ("similarity", "precision"):
-        written += save_figure(score_vs_volume(merged, metric), out_dir / f"{metric}_vs_volume")
-    plt.close("all")
-    write_csv(out_dir / "metrics.csv", merged)
-    return written
-
 
 # -- deeper evaluation: judge spread, pairwise verdicts, judge vs reference metrics ----------------
 
 
 def judge_spread_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Judge reliability per metrics.csv row: spread over M (judge_std), failed share, the mean's 95% CI."""
-    from .metrics import judge_spread
+    from llamaduo_nb.methods.metrics import judge_spread
 
     return judge_spread(metrics)
 

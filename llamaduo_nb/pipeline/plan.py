@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .params import Params
+from llamaduo_nb.pipeline.params import Params
 
 # Assumptions for the estimate (printed with it): tokens per synthesis request and reply, per judge
 # request and reply, and fine-tuning throughput on one GPU.
@@ -21,7 +21,7 @@ def test_prompts_per_task(params: Params) -> int | None:
         return params.coverage.max_test_prompts
     if params.coverage.source == "hub":
         return None
-    from . import coverage
+    from llamaduo_nb.stages import coverage
 
     try:
         _, test = coverage.split_rows(coverage.load_rows(params), params)

@@ -1,8 +1,12 @@
 """Stage 2 · synthesize: the service LLM writes new pairs from seed pairs of the train split.
 
-Reads: `coverage/train.jsonl`. Writes: `synth/pairs.jsonl` (one row per valid pair, with
-provenance: seed prompt_id, service model, prompt version, cycle; cycle t ≥ 2 runs in `cycle-<t>/`), `synth/calls.jsonl`
-(one row per request: ok or the reason it failed), `synth/counts.csv`, DONE.json.
+Reads: `coverage/train.jsonl`. Writes: `synthesize/pairs.jsonl` (one row per valid pair, with
+provenance: seed prompt_id, service model, prompt version, cycle; cycle t ≥ 2 runs in `cycle-<t>/`),
+`synthesize/calls.jsonl` (one row per request: ok or the reason it failed), `synthesize/counts.csv`, DONE.json.
+
+Units: each call. A request is identified by its content (messages built from the seed pair and the
+prompt file, sampling settings, schema, call number, service model), and the run's response cache
+answers a request it has seen, so a changed setting sends only the requests it changed.
 
 Requests go out in rounds until each task has `samples_per_task` valid pairs (the first round
 asks for `expected_loss` more; later rounds top up by the yield observed so far), at most
@@ -19,14 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import coverage
-from .io import read_jsonl, write_csv, write_jsonl
-from .llm import cache_for
-from .llm.base import ChatRequest
-from .llm.client import ServiceLLM
-from .params import Params
-from .prompts import Prompt, load_prompt
-from .stage import StageResult, StageRun, cycle_of, stage_dir
+from llamaduo_nb.stages import coverage
+from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.llm import cache_for
+from llamaduo_nb.llm.base import ChatRequest
+from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.prompts import Prompt, load_prompt
+from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_dir
 
 
 CALLS_PER_CYCLE = 10**7  # call numbers of cycle t start at (t-1)·10^7: no request repeats an earlier cycle's
@@ -113,7 +117,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         {"calls": len(calls), "failed_calls": sum(not c["ok"] for c in calls), "pairs": len(flat),
          "rounds": max((c["round"] for c in calls), default=0), "short_tasks": ",".join(short) or "none",
          "prompt": f"{prompt.name} v{prompt.version} ({prompt.fingerprint})"},
-        llm={params.service.label: service.accounting.as_dict()},
+        outputs=["pairs.jsonl", "calls.jsonl", "counts.csv"], llm={params.service.label: service.accounting.as_dict()},
     )
 
 
@@ -123,7 +127,7 @@ def push_to_hub(pairs: list[dict], repo_id: str) -> None:
 
     from datasets import Dataset
 
-    from .errors import UserError
+    from llamaduo_nb.errors import UserError
 
     if not os.environ.get("HF_TOKEN"):
         raise UserError("synthesize.push_to_hub: set HF_TOKEN in the environment to push to the Hub")

@@ -11,8 +11,8 @@ the judge; it is a tie in both orders and is left out of the inconsistency rate.
 A verdict the judge failed to give (call failed, reply not JSON, winner not A/B/tie) is the
 sentinel "error": counted, never raised, never a win, tie or loss.
 
-Writes `judgements/pairwise.jsonl` (one row per verdict) and `pairwise.csv` at the run
-folder's top, one row per (cycle, task, local_model, judge, volume):
+The evaluate stage writes `evaluate/pairwise.jsonl` (one row per verdict) and `pairwise.csv` at
+the run folder's top, one row per (cycle, task, local_model, judge, volume) (`summarise`):
 - `win`, `tie`, `loss`: % of valid verdicts (both orders counted), from the tuned model's side;
 - `errors`, `error_share` (% of all verdicts);
 - `position_inconsistency`: % of compared pairs (both verdicts valid, answers differ) whose
@@ -26,17 +26,13 @@ folder's top, one row per (cycle, task, local_model, judge, volume):
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 
-from .errors import UserError
-from .io import read_jsonl, write_jsonl
-from .llm.base import ChatRequest
-from .prompts import Prompt, load_prompt
-from .cycle import publish
-from .stage import cycle_of, stage_dir
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.llm.base import ChatRequest
+from llamaduo_nb.prompts import Prompt, load_prompt
 
 PAIRWISE_JSONL = "pairwise.jsonl"
 VERDICTS = ("A", "B", "tie")
@@ -46,14 +42,6 @@ GROUP = ["cycle", "task", "local_model", "judge", "volume"]
 SUMMARY_COLUMNS = GROUP + ["baseline_volume", "pairs", "judgements", "win", "tie", "loss", "errors", "error_share",
                            "compared_pairs", "position_inconsistency", "consistent_win", "consistent_tie",
                            "consistent_loss", "first_position_preference", "identical_pairs"]
-
-
-def pairwise_file(run_dir: Path | str) -> Path:
-    return stage_dir(run_dir, "evaluate") / PAIRWISE_JSONL
-
-
-def summary_file(run_dir: Path | str) -> Path:
-    return Path(run_dir) / "pairwise.csv"
 
 
 def load_pairwise_prompt(name: str) -> Prompt:
@@ -94,7 +82,7 @@ def build_requests(params, judge, responses: pd.DataFrame, references: dict,
                 req = ChatRequest(
                     messages=prompt.messages(instruction=ref["instruction"], reference=ref["reference"], answer_a=a, answer_b=b),
                     temperature=cfg.pairwise_temperature, top_p=1.0, max_tokens=cfg.max_new_tokens, json_schema=prompt.schema,
-                    judge_inputs=(ref["instruction"], ref["reference"], a, b) if judge.backend == "local" else (),
+                    fields=(("instruction", ref["instruction"]), ("reference", ref["reference"]), ("answer_a", a), ("answer_b", b)),
                 )
             jobs.append((meta, req))
     return jobs
@@ -106,7 +94,7 @@ def parse_verdict(result) -> tuple[str, Optional[str]]:
         return ERROR, None
     parsed = result.parsed
     if parsed is None and result.text:
-        from .llm.client import extract_json
+        from llamaduo_nb.llm.common import extract_json
 
         try:
             parsed = extract_json(result.text)
@@ -189,33 +177,3 @@ def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, servic
     results = service.run([jobs[i][1] for i in sent], desc="pairwise ×2 orders") if sent else []
     by_job = dict(zip(sent, results))
     return [judgement_row(meta, by_job.get(i)) for i, (meta, _) in enumerate(jobs)]
-
-
-def run(params, run_dir: Path | str, responses: pd.DataFrame, references: dict, make_service) -> tuple[pd.DataFrame, dict]:
-    """Every judge's pairwise verdicts; writes judgements/pairwise.jsonl and pairwise.csv. Returns (summary, accounting).
-
-    `make_service(judge)` gives the ServiceLLM for a judge (the evaluate stage passes one sharing the run's cache).
-    """
-    load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
-    rows, accounting = [], {}
-    for judge in params.judges:
-        service = make_service(judge)
-        rows += judge_pairs(params, judge, responses, references, service)
-        accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
-    for row in rows:
-        row["cycle"] = cycle_of(run_dir)
-    write_jsonl(pairwise_file(run_dir), rows)
-    summary = summarise(pd.DataFrame(rows))
-    publish(run_dir, "pairwise.csv", summary)  # this cycle's rows, also merged into the run's pairwise.csv
-    return summary, accounting
-
-
-def load_pairwise(run_dir: Path | str) -> pd.DataFrame:
-    """pairwise.csv, or an empty frame when the run did no pairwise comparison."""
-    path = summary_file(run_dir)
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=SUMMARY_COLUMNS)
-
-
-def load_verdicts(run_dir: Path | str) -> pd.DataFrame:
-    path = pairwise_file(run_dir)
-    return pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()

@@ -1,12 +1,17 @@
 """Stage 4 · finetune: LoRA (QLoRA on CUDA) with TRL's SFTTrainer, one adapter per volume.
 
-Reads: `dedup/kept.jsonl`. Writes, per (task, base model, volume):
-`models/<task>/<model>/<volume>/` (LoRA adapter, tokenizer, `train_log.csv`, `UNIT.json`), and
-`models/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` pairs of one fixed,
+Reads: `deduplicate/kept.jsonl` (and every earlier cycle's). Writes, per (task, base model, volume):
+`finetune/<task>/<model>/<volume>/` (LoRA adapter, tokenizer, `train_log.csv`, `UNIT.json`), and
+`finetune/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` pairs of one fixed,
 seeded shuffle of the task's kept pairs, so larger volumes contain smaller ones. In a later cycle
 (`cycle-<t>/`) one adapter per (task, model) is trained on every pair kept so far, its volume
-being their number. A finished volume is never retrained; an interrupted one resumes from its
-last checkpoint.
+being their number.
+
+Units: one adapter per (task, model, volume), made from the training settings (`finetune.*` but
+the grid lists), the base model, the seed and the content of the pairs it trains on. An adapter
+whose unit is current is reused; any other is retrained (an interrupted one resumes from its last
+complete checkpoint when its fingerprint is the same). Adapters of cells no longer in the grid are
+moved to `orphaned/`.
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import dedup
-from .io import read_json, write_csv, write_json, fingerprint
-from .models import load_model, load_tokenizer, short_name
-from .params import FinetuneParams, Params
-from .stage import StageResult, StageRun, cycle_of, stage_dir
+from llamaduo_nb.io import fingerprint, read_json, write_csv, write_json
+from llamaduo_nb.models import load_model, load_tokenizer, short_name
+from llamaduo_nb.pipeline.params import FinetuneParams, Params
+from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_of, set_aside, stage_dir
 
 
 def training_order(pairs: list[dict], seed: int) -> list[dict]:
@@ -128,37 +132,61 @@ def lora_config(cfg: FinetuneParams):
     )
 
 
-def effective_quantization(cfg: FinetuneParams) -> str:
+def effective_quantization(cfg: FinetuneParams, warn: bool = True) -> str:
     import torch
 
     if cfg.quantization == "nf4" and not torch.cuda.is_available():
-        warnings.warn("finetune.quantization is nf4 (QLoRA) but no CUDA GPU is present: training plain LoRA in float32 instead")
+        if warn:
+                warnings.warn("finetune.quantization is nf4 (QLoRA) but no CUDA GPU is present: training plain LoRA in float32 instead")
         return "none"
     return cfg.quantization
 
 
-def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict], callbacks=None) -> dict:
-    """Train one adapter (or return the record of one already trained)."""
+def pairs_fingerprint(pairs: list[dict]) -> str:
+    """The content of a training set: ids, instructions and responses, in training order."""
+    return fingerprint([[p["id"], p["instruction"], p["response"]] for p in pairs])
+
+
+def adapter_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict]) -> Unit:
+    cfg = params.finetune
+    made_from = {
+        "finetune": cfg.model_dump(mode="json", exclude={"volumes", "base_models"}),
+        "quantization": effective_quantization(cfg, warn=False), "base_model": model_ref, "seed": params.seed,
+        "pairs": pairs_fingerprint(pairs), "n_train": len(pairs),
+    }
+    out = unit_dir(run_dir, task, model_ref, volume)
+    # the weights and their config are what later stages read: their content is the adapter's fingerprint
+    return Unit([out / name for name in ADAPTER_FILES], out / "UNIT.json", made_from)
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict], callbacks=None,
+               force: bool = False) -> dict:
+    """Train one adapter, or return the record of the current one."""
     from datasets import Dataset
     from trl import SFTTrainer
 
     cfg = params.finetune
-    out = unit_dir(run_dir, task, model_ref, volume)
-    unit_fp = fingerprint({"cfg": cfg.model_dump(mode="json", exclude={"volumes", "base_models"}), "ids": [p["id"] for p in pairs], "model": model_ref, "seed": params.seed})
-    record_path = out / "UNIT.json"
-    if record_path.exists():
-        record = read_json(record_path)
-        if record.get("fingerprint") == unit_fp:
-            return dict(record, skipped=True)
-        shutil.rmtree(out)  # params or data changed: this adapter is stale
+    unit = adapter_unit(params, run_dir, task, model_ref, volume, pairs)
+    out = unit.record_path.parent
+    record = unit.current(force)
+    if record:
+        return dict(record, skipped=True)
+    checkpoints = out / "checkpoints"
+    previous = unit.record() or (read_json(out / ".training.json") if (out / ".training.json").exists() else {})
+    unit.discard()
+    if out.exists() and (force or previous.get("fingerprint") != unit.fingerprint):
+        shutil.rmtree(out)  # params or data changed (or a forced redo): nothing of the old adapter is reused
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / ".training.json", {"fingerprint": unit.fingerprint})  # lets a killed run resume its checkpoints
     quant = effective_quantization(cfg)
     tokenizer = load_tokenizer(model_ref, cfg.chat_template)
     if quant == "nf4":
         model = load_model.__wrapped__(model_ref, "nf4")  # fresh 4-bit base for each adapter
     else:
         model = copy.deepcopy(load_model(model_ref, "none"))  # LoRA is injected in place: keep the cached base clean
-    checkpoints = out / "checkpoints"
     args = sft_config(cfg, checkpoints, params.seed, len(pairs))
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
@@ -178,27 +206,21 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     tokenizer.save_pretrained(out)
     shutil.rmtree(checkpoints, ignore_errors=True)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    record = {
-        "task": task, "local_model": short_name(model_ref), "base_model": model_ref, "volume": volume, "n_train": len(pairs),
-        "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 4), "seconds": seconds,
-        "quantization": quant, "trainable_params": int(trainable), "resumed": resume, "fingerprint": unit_fp,
-        "adapter": str(out.relative_to(Path(run_dir))),
-    }
-    write_json(record_path, record)
+    record = unit.commit(
+        task=task, local_model=short_name(model_ref), base_model=model_ref, volume=volume, n_train=len(pairs),
+        steps=trainer.state.global_step, train_loss=round(float(result.training_loss), 4), seconds=seconds,
+        quantization=quant, trainable_params=int(trainable), resumed=str(resume) if resume else None,
+        adapter=str(out.relative_to(Path(run_dir))),
+    )
+    (out / ".training.json").unlink(missing_ok=True)
     del trainer, model
     return dict(record, skipped=False)
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("finetune", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
-    stage.begin()
-    from .cycle import kept_before
-
-    kept = kept_before(run_dir) + dedup.load_kept(run_dir)
+def grid(params: Params, run_dir: Path | str, kept: list[dict]) -> list[tuple[str, str, int, list[dict]]]:
+    """(task, model, volume, pairs) of every adapter the current params ask for."""
     later_cycle = cycle_of(run_dir) > 1
-    records = []
+    cells = []
     for task in params.tasks:
         order = training_order([p for p in kept if p["task"] == task], params.seed)
         # cycle 1 sweeps the volumes; a later cycle trains once on every pair kept so far
@@ -208,19 +230,40 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
                 pairs = select_volume(order, volume)
                 if len(pairs) < volume:
                     warnings.warn(f"{task}: only {len(pairs)} deduplicated pairs for volume {volume}; training on {len(pairs)}")
-                if not pairs:
-                    continue
-                print(f"finetune {task} · {short_name(model_ref)} · volume {volume} ({len(pairs)} pairs)", flush=True)
-                records.append(train_unit(params, run_dir, task, model_ref, volume, pairs))
+                if pairs:
+                    cells.append((task, model_ref, volume, pairs))
+    return cells
+
+
+def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
+    stage = StageRun("finetune", params, run_dir, force)
+    if stage.up_to_date():
+        return stage.skipped()
+    stage.begin()
+    from llamaduo_nb.stages.deduplicate import kept_before, load_kept
+
+    cells = grid(params, run_dir, kept_before(run_dir) + load_kept(run_dir))
+    wanted = {unit_dir(run_dir, task, model_ref, volume) for task, model_ref, volume, _ in cells}
+    folder = stage_dir(run_dir, "finetune")
+    present = {p.parent for p in folder.glob("*/*/*/UNIT.json")} | {p.parent for p in folder.glob("*/*/*/.training.json")}
+    set_aside(run_dir, "finetune", sorted(present - wanted), "task, local model or volume dropped from the params")
+    records = []
+    for task, model_ref, volume, pairs in cells:
+        print(f"finetune {task} · {short_name(model_ref)} · volume {volume} ({len(pairs)} pairs)", flush=True)
+        records.append(train_unit(params, run_dir, task, model_ref, volume, pairs, force=force))
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, only the main process writes
         return StageResult("finetune", Path(run_dir), False, counts={"adapters": len(records)})
-    table = pd.DataFrame(records)
-    write_csv(stage_dir(run_dir, "finetune") / "runs.csv", table)
+    columns = ["task", "local_model", "base_model", "volume", "n_train", "steps", "train_loss", "seconds", "quantization",
+               "trainable_params", "resumed", "adapter", "fingerprint", "content", "skipped"]
+    table = pd.DataFrame(records).reindex(columns=columns)
+    write_csv(folder / "runs.csv", table)
+    trained = [f"{r['task']}/{r['local_model']}/{r['volume']}" for r in records if not r["skipped"]]
+    # the adapters' weights are the stage's content (runs.csv holds timings, which change on every training)
+    outputs = [str(Path(r["adapter"]).relative_to(folder.relative_to(Path(run_dir))) / name) for r in records for name in ADAPTER_FILES]
     return stage.finish({
-        "adapters": len(records), "trained": int(sum(not r["skipped"] for r in records)),
-        "reused": int(sum(r["skipped"] for r in records)),
+        "adapters": len(records), "trained": len(trained), "reused": len(records) - len(trained),
         "short_volumes": int(sum(r["n_train"] < r["volume"] for r in records)),
-    })
+    }, outputs=outputs, units={"redone": trained})
 
 
 def load_runs(run_dir: Path | str) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Pure logic of the deduplicate stage (no run-folder IO).
+"""MinHash LSH + ROUGE-L near-duplicate removal: the method the deduplicate stage uses (no run-folder IO).
 
 A greedy pass in input order that removes, in this priority:
 
@@ -51,7 +51,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from .params import DeduplicateParams
+from llamaduo_nb.pipeline.params import DeduplicateParams
 
 SEED = 1  # MinHash permutation seed (fixed: results must not change between runs)
 # (false-positive weight, false-negative weight) for datasketch's choice of LSH
@@ -351,7 +351,7 @@ def _check_pairs(pairs: list, what: str) -> None:
 
 
 def _tqdm(progress: bool, **kw):
-    from .progress import tqdm
+    from llamaduo_nb.progress import tqdm
 
     return tqdm(disable=not progress, mininterval=0.5, **kw)
 
@@ -586,57 +586,3 @@ def funnel_frame(funnel: dict):
         )
         prev = value
     return pd.DataFrame(rows, columns=["stage", "pairs", "removed", "pct_of_input"])
-
-
-# -- the stage -------------------------------------------------------------------------------
-def run(params, run_dir, force: bool = False):
-    """Stage 3 · deduplicate. Reads `synth/pairs.jsonl` and the test split; writes
-    `dedup/kept.jsonl`, `dedup/removed.jsonl` (each with its reason and partner),
-    `dedup/funnel.csv` (per task: raw → valid → after each filter), DONE.json."""
-    import pandas as pd
-
-    from . import coverage, synth
-    from .io import read_jsonl, write_csv, write_jsonl
-    from .stage import StageRun, stage_dir
-
-    stage = StageRun("deduplicate", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
-    stage.begin()
-    pairs = synth.load(run_dir)
-    calls = read_jsonl(stage_dir(run_dir, "synthesize") / "calls.jsonl")
-    test = coverage.load(run_dir, "test")
-    from .cycle import kept_before
-
-    earlier = kept_before(run_dir)  # every pair kept by an earlier cycle (none in cycle 1)
-    kept, removed, funnels = [], [], []
-    for task in params.tasks:
-        task_pairs = [p for p in pairs if p["task"] == task]
-        outcome = deduplicate(task_pairs, params.deduplicate, earlier=[p for p in earlier if p["task"] == task], test_prompts=[t["instruction"] for t in test if t["task"] == task])
-        kept += outcome.kept
-        removed += [dict(r, task=task) for r in outcome.removed]
-        task_calls = [c for c in calls if c["task"] == task]
-        funnel = {"task": task, "requested": len(task_calls) * params.synthesize.pairs_per_call,
-                  "valid_calls": sum(c["ok"] for c in task_calls), "calls": len(task_calls)}
-        funnel.update(outcome.funnel)
-        funnels.append(funnel)
-    out = stage_dir(run_dir, "deduplicate")
-    write_jsonl(out / "kept.jsonl", kept)
-    write_jsonl(out / "removed.jsonl", removed)
-    write_csv(out / "funnel.csv", pd.DataFrame(funnels))
-    reasons = pd.Series([r["reason"] for r in removed], dtype=object).value_counts().to_dict()
-    return stage.finish({"input": len(pairs), "kept": len(kept), "removed": len(removed), **{f"removed_{k}": int(v) for k, v in reasons.items()}})
-
-
-def load_kept(run_dir) -> list[dict]:
-    from .io import read_jsonl
-    from .stage import stage_dir
-
-    return read_jsonl(stage_dir(run_dir, "deduplicate") / "kept.jsonl")
-
-
-def load_removed(run_dir) -> list[dict]:
-    from .io import read_jsonl
-    from .stage import stage_dir
-
-    return read_jsonl(stage_dir(run_dir, "deduplicate") / "removed.jsonl")

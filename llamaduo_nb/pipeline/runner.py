@@ -1,9 +1,14 @@
 """`llamaduo run`: execute the numbered notebooks in order with papermill.
 
-Stages whose DONE.json carries the current fingerprint are skipped without starting a
-kernel; the rest run, each writing its executed notebook to `<run>/notebooks/`. After 06,
-the cycle (`cycle.py`) decides whether to run 02→06 again in `cycle-<t>/`; 07 then reports
-on every cycle.
+Stages whose DONE.json carries the current fingerprint (and whose outputs are unchanged) are
+skipped without starting a kernel; the rest run, each writing its executed notebook to
+`<run>/notebooks/`, and inside each stage only the units whose fingerprints changed are redone.
+After 06, the cycle (`cycle.py`) decides whether to run 02→06 again in `cycle-<t>/`; 07 then
+reports on every cycle.
+
+`--force` means one thing: a bare `--force` accepts params that differ from the run folder's (the
+units they change are redone); `--force STAGE` redoes every unit of that stage and of every stage
+that depends on it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
-from .io import write_json, write_yaml
-from .llm.client import check_keys
-from .params import PROJECT_ROOT, Params, load_family, service_slug
-from .stage import NOTEBOOKS, STAGES, cycle_folder, is_done, update_manifest
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import write_json, write_yaml
+from llamaduo_nb.llm.common import check_keys
+from llamaduo_nb.pipeline.changes import refuse_changed_params
+from llamaduo_nb.pipeline.grid import parse_only, redo_cells
+from llamaduo_nb.pipeline.params import PROJECT_ROOT, Params
+from llamaduo_nb.pipeline.params_file import service_slug
+from llamaduo_nb.pipeline.params_file import load_family
+from llamaduo_nb.pipeline.units import NOTEBOOKS, STAGES, UPSTREAM, check_layout, cycle_folder, is_done, update_manifest
 
 CYCLE_STAGES = ["synthesize", "deduplicate", "finetune", "infer", "evaluate"]
 
@@ -55,21 +64,34 @@ def check_notebooks() -> None:
             raise UserError(f"{path}: needs exactly one cell tagged 'parameters' (found {tagged})")
 
 
+def downstream(stages: list[str]) -> list[str]:
+    """The stages and every stage that depends on them, in order."""
+    out = set(stages)
+    for stage in STAGES:  # STAGES is in dependency order
+        if any(up in out for up in UPSTREAM[stage]):
+            out.add(stage)
+    return [s for s in STAGES if s in out]
+
+
 def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: list[str] | None = None,
-        stages: str | None = None, force: list[str] | None = None, log=print, only: str | None = None) -> Path:
+        stages: str | None = None, force: list[str] | None = None, log=print, only: str | None = None,
+        execute=None) -> Path:
     """Run (or resume) an experiment, or a sweep over service LLMs; returns the run folder.
 
-    `force`: stage names to redo even when up to date; an empty string (bare `--force`) only
-    accepts params that differ from those the run folder was made with."""
+    `force`: stage names whose units are all redone, with every stage that depends on them; an empty
+    string (bare `--force`) accepts params that differ from those the run folder was made with.
+    `execute(stage, params_file, folder, executed_notebook, force)` runs one stage (default: its
+    notebook through papermill; `execute_in_process` calls the same stage function directly)."""
     family = load_family(params_file, overrides)  # refuses bad params before anything is written
     chosen = parse_stages(stages)
-    forced = parse_stages(",".join(force)) if force and any(force) else []
+    forced = downstream(parse_stages(",".join(force))) if force and any(force) else []
+    execute = execute or _execute
     for params in family:
         check_keys([params.service] + params.judges)
     check_notebooks()
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(family[0])
     if len(family) == 1:
-        return _run_one(family[0], run_dir, chosen, forced, bool(force), log, only)
+        return _run_one(family[0], run_dir, chosen, forced, bool(force), log, only, execute)
     members = {service_slug(p): p for p in family}
     for slug, params in members.items():  # refuse before any member runs
         refuse_changed_params(run_dir / slug, params, bool(force))
@@ -79,107 +101,22 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
                                         "folders": list(members)})
     for slug, params in members.items():
         log(f"=== service LLM {params.service.label}: {run_dir / slug}")
-        _run_one(params, run_dir / slug, chosen, forced, True, log, only)  # params already checked above
+        _run_one(params, run_dir / slug, chosen, forced, True, log, only, execute)  # params already checked above
     finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
     if len(finished) > 1 and "report" in chosen:
-        from .report import compare_runs
+        from llamaduo_nb.stages.report import compare_runs
 
         paths = compare_runs(finished, run_dir / "comparison")
         log(f"comparison of the service LLMs: {run_dir / 'comparison'} ({len(paths)} files)")
     return run_dir
 
 
-def refuse_changed_params(run_dir: Path, params: Params, accepted: bool) -> None:
-    """A run folder made with other params is not silently reused: name what differs, ask for --force.
-
-    Settings that change no output (rate limits, concurrency, prices, key names), the run name and
-    the cycle budget may change freely: a finished run can be given more cycles."""
-    previous_file = run_dir / "params.yaml"
-    if accepted or not previous_file.exists():
-        return
-    import yaml
-
-    try:
-        previous = yaml.safe_load(previous_file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise UserError(f"{previous_file}: unreadable; add --force to replace it") from None
-    differences = params_differences(previous, params.dump())
-    if differences:
-        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
-        raise UserError(f"{run_dir} was made with different params ({shown}); add --force to redo the stages they affect "
-                        f"there, or choose another --run-dir")
-
-
-def params_differences(old: dict, new: dict) -> list[str]:
-    """Dotted fields whose values differ, operational settings and the cycle budget left out."""
-    from .stage import OPERATIONAL
-
-    out: list[str] = []
-
-    def walk(a, b, prefix):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                if key in OPERATIONAL or (not prefix and key in ("run_name", "cycle")):
-                    continue
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif a != b:
-            out.append(f"{prefix}: {a!r} → {b!r}")
-
-    walk(old, new, "")
-    return out
-
-
-def parse_only(text: str, params: Params) -> list[tuple[str, str, int]]:
-    """`task=coding,volume=4096[,model=gemma-2b-it]` → the (task, model, volume) cells it names.
-
-    A key may list several values with `|` (`task=coding|closed_qa`); an absent key means all."""
-    from .models import short_name
-
-    grid = {"task": list(params.tasks), "model": [short_name(m) for m in params.finetune.base_models],
-            "volume": [str(v) for v in params.finetune.volumes]}
-    chosen = dict(grid)
-    for item in [i.strip() for i in text.split(",") if i.strip()]:
-        key, _, values = item.partition("=")
-        key = key.strip()
-        if key not in grid or not values:
-            raise UserError(f"--only {text}: expected key=value with key one of {', '.join(grid)} (e.g. task=coding,volume=4096)")
-        wanted = [v.strip() for v in values.split("|")]
-        unknown = [v for v in wanted if v not in grid[key]]
-        if unknown:
-            raise UserError(f"--only {text}: {key} {', '.join(unknown)} is not in the grid ({key}s: {', '.join(grid[key])})")
-        chosen[key] = wanted
-    return [(t, m, int(v)) for t in chosen["task"] for m in chosen["model"] for v in chosen["volume"]]
-
-
-def redo_cells(run_dir: Path, cells: list[tuple[str, str, int]], log) -> int:
-    """Remove the named cells' adapters and answers and the DONE.json of the stages that hold them:
-    the next stages retrain and re-answer those cells only (every other unit is reused; the judge's
-    cache answers unchanged answers for free)."""
-    import shutil
-
-    from .stage import done_path, stage_dir
-
-    removed = 0
-    for task, model, volume in cells:
-        for path in (stage_dir(run_dir, "finetune") / task / model / str(volume), stage_dir(run_dir, "infer") / task / model / f"{volume}.jsonl"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            else:
-                continue
-            removed += 1
-    for stage in ("finetune", "infer", "evaluate", "report"):
-        with contextlib.suppress(FileNotFoundError):
-            done_path(run_dir, stage).unlink()
-    log(f"--only: {len(cells)} cell(s) to redo: " + ", ".join(f"{t}/{m}/{v}" for t, m, v in cells))
-    return removed
-
-
-def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str], accepted: bool, log, only: str | None = None) -> Path:
+def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str], accepted: bool, log, only: str | None = None,
+             execute=None) -> Path:
+    check_layout(run_dir)
     refuse_changed_params(run_dir, params, accepted)
     cells = parse_only(only, params) if only else []
-    if cells and not (run_dir / "models" / "runs.csv").exists():
+    if cells and not (run_dir / "finetune" / "runs.csv").exists():
         raise UserError(f"--only {only}: {run_dir} has no fine-tuned cells yet; run the whole grid once, then redo single cells")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
@@ -192,42 +129,45 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
     os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
     executed_now = []
     for stage in [s for s in chosen if s != "report"]:
-        if _run_stage(stage, params, resolved, run_dir, stage in forced, log):
+        if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
             executed_now.append(stage)
     if "evaluate" in chosen and (run_dir / "metrics.csv").exists():
-        executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log)
-    if "report" in chosen and _run_stage("report", params, resolved, run_dir, "report" in forced, log):
+        executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log, execute)
+    if "report" in chosen and _run_stage("report", params, resolved, run_dir, "report" in forced, log, execute=execute):
         executed_now.append("report")
     report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]
     if report_notebook.exists() and ("report" in executed_now or not (run_dir / "report.html").exists()):
+        from llamaduo_nb.stages.report import export_html
+
         export_html(report_notebook, run_dir / "report.html")
         log(f"report: {run_dir / 'report.html'}")
     return run_dir
 
 
-def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, force: bool, log, label: str = "") -> bool:
+def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, force: bool, log, label: str = "", execute=None) -> bool:
     """Run one stage's notebook in `folder` (the run folder or a cycle folder) unless it is up to date."""
-    from .cycle import params_for_cycle
+    from llamaduo_nb.pipeline.cycle import params_for_cycle
 
     executed = folder / "notebooks" / NOTEBOOKS[stage]
     name = f"{label}{stage}"
-    if not force and is_done(stage, params_for_cycle(params, folder), folder) and executed.exists():
+    in_process = execute is execute_in_process  # no executed notebook to keep then
+    if not force and is_done(stage, params_for_cycle(params, folder), folder) and (executed.exists() or in_process):
         log(f"[{name}] up to date, skipped")
         return False
     executed.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{name}] running {NOTEBOOKS[stage]} …")
     began = time.time()
-    _execute(stage, params_file, folder, executed, force)
+    (execute or _execute)(stage, params_file, folder, executed, force)
     log(f"[{name}] done in {time.time() - began:.1f} s")
     return True
 
 
-def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[str], forced: list[str], log) -> list[str]:
+def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[str], forced: list[str], log, execute=None) -> list[str]:
     """The LlamaDuo cycle: while the target is unmet and budget remains, run 02→06 again in `cycle-<t>/`.
 
     Writes `cycles.json` after every decision, so an interrupted loop shows where it stood and
     `run` again picks it up (finished cycles are skipped stage by stage)."""
-    from . import cycle as cyc
+    from llamaduo_nb.pipeline import cycle as cyc
 
     executed, decisions, t = [], [], 1
     while True:
@@ -246,7 +186,7 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
         folder = cycle_folder(run_dir, t)
         folder.mkdir(exist_ok=True)
         for stage in [s for s in CYCLE_STAGES if s in chosen]:
-            if _run_stage(stage, params, params_file, folder, stage in forced, log, label=f"cycle {t} · "):
+            if _run_stage(stage, params, params_file, folder, stage in forced, log, label=f"cycle {t} · ", execute=execute):
                 executed.append(f"cycle-{t}/{stage}")
             stalled = cyc.no_new_pairs(t, cyc.pair_counts(folder)) if stage == "deduplicate" else None
             if stalled:
@@ -255,19 +195,6 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
                 log(f"[cycle {t}] {decision.reason}")
                 cyc.record(params, run_dir, decisions, True)
                 return executed
-
-
-def export_html(notebook: Path, target: Path) -> Path:
-    """The executed report as one standalone HTML file (figures embedded), written atomically."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    from .io import write_text
-
-    body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
-        nbformat.read(notebook, as_version=4)
-    )
-    return write_text(target, body)
 
 
 def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force: bool) -> None:
@@ -306,6 +233,16 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 WRITE_FAILURES = ("No space left", "File too large", "Read-only file system", "Disk quota", "disk is full",
                   "readonly database", "unable to open database file", "disk I/O error")
+
+
+def execute_in_process(stage: str, params_file: Path, run_dir: Path, executed: Path, force: bool) -> None:
+    """Run a stage by calling the function its notebook calls, in this process, without a kernel: the same
+    units and files, but no executed notebook (and so no report.html). The tests use it where a kernel per
+    stage would cost minutes."""
+    from llamaduo_nb import notebook
+
+    params, folder = notebook.setup(params_file, run_dir)
+    notebook.run_stage(stage, params, folder, force)
 
 
 class StageFailed(Exception):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import read_json, read_jsonl, write_csv, write_json
-from .params import CycleTarget, Params
-from .stage import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
+from llamaduo_nb.io import read_json, read_jsonl, write_csv, write_json
+from llamaduo_nb.pipeline.params import CycleTarget, Params
+from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
 
 CYCLES_JSON = "cycles.json"
 SUPERSEDED = "superseded"  # later cycles of an earlier, longer loop are moved here, never deleted
@@ -35,16 +35,6 @@ def params_for_cycle(params: Params, run_dir: Path | str) -> Params:
     adjusted = params.model_copy(deep=True)
     adjusted.synthesize.samples_per_task = params.cycle.step or params.synthesize.samples_per_task
     return adjusted
-
-
-def kept_before(run_dir: Path | str) -> list[dict]:
-    """Pairs kept by the deduplication of every cycle before `run_dir`'s."""
-    out = []
-    for cycle in range(1, cycle_of(run_dir)):
-        path = stage_dir(cycle_folder(run_dir, cycle), "deduplicate") / "kept.jsonl"
-        if path.exists():
-            out += read_jsonl(path)
-    return out
 
 
 # -- combined tables at the run folder's top ------------------------------------------------------

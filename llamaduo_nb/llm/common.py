@@ -1,0 +1,273 @@
+"""What the service-LLM call path and every backend share: keys, errors, JSON, accounting.
+
+No backend and not the client: backends and the client import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import jsonschema
+
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.llm.base import Backend, ChatRequest, PermanentError, TransientError
+
+
+@dataclass
+class Accounting:
+    requests: int = 0
+    cache_hits: int = 0
+    api_calls: int = 0
+    retries: int = 0
+    reasks: int = 0
+    failures: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    failure_reasons: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["cost_usd"] = round(self.cost_usd, 6)
+        return out
+
+
+def api_key(cfg) -> Optional[str]:
+    """The key from the environment variable the params name; never logged."""
+    if not cfg.api_key_env:
+        return None
+    value = os.environ.get(cfg.api_key_env)
+    if not value:
+        raise UserError(f"service '{cfg.label}': environment variable {cfg.api_key_env} is not set (it must hold the API key)")
+    return value
+
+
+def check_keys(services) -> None:
+    """Fail before any work starts when a needed key is missing."""
+    for cfg in services:
+        if cfg.backend != "local" and cfg.api_key_env:
+            api_key(cfg)
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def extract_json(text: str) -> Any:
+    """Parse the JSON object in a model's reply (bare, fenced, or with prose around it)."""
+    candidates = [text.strip()]
+    candidates += [m.strip() for m in _FENCE.findall(text)]
+    start, end = text.find("{"), text.rfind("}")
+    if start != -1 and end > start:
+        candidates.append(text[start : end + 1])
+    last_error = None
+    for cand in candidates:
+        try:
+            return json.loads(cand)
+        except (json.JSONDecodeError, ValueError) as exc:
+            last_error = exc
+    raise ValueError(f"no JSON object found ({last_error})")
+
+
+def validate_output(text: str, schema: Optional[dict]) -> Any:
+    if schema is None:
+        return None
+    obj = extract_json(text)
+    try:
+        jsonschema.validate(obj, schema)
+    except jsonschema.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise ValueError(f"schema: {path}: {exc.message}") from None
+    return obj
+
+
+def reask_request(request: ChatRequest, bad_text: str, problem: str) -> ChatRequest:
+    messages = tuple(request.messages) + (
+        {"role": "assistant", "content": bad_text},
+        {"role": "user", "content": f"That reply was not valid ({problem[:300]}). Reply again with only the JSON object that follows the requested format."},
+    )
+    return ChatRequest(
+        messages=messages, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
+        json_schema=request.json_schema, repeat=request.repeat, fields=request.fields,
+    )
+
+
+def describe_error(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "unknown error"
+    status = getattr(exc, "status", None)
+    text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return f"{status} {text}" if status else text
+
+
+#: HTTP statuses worth retrying, besides every 5xx (529: Anthropic "overloaded").
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+#: the key sent to a keyless OpenAI-compatible server (the SDK insists on one)
+PLACEHOLDER_KEY = "not-needed"
+
+
+def is_transient_status(status: Optional[int]) -> bool:
+    return status is not None and (status in TRANSIENT_STATUSES or status >= 500)
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a `Retry-After` value: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    value = str(value).strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if parsed is None:
+            return None
+        if parsed.tzinfo is None:  # RFC 9110 dates are GMT
+            import datetime as _dt
+
+            parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+        seconds = parsed.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN / inf
+        return None
+    return max(seconds, 0.0)
+
+
+def retry_after_from_headers(headers: Any) -> Optional[float]:
+    """`retry-after-ms` (OpenAI) or `Retry-After` (seconds or HTTP date), else None."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(float(ms) / 1000.0, 0.0)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return parse_retry_after(headers.get("retry-after"))
+    except Exception:  # noqa: BLE001 - an odd header is no reason to fail the request
+        return None
+
+
+class Scrubber:
+    """Removes the API key from any text that may end up in a message or a log."""
+
+    def __init__(self, secret: Optional[str]):
+        self.secret = secret if secret and secret != PLACEHOLDER_KEY and len(secret) >= 4 else None
+
+    def __call__(self, text: Any, limit: int = 300) -> str:
+        out = str(text)
+        if self.secret:
+            out = out.replace(self.secret, "***")
+        out = " ".join(out.split())
+        return out[:limit]
+
+
+def resolve_key(cfg, sdk_env_vars: tuple) -> Optional[str]:
+    """The key from `cfg.api_key_env`; a placeholder for a keyless server at `base_url`;
+    None to let the SDK read its own variable (`sdk_env_vars`), which must then be set."""
+    key = api_key(cfg)  # UserError when the named variable is not set
+    if key:
+        return key
+    if cfg.base_url:
+        return PLACEHOLDER_KEY
+    if not any(os.environ.get(v) for v in sdk_env_vars):
+        raise UserError(
+            f"service '{cfg.label}': no API key: set service.api_key_env to the NAME of the environment "
+            f"variable holding it (or set {' or '.join(sdk_env_vars)})"
+        )
+    return None
+
+
+def split_system(messages) -> tuple[str, list]:
+    """System text (joined) and the other messages, consecutive same-role turns merged."""
+    system, rest = [], []
+    for m in messages:
+        role, content = m.get("role"), m.get("content", "")
+        if role in ("system", "developer"):
+            system.append(content)
+        elif rest and rest[-1]["role"] == role:
+            rest[-1] = {"role": role, "content": rest[-1]["content"] + "\n\n" + content}
+        else:
+            rest.append({"role": role, "content": content})
+    return "\n\n".join(s for s in system if s), rest
+
+
+def json_instruction(schema: dict) -> str:
+    return (
+        "Reply with only one JSON object that follows this JSON schema: no prose before or after it, "
+        "no code fences.\nJSON schema:\n" + json.dumps(schema, ensure_ascii=False)
+    )
+
+
+class SDKClientBackend(Backend):
+    """A backend holding an async SDK client (`self._client`, built by `_new_client()`)."""
+
+    def _new_client(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        # the SDK's connection pool belongs to this run's event loop: close it, and build the
+        # next run's client now (unused, so bound to no loop) rather than inside its first request
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._client = self._new_client()
+
+
+def translate_sdk_error(exc: BaseException, sdk, base_error: type, scrub, timeout_s: float, transient=()) -> BaseException:
+    """Map an exception of a Stainless-generated SDK (openai, anthropic: same exception classes) onto the
+    backend contract: TransientError (worth retrying) or PermanentError, with the key scrubbed from the text.
+    `transient` adds SDK-specific exception classes worth retrying. Anything else is returned unchanged."""
+    if isinstance(exc, sdk.APIStatusError):  # RateLimitError, InternalServerError, OverloadedError, …
+        status = exc.status_code
+        detail = scrub(f"{type(exc).__name__}: {error_text(exc)}")
+        if is_transient_status(status):
+            return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
+        return PermanentError(f"{status} {detail}")
+    if isinstance(exc, sdk.APITimeoutError):
+        return TransientError(f"no answer within {timeout_s:g} s (timeout or dropped connection)")
+    if isinstance(exc, sdk.APIConnectionError):
+        return TransientError(scrub(f"connection error: {_cause(exc)}"))
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return TransientError(scrub(f"malformed response: {exc}"))
+    if isinstance(exc, json.JSONDecodeError):
+        return TransientError(f"malformed response body: {exc}")
+    if transient and isinstance(exc, transient):
+        return TransientError(scrub(f"{type(exc).__name__}: {exc}"))
+    if isinstance(exc, base_error):
+        return PermanentError(scrub(f"{type(exc).__name__}: {exc}"))
+    return exc
+
+
+def error_text(exc) -> str:
+    """The API's own error message when the body has one, else the SDK's text."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    msg = getattr(exc, "api_message", None)  # anthropic
+    if msg:
+        return str(msg)
+    return getattr(exc, "message", None) or str(exc)
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if cause is None:
+        return str(exc) or type(exc).__name__
+    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__

@@ -1,0 +1,1 @@
+"""The run machinery: params, the unit contract, the runner, the cycle, the dry-run plan."""
