@@ -6,13 +6,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from llamaduo_nb.stages import deduplicate
 from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import write_json, write_jsonl
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, expand_volumes
 from llamaduo_nb.pipeline.params_file import load_family, load_params
 from llamaduo_nb.pipeline.plan import describe
-from llamaduo_nb.pipeline.runner import params_differences, parse_only, refuse_changed_params
+from llamaduo_nb.pipeline.changes import params_differences, refuse_changed_params
+from llamaduo_nb.pipeline.grid import parse_only
 from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
 
 QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
@@ -126,17 +128,17 @@ def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tm
     run = tmp_path / "run"
     later = run / "cycle-2"
     for folder, ids in ((run, ["a", "b"]), (later, ["c"])):
-        write_jsonl(folder / "dedup" / "kept.jsonl", [{"id": i, "task": "summarization"} for i in ids])
-        write_json(folder / "dedup" / "DONE.json", {"completion_id": f"done-{folder.name}"})
-    assert [p["id"] for p in cyc.kept_before(later)] == ["a", "b"]
-    assert cyc.kept_before(run) == []
+        write_jsonl(folder / "deduplicate" / "kept.jsonl", [{"id": i, "task": "summarization"} for i in ids])
+        write_json(folder / "deduplicate" / "DONE.json", {"content": f"kept-{folder.name}"})
+    assert [p["id"] for p in deduplicate.kept_before(later)] == ["a", "b"]
+    assert deduplicate.kept_before(run) == []
     assert cyc.pair_counts(later) == {"summarization": 1}
     adjusted = cyc.params_for_cycle(params, later)
     assert adjusted.synthesize.samples_per_task == 5 and params.synthesize.samples_per_task == 20
     assert cyc.params_for_cycle(quick("cycle.step=null"), later).synthesize.samples_per_task == 20  # default: samples_per_task
     assert cyc.params_for_cycle(params, run) is params
     before = stage_fingerprint("finetune", adjusted, later)
-    write_json(run / "dedup" / "DONE.json", {"completion_id": "cycle-1-redone"})
+    write_json(run / "deduplicate" / "DONE.json", {"content": "cycle-1-redone-with-other-pairs"})
     assert stage_fingerprint("finetune", adjusted, later) != before
     assert stage_fingerprint("deduplicate", adjusted, later) != stage_fingerprint("deduplicate", adjusted, run)
 
@@ -145,8 +147,8 @@ def test_record_writes_scores_pairs_cost_and_reason(tmp_path):
     params = quick()
     run = tmp_path / "run"
     for folder, n, cost in ((run, 3, 0.5), (run / "cycle-2", 2, 0.25)):
-        write_jsonl(folder / "dedup" / "kept.jsonl", [{"id": str(i), "task": "closed_qa"} for i in range(n)])
-        write_json(folder / "dedup" / "DONE.json", {"completion_id": "x"})
+        write_jsonl(folder / "deduplicate" / "kept.jsonl", [{"id": str(i), "task": "closed_qa"} for i in range(n)])
+        write_json(folder / "deduplicate" / "DONE.json", {"completion_id": "x"})
         write_json(folder / "manifest.json", {"llm_totals": {"cost_usd": cost}})
     d1 = cyc.decide(params, 1, metrics_rows(1, {("closed_qa", 3): 10}))
     d2 = cyc.Decision(True, "target met in cycle 2: …", [], met=True)

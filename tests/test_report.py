@@ -19,6 +19,7 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer
 
+from llamaduo_nb import figures
 from llamaduo_nb import widgets
 
 from llamaduo_nb.stages import report
@@ -75,17 +76,19 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
                 row["after_earlier"] = 44
             row["after_leakage"] = row.get("after_earlier", 48) - 1
             funnel.append(row)
-        write_jsonl(folder / "synth" / "pairs.jsonl", pairs)
-        write_jsonl(folder / "dedup" / "kept.jsonl", kept)
-        write_jsonl(folder / "dedup" / "removed.jsonl", removed)
-        write_csv(folder / "dedup" / "funnel.csv", pd.DataFrame(funnel))
+        write_jsonl(folder / "synthesize" / "pairs.jsonl", pairs)
+        write_jsonl(folder / "deduplicate" / "kept.jsonl", kept)
+        write_jsonl(folder / "deduplicate" / "removed.jsonl", removed)
+        write_csv(folder / "deduplicate" / "funnel.csv", pd.DataFrame(funnel))
         volumes = (0,) + (VOLUMES if cycle == 1 else (VOLUMES[-1] + STEP * (cycle - 1),))
+        answer_files = []
         for t in tasks:
             for mi, model in enumerate(models):
                 for v in volumes:
                     responses = [{"prompt_id": f"{t}-test-{p}", "k": k, "response": f"{model} answer k={k} at {v}", "task": t,
                                   "local_model": model, "volume": v} for p in range(PROMPTS) for k in range(K)]
-                    write_jsonl(folder / "responses" / t / model / f"{v}.jsonl", responses)
+                    write_jsonl(folder / "infer" / t / model / f"{v}.jsonl", responses)
+                    answer_files.append(f"{t}/{model}/{v}.jsonl")
                     centre = 25 + 7 * np.log2(1 + v) - 10 * mi
                     for r in responses:
                         for judge in judges:
@@ -97,7 +100,7 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
                                                    "similarity": None if s is None else round(s + 5), "precision": None if s is None else round(s),
                                                    "similarity_reason": f"sim reason m={m}", "precision_reason": f"prec reason m={m}"})
         for judge in judges:
-            write_jsonl(folder / "judgements" / f"{judge.replace(':', '_')}.jsonl", [j for j in judgements if j["cycle"] == cycle and j["judge"] == judge])
+            write_jsonl(folder / "evaluate" / f"{judge.replace(':', '_')}.jsonl", [j for j in judgements if j["cycle"] == cycle and j["judge"] == judge])
         stages = {}
         calls = {"synthesize": 32 * len(tasks), "evaluate": len(tasks) * len(models) * len(volumes) * PROMPTS * K * M}
         for i, stage in enumerate(["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report"]):
@@ -112,14 +115,15 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
                     llm["other"] = {"requests": 10, "api_calls": 10, "cost_usd": 0.5}
             stages[stage] = {"fingerprint": "x", "completion_id": "y", "finished_at": "", "seconds": 10.0 * (i + 1) + cycle,
                              "counts": {}, "llm": llm}
-        write_json(folder / "manifest.json", {"run_name": "fake", "stages": stages})
+        write_json(folder / "infer" / "DONE.json", {"stage": "infer", "outputs": answer_files})
+        write_json(folder / "manifest.json", {"run_name": "fake", "layout": 2, "stages": stages})
         summary.append({"cycle": cycle, "folder": "." if cycle == 1 else f"cycle-{cycle}", "scores": [], "met": cycle == cycles,
                         "new_pairs": {t: 3 for t in tasks}, "kept_pairs_total": {t: 3 * cycle for t in tasks},
                         "cost_usd": cost_per_call * sum(calls.values())})
     metrics = aggregate(pd.DataFrame(judgements), (50, 70), bootstrap=200, seed=seed)
     write_csv(root / "metrics.csv", metrics)
     for c in summary:
-        best = report.cycle_scores(metrics[metrics["cycle"] == c["cycle"]], "precision coverage_50 >= 70")
+        best = figures.cycle_scores(metrics[metrics["cycle"] == c["cycle"]], "precision coverage_50 >= 70")
         c["scores"] = [{"task": r.task, "local_model": r.local_model, "judge": r.judge, "volume": int(r.volume),
                         "value": float(r.value), "met": bool(r.met)} for r in best.itertuples()]
     write_json(root / "cycles.json", {"target": "precision coverage_50 ≥ 70", "cycles": summary,
@@ -153,7 +157,7 @@ def _line(ax, label):
 
 
 def test_score_vs_volume_shades_the_ci_of_the_mean(metrics2):
-    fig = report.score_vs_volume(metrics2, "precision", "mean")
+    fig = figures.score_vs_volume(metrics2, "precision", "mean")
     ax = fig.axes[0]
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == len(MODELS)  # one band per line, in the lines' order and colour
@@ -170,17 +174,17 @@ def test_score_vs_volume_shades_the_ci_of_the_mean(metrics2):
 
 
 def test_score_vs_volume_coverage_band_and_no_band_for_the_median(metrics2):
-    fig = report.score_vs_volume(metrics2, "similarity", "coverage_50")
+    fig = figures.score_vs_volume(metrics2, "similarity", "coverage_50")
     band = next(c for c in fig.axes[0].collections if isinstance(c, PolyCollection))
     expected = metrics2[(metrics2["metric"] == "similarity") & (metrics2["task"] == _task(fig.axes[0]))
                         & (metrics2["local_model"] == _model_lines(fig.axes[0])[0].get_label()) & (metrics2["volume"] > 0)]
     assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(expected["coverage_50_ci_high"].max())
-    fig = report.score_vs_volume(metrics2, "similarity", "median")
+    fig = figures.score_vs_volume(metrics2, "similarity", "median")
     assert not [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
 
 
 def test_score_vs_volume_puts_later_cycles_on_the_line_and_the_base_once(metrics2):
-    fig = report.score_vs_volume(metrics2, "precision")
+    fig = figures.score_vs_volume(metrics2, "precision")
     ax = fig.axes[0]
     line = _line(ax, MODELS[0])
     pool = VOLUMES[-1] + STEP
@@ -192,19 +196,19 @@ def test_score_vs_volume_puts_later_cycles_on_the_line_and_the_base_once(metrics
 
 def test_score_vs_volume_without_ci_columns_or_cycle_column(metrics2):
     old = metrics2[metrics2["cycle"] == 1].drop(columns=["cycle"] + [c for c in metrics2.columns if "_ci_" in c])
-    fig = report.score_vs_volume(old, "precision")
+    fig = figures.score_vs_volume(old, "precision")
     assert not [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
     assert list(_line(fig.axes[0], MODELS[0]).get_xdata()) == list(VOLUMES)
 
 
 def test_coverage_bars_error_bars_are_the_ci(metrics2):
-    fig = report.coverage_bars(metrics2, "precision", (50, 70))
+    fig = figures.coverage_bars(metrics2, "precision", (50, 70))
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, BarContainer)][0]  # coverage@50
     first_model = sorted(MODELS)[0]  # the default: the first local model in metrics.csv (sorted)
     assert first_model in fig.get_suptitle()
     rows = metrics2[(metrics2["metric"] == "precision") & (metrics2["task"] == _task(ax)) & (metrics2["local_model"] == first_model)]
-    rows = report.base_once(rows).sort_values(["volume", "cycle"])
+    rows = figures.base_once(rows).sort_values(["volume", "cycle"])
     assert [b.get_height() for b in bars] == pytest.approx(rows["coverage_50"].tolist())
     segments = bars.errorbar.lines[2][0].get_segments()
     assert [s[0][1] for s in segments] == pytest.approx(rows["coverage_50_ci_low"].clip(upper=rows["coverage_50"]).tolist())
@@ -218,7 +222,7 @@ def test_coverage_bars_error_bars_are_the_ci(metrics2):
 def test_score_across_cycles_has_a_point_per_cycle_and_the_threshold(tmp_path):
     metrics = report.load_metrics(fake_run(tmp_path / "r3", cycles=3))
     target = CycleTarget.model_validate("precision coverage_50 >= 70")
-    fig = report.score_across_cycles(metrics, target, stop_reason="target met")
+    fig = figures.score_across_cycles(metrics, target, stop_reason="target met")
     for ax in fig.axes[: len(TASKS)]:
         for model in MODELS:
             line = _line(ax, model)
@@ -227,7 +231,7 @@ def test_score_across_cycles_has_a_point_per_cycle_and_the_threshold(tmp_path):
         assert set(threshold.get_ydata()) == {70.0} and threshold.get_linestyle() == "--"
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"{c + 1}\nn={VOLUMES[-1] + STEP * c}" for c in range(3)]
         assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == len(MODELS)
-    best = report.cycle_scores(metrics, target)
+    best = figures.cycle_scores(metrics, target)
     ax = fig.axes[0]
     want = best[(best["task"] == _task(ax)) & (best["local_model"] == MODELS[0])]
     assert list(_line(ax, MODELS[0]).get_ydata()) == pytest.approx(want["coverage_50"].tolist())
@@ -237,7 +241,7 @@ def test_score_across_cycles_has_a_point_per_cycle_and_the_threshold(tmp_path):
 
 def test_score_across_cycles_single_cycle_and_named_judge(tmp_path):
     metrics = report.load_metrics(fake_run(tmp_path / "r1", cycles=1, judges=("a", "b")))
-    fig = report.score_across_cycles(metrics, {"metric": "similarity", "statistic": "mean", "threshold": 60, "judge": "b"})
+    fig = figures.score_across_cycles(metrics, {"metric": "similarity", "statistic": "mean", "threshold": 60, "judge": "b"})
     line = _line(fig.axes[0], MODELS[0])
     want = metrics[(metrics["judge"] == "b") & (metrics["metric"] == "similarity") & (metrics["task"] == _task(fig.axes[0]))
                    & (metrics["local_model"] == MODELS[0]) & (metrics["volume"] == VOLUMES[-1])]
@@ -258,7 +262,7 @@ def test_stage_costs_and_cost_figure_match_the_manifests(run2):
             row = costs[(costs["cycle"] == cycle) & (costs["stage"] == stage)].iloc[0]
             assert row["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in record["llm"].values()))
             assert row["seconds"] == record["seconds"]
-    fig = report.cost_per_stage(run2)
+    fig = figures.cost_per_stage(report.stage_costs(run2))
     calls_ax, cost_ax, time_ax = fig.axes
     stages = [t.get_text() for t in cost_ax.get_xticklabels()]
     assert stages == ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report"]
@@ -275,7 +279,7 @@ def test_stage_costs_and_cost_figure_match_the_manifests(run2):
 
 
 def test_cost_figure_notes_a_free_local_stand_in(tmp_path):
-    fig = report.cost_per_stage(fake_run(tmp_path / "free", cycles=1, cost_per_call=0.0))
+    fig = figures.cost_per_stage(report.stage_costs(fake_run(tmp_path / "free", cycles=1, cost_per_call=0.0)))
     assert any("local stand-in" in t.get_text() for t in fig.axes[1].texts)
 
 
@@ -288,10 +292,10 @@ def test_report_run_writes_every_figure_as_png_and_svg(run2):
 
     params = load_params(Path(__file__).resolve().parents[1] / "params" / "quickstart.yaml",
                          ["service.backend=openai", "service.model=gpt-4o"])  # judge openai:gpt-4o, as in fake_run
-    for up in stage.UPSTREAM["report"]:  # the report only needs its upstream stages to be done
-        write_json(stage.done_path(run2, up), {"completion_id": up})
+    for up in units.UPSTREAM["report"]:  # the report only needs its upstream stages to be done
+        write_json(units.done_path(run2, up), {"completion_id": up})
     result = report.run(params, run2, force=True)
-    figures = run2 / "figures"
+    figures = run2 / "report"
     for name in ("similarity_vs_volume", "precision_vs_volume", "similarity_coverage", "precision_coverage",
                  "score_across_cycles", "cost_per_stage", "dedup_funnel"):
         assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -305,7 +309,7 @@ def test_report_run_writes_every_figure_as_png_and_svg(run2):
 def test_funnel_plot_one_panel_per_cycle(run2):
     funnels = report.load_funnels(run2)
     assert set(funnels["cycle"]) == {1, 2}
-    fig = report.funnel_plot(funnels)
+    fig = figures.funnel_plot(funnels)
     assert len(fig.axes) == 2
     cycle1 = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)][0]
     # cycle 1 has no "after earlier cycles" step: that bar repeats the step before it
@@ -350,8 +354,8 @@ def test_filter_pairs(run2):
 
 def test_synthetic_pairs_pending_before_dedup(tmp_path):
     root = fake_run(tmp_path / "p", cycles=2)
-    (root / "cycle-2" / "dedup" / "kept.jsonl").unlink()
-    (root / "cycle-2" / "dedup" / "removed.jsonl").unlink()
+    (root / "cycle-2" / "deduplicate" / "kept.jsonl").unlink()
+    (root / "cycle-2" / "deduplicate" / "removed.jsonl").unlink()
     frame = widgets.synthetic_pairs(root)
     assert set(widgets.filter_pairs(frame, cycle=2)["fate"]) == {"pending"}
 
@@ -398,7 +402,7 @@ def test_coverage_table_recomputes_coverage(run2, metrics2):
     scores = answer_scores(judgements)
     table = widgets.coverage_table(scores, 50, "precision", JUDGES[0], MODELS[0])
     want = metrics2[(metrics2["metric"] == "precision") & (metrics2["local_model"] == MODELS[0]) & (metrics2["task"] == "closed_qa")]
-    want = report.base_once(want).sort_values(["volume", "cycle"])
+    want = figures.base_once(want).sort_values(["volume", "cycle"])
     assert list(table.index) == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP} (cycle 2)"]
     assert table["closed_qa"].tolist() == pytest.approx(want["coverage_50"].tolist())
     assert widgets.zeta_slider(run2) is not None
@@ -411,6 +415,6 @@ def test_score_across_cycles_when_the_target_statistic_is_not_reported():
     metrics = pd.DataFrame([{"cycle": 1, "task": "closed_qa", "local_model": "m", "judge": "j", "volume": v, "metric": "precision",
                              "mean": 50.0, "median": 50.0, "coverage_40": 60.0, "coverage_70": 20.0, "n": 4} for v in (0, 4)])
     target = CycleTarget(statistic="coverage_50")
-    assert report.cycle_scores(metrics, target).empty
-    fig = report.score_across_cycles(metrics, target)
+    assert figures.cycle_scores(metrics, target).empty
+    fig = figures.score_across_cycles(metrics, target)
     assert any("no precision coverage_50 scores" in t.get_text() for t in fig.axes[0].texts)

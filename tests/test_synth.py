@@ -61,9 +61,9 @@ def test_rounds_reach_the_target_and_record_provenance(tmp_path, fake_backend):
     assert row["cycle"] == 1 and len({p["id"] for p in pairs}) == len(pairs)
     from datasets import load_dataset
 
-    loaded = load_dataset("json", data_files=str(run_dir / "synth" / "pairs.jsonl"), split="train")
+    loaded = load_dataset("json", data_files=str(run_dir / "synthesize" / "pairs.jsonl"), split="train")
     assert loaded.num_rows == len(pairs) and {"instruction", "response", "seed_prompt_id"} <= set(loaded.column_names)
-    calls = [json.loads(line) for line in (run_dir / "synth" / "calls.jsonl").read_text().splitlines()]
+    calls = [json.loads(line) for line in (run_dir / "synthesize" / "calls.jsonl").read_text().splitlines()]
     assert any(not c["ok"] and c["error"] for c in calls)  # failures kept with their reason
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from llamaduo_nb.pipeline.params import PROJECT_ROOT
-from llamaduo_nb.pipeline.units import FOLDERS, NOTEBOOKS
+from llamaduo_nb.pipeline.units import NOTEBOOKS, STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
@@ -61,8 +61,8 @@ def test_every_stage_wrote_its_outputs_and_done(run):
         done = json.loads((run_dir / folder / "DONE.json").read_text())
         assert done["stage"] == stage and done["fingerprint"]
     assert (run_dir / "params.yaml").exists()
-    assert (run_dir / "models" / "closed_qa" / "smollm2-135m-instruct" / "4" / "adapter_config.json").exists()
-    assert (run_dir / "responses" / "closed_qa" / "smollm2-135m-instruct" / "0.jsonl").exists()
+    assert (run_dir / "finetune" / "closed_qa" / "smollm2-135m-instruct" / "4" / "adapter_config.json").exists()
+    assert (run_dir / "infer" / "closed_qa" / "smollm2-135m-instruct" / "0.jsonl").exists()
 
 
 def test_metrics_csv(run):
@@ -79,10 +79,10 @@ def test_metrics_csv(run):
 def test_figures_png_and_svg(run):
     run_dir, _ = run
     for name in ("similarity_vs_volume", "precision_vs_volume", "precision_coverage", "dedup_funnel"):
-        png = run_dir / "figures" / f"{name}.png"
+        png = run_dir / "report" / f"{name}.png"
         assert png.stat().st_size > 5000
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert (run_dir / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+        assert (run_dir / "report" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_manifest(run):
@@ -92,7 +92,7 @@ def test_manifest(run):
     assert manifest["versions"]["transformers"] and manifest["seed"] == 42
     assert manifest["llm_totals"]["requests"] > 0
     synth = manifest["stages"]["synthesize"]["llm"]["local:smollm2-135m-instruct"]
-    calls = (run_dir / "synth" / "calls.jsonl").read_text().splitlines()
+    calls = (run_dir / "synthesize" / "calls.jsonl").read_text().splitlines()
     assert synth["requests"] == len(calls) >= 5 and synth["output_tokens"] > 0  # 8 pairs, 2 a call, 15 % expected loss
     assert (run_dir / "report.html").stat().st_size > 10_000
 
@@ -150,15 +150,15 @@ def test_validate_and_doctor():
 @pytest.mark.long
 def test_only_redoes_one_cell_and_reuses_the_others(run, tiny_params):
     run_dir, _ = run
-    models = run_dir / "models" / "closed_qa" / "smollm2-135m-instruct"
-    answers = run_dir / "responses" / "closed_qa" / "smollm2-135m-instruct"
+    models = run_dir / "finetune" / "closed_qa" / "smollm2-135m-instruct"
+    answers = run_dir / "infer" / "closed_qa" / "smollm2-135m-instruct"
     before = {p: p.stat().st_mtime_ns for p in (models / "2" / "UNIT.json", models / "4" / "UNIT.json", answers / "2.jsonl",
                                                  answers / "4.jsonl", answers / "0.jsonl")}
     proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--only", "volume=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     changed = {p.parent.name + "/" + p.name for p in before if p.stat().st_mtime_ns != before[p]}
     assert changed == {"2/UNIT.json", "smollm2-135m-instruct/2.jsonl"}
-    finetune = json.loads((run_dir / "models" / "DONE.json").read_text())["counts"]
+    finetune = json.loads((run_dir / "finetune" / "DONE.json").read_text())["counts"]
     assert (finetune["trained"], finetune["reused"]) == (1, 1)
     proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--only", "volume=4096")
     assert proc.returncode == 2 and "volume 4096 is not in the grid (volumes: 2, 4)" in proc.stderr
@@ -177,13 +177,13 @@ def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params
     assert cycles["stopped"] and [c["cycle"] for c in cycles["cycles"]] == [1, 2]
     assert cycles["stop_reason"].endswith("cycle budget spent (cycle.max_cycles = 2)")
     later = run_dir / "cycle-2"
-    new_pairs = [json.loads(line) for line in (later / "synth" / "pairs.jsonl").read_text().splitlines()]
+    new_pairs = [json.loads(line) for line in (later / "synthesize" / "pairs.jsonl").read_text().splitlines()]
     assert new_pairs and all("-c2-" in p["id"] and p["cycle"] == 2 for p in new_pairs)
-    kept = [len((folder / "dedup" / "kept.jsonl").read_text().splitlines()) for folder in (run_dir, later)]
+    kept = [len((folder / "deduplicate" / "kept.jsonl").read_text().splitlines()) for folder in (run_dir, later)]
     assert cycles["cycles"][1]["kept_pairs_total"] == {"closed_qa": sum(kept)}
     # cycle 2 trains once on everything kept so far; the base model's answers are cycle 1's
-    assert (later / "models" / "closed_qa" / "smollm2-135m-instruct" / str(sum(kept)) / "adapter_config.json").exists()
-    base = "responses/closed_qa/smollm2-135m-instruct/0.jsonl"
+    assert (later / "finetune" / "closed_qa" / "smollm2-135m-instruct" / str(sum(kept)) / "adapter_config.json").exists()
+    base = "infer/closed_qa/smollm2-135m-instruct/0.jsonl"
     assert (later / base).read_text() == (run_dir / base).read_text()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["cycle"]) == {1, 2}

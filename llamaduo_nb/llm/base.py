@@ -49,6 +49,8 @@ class Completion:
     input_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str = ""
+    # rate-limit headers of the response that carried it ({lowercase name: value}); never cached
+    limits: Optional[dict] = None
 
 
 @dataclass
@@ -77,7 +79,18 @@ class TransientError(Exception):
 
 
 class PermanentError(Exception):
-    """Not worth retrying (bad request, authentication, unknown model)."""
+    """Not worth retrying (bad request, authentication, unknown model, no quota left).
+
+    `message` is the provider's own words; `response_format` is True when the server refused the
+    request's JSON mode (the client then tries a weaker one instead of failing)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, code: Optional[str] = None,
+                 provider_message: Optional[str] = None, response_format: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.provider_message = provider_message or message
+        self.response_format = response_format
 
 
 class Backend:

@@ -27,7 +27,19 @@ class ResponseCache:
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, backend TEXT, model TEXT,"
             " text TEXT, input_tokens INTEGER, output_tokens INTEGER, finish_reason TEXT, created REAL)"
         )
+        # what the run learned about a server (its JSON mode): asked once per run, not once per process
+        self._db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
         self._db.commit()
+
+    def setting(self, key: str) -> Optional[str]:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO settings VALUES (?,?)", (key, value))
+            self._db.commit()
 
     def get(self, key: str) -> Optional[Completion]:
         with self._lock:

@@ -1,17 +1,29 @@
 """One call path for every service-LLM request.
 
-`ServiceLLM.run(requests)` gives, for any backend: bounded concurrency, a rate
-limiter for requests/min and tokens/min (aiolimiter), retries with exponential
-backoff and jitter that honour `Retry-After` (tenacity), JSON extraction and
-schema validation with bounded re-asks, a persistent SQLite response cache and
-per-stage accounting of calls, tokens and cost. Every request ends `ok` or failed
-with a reason; none is lost and none raises out of `run`.
+`ServiceLLM.run(requests)` gives, for any backend: bounded concurrency, a pacer for
+requests/min that follows the provider's `x-ratelimit-*` / `anthropic-ratelimit-*` headers
+(down to what it says, up to the configured ceiling) and a tokens/min limiter (aiolimiter),
+retries with exponential backoff and jitter that honour `Retry-After` for transient errors
+only (tenacity), the strongest JSON mode the server takes, JSON extraction and schema
+validation with bounded re-asks, a persistent SQLite response cache and per-stage accounting
+of calls, tokens and cost.
+
+A circuit breaker guards the spend: permanent errors (bad key, unknown model, invalid
+request, no quota) are never retried; after `BREAKER_IN_A_ROW` failed requests in a row, or
+a failure share of `BREAKER_SHARE` over the last `BREAKER_WINDOW`, or when the next request
+could pass `max_cost_usd`, nothing more is sent and `run` raises `ServiceStopped` with the
+provider's own message. Until the first answer arrives requests go one at a time, so a bad
+key or model costs `BREAKER_IN_A_ROW` requests, not `max_concurrency`. Otherwise every
+request ends `ok` or failed with a reason, and answers already received stay in the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
+from collections import deque
 from typing import Optional
 
 from aiolimiter import AsyncLimiter
@@ -21,7 +33,13 @@ from llamaduo_nb.progress import tqdm
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
-from llamaduo_nb.llm.common import Accounting, describe_error, reask_request, validate_output
+from llamaduo_nb.llm.common import Accounting, ServiceStopped, describe_error, reask_request, validate_output
+
+BREAKER_IN_A_ROW = 3  # failed requests in a row (after their retries) that stop the call path
+BREAKER_WINDOW = 20  # ... or this share of failures among the last WINDOW requests (at least MIN of them)
+BREAKER_MIN = 10
+BREAKER_SHARE = 0.5
+PACER_TOLERANCE_S = 0.5  # a request sent late keeps its slot this long: no allowance is lost to scheduling
 
 
 _LOCAL_BACKENDS: dict = {}  # one in-process model per process: the judge and pairwise share its loaded weights and memo
@@ -51,6 +69,48 @@ def make_backend(cfg) -> Backend:
 
 class _Failed(Exception):
     pass
+
+
+class _NotSent(Exception):
+    """The call path has stopped (breaker or cost cap): the request was not sent."""
+
+
+class Pacer:
+    """At most `rate` requests a minute, on a schedule (GCRA): a caller up to `PACER_TOLERANCE_S` late
+    takes its slot without shifting the later ones, so the achieved rate stays at the limit. `pause`
+    holds every request until a time the provider named (remaining 0 until the reset)."""
+
+    def __init__(self, per_minute: Optional[float]):
+        self.ceiling = per_minute  # the configured limit: never exceeded, whatever the provider allows
+        self.rate = per_minute
+        self.provider_rate: Optional[float] = None
+        self.next_at = 0.0
+        self.paused_until = 0.0
+
+    def adapt(self, provider_per_minute: Optional[float], short_term: Optional[float] = None) -> None:
+        """Follow the provider: its per-minute limit, and while little remains, remaining/reset."""
+        if provider_per_minute:
+            self.provider_rate = provider_per_minute
+        rates = [r for r in (self.ceiling, self.provider_rate, short_term) if r]
+        self.rate = min(rates) if rates else None
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            if self.paused_until > now:
+                await asyncio.sleep(self.paused_until - now)
+                continue
+            if not self.rate:
+                return
+            interval = 60.0 / self.rate
+            slot = max(self.next_at, now - PACER_TOLERANCE_S)
+            if slot <= now:
+                self.next_at = slot + interval
+                return
+            await asyncio.sleep(slot - now)
 
 
 def _wait_honouring_retry_after(retry_state) -> float:
@@ -105,10 +165,20 @@ class ServiceLLM:
         self.backend = backend
         self.accounting = Accounting()
         self._sleep = sleep
+        # the breaker and what was learned about the server outlive one run() (synthesis calls run per round)
+        self.stopped: Optional[str] = None
+        self._in_a_row = 0
+        self._window: deque = deque(maxlen=BREAKER_WINDOW)
+        self._proven = False  # an answer has come back: the key, model and request shape work
+        self._inflight_cost = 0.0
+        self._pacer = Pacer(cfg.requests_per_minute)
+        self._json_mode_checked = False
 
     # -- public -----------------------------------------------------------
     def run(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True) -> list[ChatResult]:
-        """Answer every request; blocks. Safe inside Jupyter (runs its own loop in a thread)."""
+        """Answer every request; blocks. Safe inside Jupyter (runs its own loop in a thread).
+
+        Raises `ServiceStopped` (a UserError) when the call path stopped (see the module docstring)."""
         if not requests:
             return []
         try:
@@ -131,15 +201,18 @@ class ServiceLLM:
         return box["out"]
 
     async def arun(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True) -> list[ChatResult]:
+        if self.stopped:
+            raise ServiceStopped(self.stopped)
         if self.backend is None:
             self.backend = make_backend(self.cfg)
         cfg = self.cfg
+        self._load_json_mode()
         if getattr(cfg, "batch_api", False):  # the provider's batch API instead of live calls (llm/batch.py)
             from llamaduo_nb.llm.batch import run_batch_api
 
             return await run_batch_api(self, requests, desc, progress)
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
-        self._rpm = AsyncLimiter(1, 60.0 / cfg.requests_per_minute) if cfg.requests_per_minute else None
+        self._probe = asyncio.Lock()
         if cfg.tokens_per_minute:
             self._tpm_capacity = max(cfg.tokens_per_minute / 6.0, 1.0)
             self._tpm = AsyncLimiter(self._tpm_capacity, 10.0)
@@ -160,6 +233,8 @@ class ServiceLLM:
             if self._batcher:
                 self._batcher.close()
             await self.backend.aclose()
+        if self.stopped:
+            raise ServiceStopped(self.stopped)
         return list(results)
 
     # -- internals --------------------------------------------------------
@@ -174,6 +249,9 @@ class ServiceLLM:
                 completion = await self._call(current, result)
             except _Failed as exc:
                 return self._fail(result, str(exc))
+            except _NotSent:
+                acc.not_sent += 1
+                return self._fail(result, f"not sent: {self.stopped}")
             try:
                 parsed = validate_output(completion.text, current.json_schema)
             except ValueError as exc:
@@ -205,6 +283,8 @@ class ServiceLLM:
             result.input_tokens += hit.input_tokens
             result.output_tokens += hit.output_tokens
             return hit
+        if self.stopped:
+            raise _NotSent()
         result.cached = False
         try:
             async for attempt in AsyncRetrying(
@@ -222,31 +302,150 @@ class ServiceLLM:
                     completion = await self._attempt(request)
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            self._outcome(False, f"{describe_error(last)} (after {cfg.max_retries + 1} tries)")
             raise _Failed(f"gave up after {cfg.max_retries + 1} tries: {describe_error(last)}") from None
         except PermanentError as exc:
+            # a refusal of one prompt's content says nothing about the service; an HTTP error does
+            if exc.status is not None or exc.code is not None:
+                self._outcome(False, f"{exc.status} {exc.provider_message}" if exc.status else exc.provider_message)
             raise _Failed(f"refused: {describe_error(exc)}") from None
+        self._outcome(True)
         self.cache.put(key, cfg.backend, cfg.model, completion)
         acc = self.accounting
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
-        acc.cost_usd += (completion.input_tokens * cfg.price_input_per_mtok + completion.output_tokens * cfg.price_output_per_mtok) / 1e6
+        acc.cost_usd += self._cost(completion.input_tokens, completion.output_tokens)
         result.input_tokens += completion.input_tokens
         result.output_tokens += completion.output_tokens
         return completion
 
+    def _cost(self, input_tokens: float, output_tokens: float) -> float:
+        return (input_tokens * self.cfg.price_input_per_mtok + output_tokens * self.cfg.price_output_per_mtok) / 1e6
+
+    # -- the circuit breaker -------------------------------------------------
+    def _outcome(self, ok: bool, message: str = "") -> None:
+        """Record how one request ended at the API (after its retries); trip the breaker if due."""
+        self._window.append(ok)
+        if ok:
+            self._in_a_row = 0
+            return
+        self._in_a_row += 1
+        failed = self._window.count(False)
+        if self._in_a_row >= BREAKER_IN_A_ROW:
+            self._trip(f"{self._in_a_row} requests in a row failed", message)
+        elif len(self._window) >= BREAKER_MIN and failed / len(self._window) >= BREAKER_SHARE:
+            self._trip(f"{failed} of the last {len(self._window)} requests failed", message)
+
+    def _trip(self, why: str, message: str) -> None:
+        if self.stopped:
+            return
+        sent = self.accounting.api_calls
+        self.stopped = (
+            f"service '{self.cfg.label}' stopped: {why}: {' '.join(message.split())[:300]} "
+            f"({sent} request{'s' if sent != 1 else ''} sent; answers already received are kept in the run's "
+            f"response cache, so a re-run resumes)"
+        )
+
+    def _check_open(self, request: ChatRequest) -> float:
+        """Raise _NotSent when the call path has stopped or this request could pass the cost cap;
+        else the request's worst-case cost, counted as in flight until it returns."""
+        if self.stopped:
+            raise _NotSent()
+        estimate = self._cost(request.estimated_tokens() - request.max_tokens, request.max_tokens)
+        cap = getattr(self.cfg, "max_cost_usd", None)
+        if cap is not None and self.accounting.cost_usd + self._inflight_cost + estimate > cap:
+            self.stopped = (
+                f"service '{self.cfg.label}' stopped: the next request could pass service.max_cost_usd = ${cap:g} "
+                f"(spent ${self.accounting.cost_usd:.4f}, ${self._inflight_cost:.4f} in flight, this one up to "
+                f"${estimate:.4f}); answers already received are kept in the run's response cache"
+            )
+            raise _NotSent()
+        return estimate
+
+    # -- one HTTP request ----------------------------------------------------
     async def _attempt(self, request: ChatRequest) -> Completion:
         if self._batcher is not None:
             self.accounting.api_calls += 1
             return await self._batcher.submit(request)
         async with self._sem:
-            if self._rpm is not None:
-                await self._rpm.acquire()
+            if not self._proven:  # one at a time until the first answer: a bad key costs a few requests
+                async with self._probe:
+                    return await self._send(request)
+            return await self._send(request)
+
+    async def _send(self, request: ChatRequest) -> Completion:
+        while True:
+            await self._pacer.wait()
             if self._tpm is not None:
                 await self._tpm.acquire(min(request.estimated_tokens(), self._tpm_capacity))
+            estimate = self._check_open(request)
+            mode = getattr(self.backend, "json_mode", None)
             self.accounting.api_calls += 1
+            self._inflight_cost += estimate
             try:
-                return await asyncio.wait_for(self.backend.complete(request), timeout=self.cfg.timeout_s * 1.5)
+                completion = await asyncio.wait_for(self.backend.complete(request), timeout=self.cfg.timeout_s * 1.5)
             except asyncio.TimeoutError:
                 raise TransientError(f"no answer within {self.cfg.timeout_s * 1.5:.0f} s") from None
+            except PermanentError as exc:
+                if exc.response_format and request.json_schema is not None and self._step_down(mode, exc):
+                    continue  # the same request again, in the weaker JSON mode
+                raise
+            finally:
+                self._inflight_cost -= estimate
+            self._proven = True
+            self._learn_limits(completion.limits, request)
+            return completion
 
+    # -- the server's JSON mode ----------------------------------------------
+    def _mode_key(self) -> str:
+        return f"json_mode {self.cfg.backend} {self.cfg.base_url or ''} {self.cfg.model}"
 
+    def _load_json_mode(self) -> None:
+        """A mode learned earlier in this run (the cache's settings table) is used from the start."""
+        modes = getattr(self.backend, "json_modes", None)
+        if self._json_mode_checked or not modes:
+            return
+        self._json_mode_checked = True
+        known = self.cache.setting(self._mode_key())
+        if known in modes:
+            self.backend.json_mode = known
+        self.accounting.json_mode = self.backend.json_mode
+
+    def _step_down(self, mode_sent: Optional[str], exc: PermanentError) -> bool:
+        """The server refused `mode_sent`: use the next weaker mode (once per run); False when none is left."""
+        modes = getattr(self.backend, "json_modes", None)
+        if not modes or mode_sent not in modes:
+            return False
+        current = self.backend.json_mode
+        if modes.index(current) > modes.index(mode_sent):
+            return True  # another request already stepped down
+        if modes.index(current) + 1 >= len(modes):
+            return False
+        self.backend.json_mode = modes[modes.index(current) + 1]
+        self.accounting.json_mode = self.backend.json_mode
+        self.cache.set_setting(self._mode_key(), self.backend.json_mode)
+        print(f"service '{self.cfg.label}': the server refused response_format {current} "
+              f"({' '.join(str(exc.provider_message).split())[:160]}); using {self.backend.json_mode} from now on",
+              file=sys.stderr, flush=True)
+        return True
+
+    # -- the provider's limits -----------------------------------------------
+    def _learn_limits(self, limits: Optional[dict], request: ChatRequest) -> None:
+        """Pace to what the provider says (never above the configured ceiling); hold every request
+        until the reset when nothing remains."""
+        if not limits:
+            return
+        req, tok = limits.get("requests"), limits.get("tokens")
+        if req:
+            limit, remaining, reset_s = req.get("limit"), req.get("remaining"), req.get("reset_s")
+            if remaining is not None and remaining < 1 and reset_s:
+                self._pacer.pause(reset_s)
+            short_term = None
+            if limit and remaining is not None and reset_s and remaining < limit / 2:
+                # little left: the rate the bucket refills at, (used) / (time to full), is what gets through
+                short_term = max((limit - remaining) * 60.0 / reset_s, 1e-3)
+            self._pacer.adapt(limit, short_term)
+        if tok:
+            remaining, reset_s = tok.get("remaining"), tok.get("reset_s")
+            if remaining is not None and reset_s and remaining < request.estimated_tokens():
+                self._pacer.pause(reset_s)

@@ -31,11 +31,18 @@ class Accounting:
     output_tokens: int = 0
     cost_usd: float = 0.0
     failure_reasons: dict = field(default_factory=dict)
+    json_mode: str = ""  # the structured-output mode the server ended up taking (openai-compatible servers)
+    not_sent: int = 0  # requests not sent because the call path had stopped (circuit breaker, cost cap)
 
     def as_dict(self) -> dict:
         out = asdict(self)
         out["cost_usd"] = round(self.cost_usd, 6)
         return out
+
+
+class ServiceStopped(UserError):
+    """The call path stopped sending requests (permanent errors in a row, too many failures, the cost
+    cap). One line with the provider's own message; answers already paid for stay in the cache."""
 
 
 def api_key(cfg) -> Optional[str]:
@@ -68,7 +75,9 @@ def extract_json(text: str) -> Any:
     last_error = None
     for cand in candidates:
         try:
-            return json.loads(cand)
+            # strict=False: raw control characters (a newline inside a string) are what small models
+            # and llama.cpp's grammar-constrained output often produce; the content is still fine
+            return json.loads(cand, strict=False)
         except (json.JSONDecodeError, ValueError) as exc:
             last_error = exc
     raise ValueError(f"no JSON object found ({last_error})")
@@ -154,9 +163,71 @@ def retry_after_from_headers(headers: Any) -> Optional[float]:
     except (TypeError, ValueError):
         pass
     try:
-        return parse_retry_after(headers.get("retry-after"))
+        found = parse_retry_after(headers.get("retry-after"))
     except Exception:  # noqa: BLE001 - an odd header is no reason to fail the request
+        found = None
+    if found is not None:
+        return found
+    limits = rate_limit_headers(headers) or {}
+    waits = [v["reset_s"] for v in limits.values() if v.get("remaining") is not None and v["remaining"] < 1 and v.get("reset_s")]
+    return max(waits) if waits else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_reset(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds until a rate limit resets: OpenAI's durations (`6m0s`, `1s`, `20ms`, `1h2m3.5s`), plain
+    seconds, or Anthropic's RFC 3339 time (`2026-12-02T01:00:00Z`)."""
+    if value is None:
         return None
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+        return sum(float(n) * scale[u] for n, u in parts)
+    try:
+        import datetime as _dt
+
+        when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_dt.timezone.utc)
+        return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+    except ValueError:
+        return None
+
+
+def _number(value) -> Optional[float]:
+    try:
+        return float(value) if value is not None and str(value).strip() != "" else None
+    except ValueError:
+        return None
+
+
+def rate_limit_headers(headers: Any) -> Optional[dict]:
+    """What a response says about the provider's limits: {"requests"|"tokens": {"limit", "remaining",
+    "reset_s"}} from OpenAI's `x-ratelimit-*` or Anthropic's `anthropic-ratelimit-*`; None when silent."""
+    if headers is None:
+        return None
+    out = {}
+    for kind in ("requests", "tokens"):
+        names = [(f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}"),
+                 (f"anthropic-ratelimit-{kind}-limit", f"anthropic-ratelimit-{kind}-remaining", f"anthropic-ratelimit-{kind}-reset")]
+        for lim, rem, reset in names:
+            try:
+                limit, remaining, reset_s = _number(headers.get(lim)), _number(headers.get(rem)), parse_reset(headers.get(reset))
+            except Exception:  # noqa: BLE001 - an odd header is no reason to fail the request
+                continue
+            if limit is not None or remaining is not None:
+                out[kind] = {"limit": limit, "remaining": remaining, "reset_s": reset_s}
+                break
+    return out or None
 
 
 class Scrubber:
@@ -234,10 +305,13 @@ def translate_sdk_error(exc: BaseException, sdk, base_error: type, scrub, timeou
     `transient` adds SDK-specific exception classes worth retrying. Anything else is returned unchanged."""
     if isinstance(exc, sdk.APIStatusError):  # RateLimitError, InternalServerError, OverloadedError, …
         status = exc.status_code
-        detail = scrub(f"{type(exc).__name__}: {error_text(exc)}")
-        if is_transient_status(status):
-            return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
-        return PermanentError(f"{status} {detail}")
+        message = error_text(exc)
+        detail = scrub(f"{type(exc).__name__}: {message}")
+        code = error_code(exc)
+        if is_permanent(status, code, message):
+            return PermanentError(f"{status} {detail}", status=status, code=code, provider_message=scrub(message),
+                                  response_format=names_response_format(message))
+        return TransientError(detail, retry_after=retry_after_from_headers(exc.response.headers), status=status)
     if isinstance(exc, sdk.APITimeoutError):
         return TransientError(f"no answer within {timeout_s:g} s (timeout or dropped connection)")
     if isinstance(exc, sdk.APIConnectionError):
@@ -251,6 +325,55 @@ def translate_sdk_error(exc: BaseException, sdk, base_error: type, scrub, timeou
     if isinstance(exc, base_error):
         return PermanentError(scrub(f"{type(exc).__name__}: {exc}"))
     return exc
+
+
+#: error codes that no retry can fix, whatever the HTTP status (OpenAI answers `insufficient_quota` with 429)
+PERMANENT_CODES = frozenset({
+    "insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "invalid_api_key", "account_deactivated",
+    "model_not_found", "unsupported_country_region_territory", "authentication_error", "permission_error",
+    "not_found_error", "invalid_request_error",
+})
+
+# A server that validates the request only after routing it (llama.cpp's server: pydantic errors come back
+# as 500) says so in the message; such a 5xx is the request's fault, and sending it again cannot help.
+_REQUEST_VALIDATION = re.compile(
+    r"validation error for|Input should be|Field required|Extra inputs are not permitted|Unrecognized request argument"
+    r"|Unsupported parameter|Unsupported value|is not supported with this model|response_format",
+    re.IGNORECASE,
+)
+
+
+def is_permanent(status: Optional[int], code: Optional[str], message: str) -> bool:
+    """Not worth retrying: a client error other than 408/409/425/429, a code no retry can fix, or a 5xx
+    whose message is a request-validation error."""
+    if code and code in PERMANENT_CODES and status != 529:  # 529: Anthropic's overloaded, whatever its type
+        return True
+    if status is None:
+        return False
+    if status >= 500:
+        return bool(_REQUEST_VALIDATION.search(message or ""))
+    return not is_transient_status(status)
+
+
+def names_response_format(message: str) -> bool:
+    """The server refused the request's JSON mode (not the prompt, not the key)."""
+    text = message or ""
+    return "response_format" in text or "json_schema" in text
+
+
+def error_code(exc) -> Optional[str]:
+    """The API's error code (OpenAI `code`, else its `type`; Anthropic `error.type`), if any."""
+    code = getattr(exc, "code", None)
+    if code:
+        return str(code)
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            found = inner.get("code") or inner.get("type")
+            if found and found not in ("error", "server_error", "internal_server_error", "api_error", "overloaded_error", "rate_limit_error"):
+                return str(found)
+    return None
 
 
 def error_text(exc) -> str:

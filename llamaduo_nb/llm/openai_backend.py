@@ -16,11 +16,26 @@ from __future__ import annotations
 import json
 
 from llamaduo_nb.llm.base import ChatRequest, Completion, PermanentError, TransientError
-from llamaduo_nb.llm.common import SDKClientBackend, Scrubber, is_transient_status, resolve_key, translate_sdk_error
+from llamaduo_nb.llm.common import (
+    SDKClientBackend, Scrubber, is_transient_status, json_instruction, rate_limit_headers, resolve_key, translate_sdk_error,
+)
+
+#: structured-output modes, strongest first: the client steps down when a server refuses one
+#: (llama.cpp's server takes only `json_object`, with an optional `schema`; some take neither)
+JSON_MODES = ("json_schema", "json_object+schema", "json_object")
+
+#: OpenAI reasoning models: no temperature/top_p (400 "Unsupported parameter"), max_completion_tokens only
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+def is_reasoning_model(model: str) -> bool:
+    name = model.split("/")[-1].lower()
+    return name.startswith(_REASONING_PREFIXES) and "chat" not in name
 
 
 class OpenAIBackend(SDKClientBackend):
     name = "openai"
+    json_modes = JSON_MODES
 
     def __init__(self, config):
         super().__init__(config)
@@ -29,6 +44,8 @@ class OpenAIBackend(SDKClientBackend):
         # the official API wants max_completion_tokens (max_tokens is deprecated and refused by
         # reasoning models); compatible servers (vLLM, llama.cpp, Ollama) all read max_tokens
         self._max_tokens_param = "max_tokens" if config.base_url else "max_completion_tokens"
+        self._reasoning = not config.base_url and is_reasoning_model(config.model)
+        self.json_mode = JSON_MODES[0]  # the client lowers it when the server refuses it
         # import and build here, not in the first complete(): a slow import inside the event
         # loop would stall every concurrent request's timeout clock
         self._client = self._new_client()
@@ -51,29 +68,33 @@ class OpenAIBackend(SDKClientBackend):
 
     def request_body(self, request: ChatRequest) -> dict:
         """The Chat Completions request body (the same for a live call and a batch line)."""
-        kwargs: dict = {
-            "model": self.config.model,
-            "messages": [{"role": m["role"], "content": m.get("content", "")} for m in request.messages],
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            self._max_tokens_param: request.max_tokens,
-        }
-        if request.json_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": request.json_schema},
-            }
+        messages = [{"role": m["role"], "content": m.get("content", "")} for m in request.messages]
+        kwargs: dict = {"model": self.config.model, "messages": messages, self._max_tokens_param: request.max_tokens}
+        if not self._reasoning:  # reasoning models refuse any sampling setting but the default
+            kwargs.update(temperature=request.temperature, top_p=request.top_p)
+        schema = request.json_schema
+        if schema is not None:
+            if self.json_mode == "json_schema":
+                kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+            elif self.json_mode == "json_object+schema":
+                kwargs["response_format"] = {"type": "json_object", "schema": schema}
+            else:  # JSON only: the schema goes into the prompt, the client validates and re-asks
+                kwargs["response_format"] = {"type": "json_object"}
+                kwargs["messages"] = [{"role": "system", "content": json_instruction(schema)}] + messages
         return kwargs
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            resp = await self._sdk().chat.completions.create(**self.request_body(request))
+            raw = await self._sdk().chat.completions.with_raw_response.create(**self.request_body(request))
+            resp = raw.parse()
         except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
             mapped = self._translate(exc)
             if mapped is exc:
                 raise
             raise mapped from None
-        return self._completion(resp)
+        completion = self._completion(resp)
+        completion.limits = rate_limit_headers(raw.headers)
+        return completion
 
     def _translate(self, exc: BaseException) -> BaseException:
         """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
@@ -201,6 +222,11 @@ class OpenAIBackend(SDKClientBackend):
             refusal = getattr(message, "refusal", None) if message is not None else None
             if refusal:
                 raise PermanentError(self._scrub(f"the model refused: {refusal}"))
+            if getattr(choice, "finish_reason", None) == "length":
+                # the whole budget went before any visible text (a reasoning model thinking): the same
+                # request would be cut the same way again, so it is not retried
+                raise PermanentError("empty answer cut at the token limit (finish_reason: length); raise max_new_tokens",
+                                     code="length")
             raise TransientError("empty choices (no content in the answer)")
         usage = getattr(resp, "usage", None)
         return Completion(

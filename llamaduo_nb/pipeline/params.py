@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_DIR = PROJECT_ROOT / "params" / "prompts"
 # The coverage set shipped in the package (written for this project, in No Robots' schema).
 BUNDLED_COVERAGE = Path(__file__).resolve().parent.parent / "data" / "coverage.jsonl"

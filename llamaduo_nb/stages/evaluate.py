@@ -151,12 +151,16 @@ def pairwise_summary_file(run_dir: Path | str) -> Path:
     return Path(run_dir) / "pairwise.csv"
 
 
-def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, references: dict) -> tuple[pd.DataFrame, dict]:
-    """Every judge's pairwise verdicts; writes evaluate/pairwise.jsonl and pairwise.csv. Returns (summary, accounting)."""
+def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, references: dict,
+                 make_service=None) -> tuple[pd.DataFrame, dict]:
+    """Every judge's pairwise verdicts; writes evaluate/pairwise.jsonl and pairwise.csv. Returns (summary, accounting).
+
+    `make_service(judge)` gives a judge's ServiceLLM (default: one on the run's response cache)."""
     pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
+    make_service = make_service or (lambda judge: ServiceLLM(judge, cache_for(run_dir)))
     rows, accounting = [], {}
     for judge in params.judges:
-        service = ServiceLLM(judge, cache_for(run_dir))
+        service = make_service(judge)
         rows += pairwise.judge_pairs(params, judge, responses, references, service)
         accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
     for row in rows:
