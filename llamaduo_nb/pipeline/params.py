@@ -58,7 +58,10 @@ class ServiceParams(Strict):
     tokens_per_minute: Optional[float] = Field(None, gt=0)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)  # transient errors (429, 5xx, timeouts) per request
-    max_reasks: int = Field(2, ge=0)  # extra tries when the output is not valid JSON for the schema
+    # extra tries when the output is not valid JSON for the schema; default 2 for an API (a server may
+    # ignore the schema's bounds), 0 for the local stand-in (its JSON is valid by construction)
+    max_reasks: Optional[int] = Field(None, ge=0, validate_default=True)
+    max_cost_usd: Optional[float] = Field(None, gt=0)  # stop this service's calls in one stage before they cost more (USD, from prices)
     price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million input tokens (editable price table)
     price_output_per_mtok: float = Field(0.0, ge=0)
     batch_size: PositiveInt = 8  # local backend: prompts generated together
@@ -67,6 +70,13 @@ class ServiceParams(Strict):
     @property
     def label(self) -> str:
         return self.name or f"{self.backend}:{self.model}"
+
+    @field_validator("max_reasks")
+    @classmethod
+    def _reasks_by_backend(cls, value, info):
+        if value is not None:
+            return value
+        return 0 if info.data.get("backend") == "local" else 2
 
     @model_validator(mode="after")
     def _key_env_is_a_name(self):
