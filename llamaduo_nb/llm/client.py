@@ -39,7 +39,7 @@ BREAKER_IN_A_ROW = 3  # failed requests in a row (after their retries) that stop
 BREAKER_WINDOW = 20  # ... or this share of failures among the last WINDOW requests (at least MIN of them)
 BREAKER_MIN = 10
 BREAKER_SHARE = 0.5
-PACER_TOLERANCE_S = 0.5  # a request sent late keeps its slot this long: no allowance is lost to scheduling
+PACER_TOLERANCE_S = 0.5  # a request sent late keeps its slot up to this long (and a quarter interval at most)
 
 
 _LOCAL_BACKENDS: dict = {}  # one in-process model per process: the judge and pairwise share its loaded weights and memo
@@ -76,8 +76,9 @@ class _NotSent(Exception):
 
 
 class Pacer:
-    """At most `rate` requests a minute, on a schedule (GCRA): a caller up to `PACER_TOLERANCE_S` late
-    takes its slot without shifting the later ones, so the achieved rate stays at the limit. `pause`
+    """At most `rate` requests a minute, on a schedule (GCRA): a caller up to a quarter interval late (at
+    most `PACER_TOLERANCE_S`) takes its slot without shifting the later ones, so the event loop's late
+    wake-ups lose no allowance, while no burst forms. `pause`
     holds every request until a time the provider named (remaining 0 until the reset)."""
 
     def __init__(self, per_minute: Optional[float]):
@@ -106,7 +107,7 @@ class Pacer:
             if not self.rate:
                 return
             interval = 60.0 / self.rate
-            slot = max(self.next_at, now - PACER_TOLERANCE_S)
+            slot = max(self.next_at, now - min(PACER_TOLERANCE_S, interval / 4))
             if slot <= now:
                 self.next_at = slot + interval
                 return

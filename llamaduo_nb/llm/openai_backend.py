@@ -33,6 +33,21 @@ def is_reasoning_model(model: str) -> bool:
     return name.startswith(_REASONING_PREFIXES) and "chat" not in name
 
 
+def grammar_schema(schema):
+    """The schema for a server that turns it into a grammar (llama.cpp): such grammars ignore integer
+    minimum/maximum, so a small bounded integer range becomes the enum of its values. Validation
+    still uses the original schema."""
+    if isinstance(schema, list):
+        return [grammar_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if schema.get("type") == "integer" and isinstance(low, int) and isinstance(high, int) and 0 <= high - low <= 1000:
+        rest = {k: v for k, v in schema.items() if k not in ("type", "minimum", "maximum")}
+        return dict(rest, enum=list(range(low, high + 1)))
+    return {k: grammar_schema(v) for k, v in schema.items()}
+
+
 class OpenAIBackend(SDKClientBackend):
     name = "openai"
     json_modes = JSON_MODES
@@ -43,8 +58,8 @@ class OpenAIBackend(SDKClientBackend):
         self._scrub = Scrubber(self._key)
         # the official API wants max_completion_tokens (max_tokens is deprecated and refused by
         # reasoning models); compatible servers (vLLM, llama.cpp, Ollama) all read max_tokens
-        self._max_tokens_param = "max_tokens" if config.base_url else "max_completion_tokens"
-        self._reasoning = not config.base_url and is_reasoning_model(config.model)
+        self._reasoning = is_reasoning_model(config.model)
+        self._max_tokens_param = "max_tokens" if config.base_url and not self._reasoning else "max_completion_tokens"
         self.json_mode = JSON_MODES[0]  # the client lowers it when the server refuses it
         # import and build here, not in the first complete(): a slow import inside the event
         # loop would stall every concurrent request's timeout clock
@@ -77,7 +92,7 @@ class OpenAIBackend(SDKClientBackend):
             if self.json_mode == "json_schema":
                 kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
             elif self.json_mode == "json_object+schema":
-                kwargs["response_format"] = {"type": "json_object", "schema": schema}
+                kwargs["response_format"] = {"type": "json_object", "schema": grammar_schema(schema)}
             else:  # JSON only: the schema goes into the prompt, the client validates and re-asks
                 kwargs["response_format"] = {"type": "json_object"}
                 kwargs["messages"] = [{"role": "system", "content": json_instruction(schema)}] + messages

@@ -9,8 +9,10 @@ prompt file, sampling settings, schema, call number, service model), and the run
 answers a request it has seen, so a changed setting sends only the requests it changed.
 
 Requests go out in rounds until each task has `samples_per_task` valid pairs (the first round
-asks for `expected_loss` more; later rounds top up by the yield observed so far), at most
-`max_rounds`. Call i of a task always draws the same seed pair, so a resumed or repeated run
+asks for `expected_loss` more; later rounds top up by the yield observed so far, at most twice the
+previous round's calls), at most `max_rounds`. A task stops after a round that gave it no valid
+pair, and the stage fails (never DONE) when a task has none at all, so a provider that answers
+nothing useful costs one round, not four growing ones. Call i of a task always draws the same seed pair, so a resumed or repeated run
 sends identical requests and the response cache answers them for free.
 """
 
@@ -28,6 +30,7 @@ from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import cache_for
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.errors import UserError
 from llamaduo_nb.pipeline.params import Params
 from llamaduo_nb.prompts import Prompt, load_prompt
 from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_dir
@@ -48,8 +51,11 @@ def request_for(params: Params, prompt: Prompt, schema, seeds: list[dict], task:
     return {"task": task, "call": call, "seed_prompt_id": seed["prompt_id"]}, req
 
 
-def calls_needed(deficit: int, pairs_per_call: int, yield_per_call: float) -> int:
-    return max(1, math.ceil(deficit / max(yield_per_call, 0.1)))
+def calls_needed(deficit: int, pairs_per_call: int, yield_per_call: float, previous: int = 0) -> int:
+    """Calls for a round: the shortfall over the yield seen so far, at most twice the previous round's
+    calls (a low early yield must not multiply the spend)."""
+    wanted = max(1, math.ceil(deficit / max(yield_per_call, 1e-9)))
+    return min(wanted, 2 * previous) if previous else wanted
 
 
 def _pairs_from(meta: dict, result, params: Params, prompt: Prompt, cycle: int) -> list[dict]:
@@ -83,27 +89,43 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     pairs: dict = {task: [] for task in params.tasks}
     calls: list[dict] = []
     made = {task: 0 for task in params.tasks}
+    last_round = {task: 0 for task in params.tasks}  # calls each task had in the previous round
+    stopped: dict = {}  # task -> why its rounds stopped early
     for round_no in range(cfg.max_rounds):
         jobs = []
         for task in params.tasks:
             deficit = cfg.samples_per_task - len(pairs[task])
-            if deficit <= 0:
+            if deficit <= 0 or task in stopped:
                 continue
             if made[task] == 0:
                 per_call = cfg.pairs_per_call * (1 - cfg.expected_loss)
             else:
                 per_call = len(pairs[task]) / made[task]
-            for _ in range(calls_needed(deficit, cfg.pairs_per_call, per_call)):
+            n = calls_needed(deficit, cfg.pairs_per_call, per_call, last_round[task])
+            last_round[task] = n
+            for _ in range(n):
                 jobs.append(request_for(params, prompt, schema, seeds[task], task, made[task], cycle))
                 made[task] += 1
         if not jobs:
             break
         results = service.run([req for _, req in jobs], desc=f"synthesize, round {round_no + 1}")
+        got = {task: 0 for task in params.tasks}
         for (meta, _), res in zip(jobs, results):
             new = _pairs_from(meta, res, params, prompt, cycle)
             pairs[meta["task"]] += new
+            got[meta["task"]] += len(new)
             calls.append(dict(meta, round=round_no + 1, ok=res.ok, error=res.error, pairs=len(new), cached=res.cached,
                               reasks=res.reasks, input_tokens=res.input_tokens, output_tokens=res.output_tokens))
+        for task in {meta["task"] for meta, _ in jobs}:
+            if got[task] == 0:
+                errors = [c["error"] for c in calls if c["task"] == task and c["round"] == round_no + 1 and c["error"]]
+                common = max(set(errors), key=errors.count) if errors else "the answers held no pair"
+                stopped[task] = f"round {round_no + 1} gave no valid pair from {last_round[task]} calls ({common[:200]})"
+                print(f"synthesize: {task}: no more rounds: {stopped[task]}", flush=True)
+    empty = [task for task in params.tasks if not pairs[task]]
+    if empty:
+        raise UserError(f"no valid pair for {', '.join(empty)}: "
+                        + "; ".join(f"{t}: {stopped.get(t, 'no pair after ' + str(made[t]) + ' calls')}" for t in empty))
     flat = [p for task in params.tasks for p in pairs[task]]
     out = stage_dir(run_dir, "synthesize")
     write_jsonl(out / "pairs.jsonl", flat)

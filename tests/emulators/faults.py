@@ -40,6 +40,9 @@ class Fault:
       malformed   200, but the reply text is not valid JSON
       truncated   200, but the reply text is cut in half (truncated JSON)
       empty       200, but no choices / content blocks / candidates
+      length      200, an empty answer cut at the token limit (finish_reason "length": a reasoning
+                  model that spent the budget thinking)
+      quota       429 "insufficient_quota": the account has no credit (no retry helps)
     """
 
     kind: str = "ok"
@@ -88,12 +91,20 @@ class Fault:
     def empty() -> "Fault":
         return Fault("empty")
 
+    @staticmethod
+    def length() -> "Fault":
+        return Fault("length")
 
-_SHORTHANDS = {"ok", "slow", "drop", "cut", "malformed", "truncated", "empty"}
+    @staticmethod
+    def quota() -> "Fault":
+        return Fault("quota")
+
+
+_SHORTHANDS = {"ok", "slow", "drop", "cut", "malformed", "truncated", "empty", "length", "quota"}
 
 
 def as_fault(value: Union[Fault, str, int, None]) -> Fault:
-    """`Fault`, None, "ok", "429", 503, "slow", "drop", "malformed", "truncated", "empty"."""
+    """`Fault`, None, "ok", "429", 503, "slow", "drop", "malformed", "truncated", "empty", "length", "quota"."""
     if value is None:
         return Fault()
     if isinstance(value, Fault):
@@ -307,6 +318,13 @@ class TokenBucket:
         self.tokens = self.capacity
         self.last = time.monotonic()
         self._lock = threading.Lock()
+
+    def state(self) -> tuple[float, float, float]:
+        """(limit per minute, remaining now, seconds until full): what a provider's rate-limit headers say."""
+        with self._lock:
+            now = time.monotonic()
+            tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+            return self.rate * 60.0, tokens, (self.capacity - tokens) / self.rate
 
     def take(self) -> Optional[float]:
         """None when admitted, else seconds until a request would be."""

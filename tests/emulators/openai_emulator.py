@@ -1,9 +1,18 @@
 """An emulator of OpenAI's `POST /v1/chat/completions` (any OpenAI-compatible server).
 
 Answers in the Chat Completions shape with `usage`; errors in OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` shape; 429s carry
+``{"error": {"message", "type", "param", "code"}}`` shape, with its real messages and
+codes (401 `invalid_api_key`, 404 `model_not_found`, 400 `unsupported_value` for a
+sampling setting sent to a reasoning model, 429 `insufficient_quota`); 429s carry
 `Retry-After`. Requests are checked the way the API checks them: `messages`
 present, `response_format` of type `json_schema` carrying a `name` and a `schema`.
+
+Options make it answer like other servers or accounts: `models` (anything else is
+404), `reasoning_models` (400 on temperature/top_p other than 1), `json_types` (the
+response_format types the server takes: `("text", "json_object")` is llama.cpp's
+server, which refuses `json_schema` with a 500 carrying pydantic's validation error),
+`object_schema` (whether `json_object` may carry a `schema`), and `rate_limit_headers`
+(`x-ratelimit-*` on every answer: from the `enforce_rpm` bucket, or a fixed dict).
 
 Also the Batch API on top of the Files API: `POST /v1/files` (multipart, purpose
 `batch`), `GET /v1/files/{id}` and `/v1/files/{id}/content`, `POST /v1/batches`
@@ -39,6 +48,15 @@ class OpenAIEmulator(ProviderEmulator):
     provider = "openai"
     url_suffix = "/v1"
 
+    def __init__(self, *args, models=None, reasoning_models=(), json_types=("text", "json_object", "json_schema"),
+                 object_schema=True, rate_limit_headers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.models = set(models) if models is not None else None
+        self.reasoning_models = set(reasoning_models)
+        self.json_types = tuple(json_types)
+        self.object_schema = object_schema
+        self.rate_limit_headers = rate_limit_headers  # True: from the enforce_rpm bucket; a dict: sent as is
+
     def matches(self, path: str) -> bool:
         return path.rstrip("/").endswith("/chat/completions")
 
@@ -55,7 +73,7 @@ class OpenAIEmulator(ProviderEmulator):
             else:
                 messages.append({"role": role, "content": text})
         fmt = body.get("response_format") or {}
-        schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+        schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else fmt.get("schema")
         return {
             "model": body.get("model", ""),
             "system": "\n\n".join(system),
@@ -64,19 +82,43 @@ class OpenAIEmulator(ProviderEmulator):
             "schema": schema,
         }
 
-    def validate(self, body: dict) -> Optional[str]:
+    def validate(self, body: dict):
         if not body.get("model"):
             return "you must provide a model parameter"
+        model = body["model"]
+        if self.models is not None and model not in self.models:
+            return 404, {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                                   "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             return "'messages' must be a non-empty array"
         for m in msgs:
             if m.get("role") not in ("system", "developer", "user", "assistant", "tool") or "content" not in m:
                 return f"invalid message: {m!r}"[:200]
+        if model in self.reasoning_models:
+            for name in ("temperature", "top_p"):
+                if name in body and body[name] != 1:
+                    return 400, {"error": {"message": f"Unsupported value: '{name}' does not support {body[name]} with this model. "
+                                                      "Only the default (1) value is supported.",
+                                           "type": "invalid_request_error", "param": name, "code": "unsupported_value"}}
+            if "max_tokens" in body:
+                return 400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                                  "Use 'max_completion_tokens' instead.",
+                                       "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
         fmt = body.get("response_format")
         if fmt is not None:
-            if fmt.get("type") not in ("text", "json_object", "json_schema"):
+            if fmt.get("type") not in self.json_types:
+                if "json_schema" not in self.json_types and fmt.get("type") == "json_schema":
+                    # llama-cpp-python's server: FastAPI's validation error, wrapped as a 500
+                    allowed = " or ".join(f"'{t}'" for t in self.json_types)
+                    detail = {"type": "literal_error", "loc": ("body", "response_format", "type"),
+                              "msg": f"Input should be {allowed}", "input": fmt.get("type"), "ctx": {"expected": allowed}}
+                    return 500, {"error": {"message": f"1 validation error:\n  {detail}\n\n  POST /v1/chat/completions",
+                                           "type": "internal_server_error", "param": None, "code": None}}
                 return "response_format.type is invalid"
+            if fmt.get("type") == "json_object" and "schema" in fmt and not self.object_schema:
+                return 400, {"error": {"message": "Unknown parameter: 'response_format.schema'.", "type": "invalid_request_error",
+                                       "param": "response_format.schema", "code": "unknown_parameter"}}
             if fmt.get("type") == "json_schema":
                 js = fmt.get("json_schema") or {}
                 if not js.get("name") or not isinstance(js.get("schema"), dict):
@@ -84,6 +126,25 @@ class OpenAIEmulator(ProviderEmulator):
         if "max_tokens" in body and "max_completion_tokens" in body:
             return "max_tokens and max_completion_tokens cannot both be set"
         return None
+
+    def limit_headers(self) -> dict:
+        if isinstance(self.rate_limit_headers, dict):
+            return dict(self.rate_limit_headers)
+        if self.rate_limit_headers and self.bucket is not None:
+            limit, remaining, reset = self.bucket.state()
+            return {"x-ratelimit-limit-requests": str(int(limit)), "x-ratelimit-remaining-requests": str(int(remaining)),
+                    "x-ratelimit-reset-requests": openai_duration(reset)}
+        return {}
+
+    def length_body(self, ctx, input_tokens) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None,
+                  "finish_reason": "length"}
+        return self._envelope(ctx, [choice], input_tokens, int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 16))
+
+    def quota_body(self) -> dict:
+        return {"error": {"message": "You exceeded your current quota, please check your plan and billing details. For more "
+                                     "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                          "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
 
     def _envelope(self, ctx: RequestContext, choices: list, input_tokens: int, output_tokens: int) -> dict:
         return {
@@ -277,3 +338,12 @@ class OpenAIEmulator(ProviderEmulator):
 
 def _jsonl(rows: list) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: `6m0s`, `1s`, `20ms`."""
+    if seconds < 1:
+        return f"{max(int(round(seconds * 1000)), 0)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{rest}s" if minutes else f"{rest}s"

@@ -173,8 +173,9 @@ class ProviderEmulator:
         """-> {"model", "system", "messages" [{"role","content"}], "wants_json", "schema"}"""
         raise NotImplementedError
 
-    def validate(self, body: dict) -> Optional[str]:
-        """A reason to answer 400 (the request is not what the real API accepts), or None."""
+    def validate(self, body: dict):
+        """A reason to answer 400 (the request is not what the real API accepts), or None; or
+        (status, payload) for a refusal with another status or body."""
         return None
 
     def route(self, handler: "_Handler", method: str, path: str, raw: bytes) -> bool:
@@ -192,6 +193,16 @@ class ProviderEmulator:
 
     def error_headers(self, status: int, retry_after) -> dict:
         return {"Retry-After": str(retry_after)} if retry_after is not None else {}
+
+    def length_body(self, ctx: RequestContext, input_tokens: int) -> dict:
+        return self.empty_body(ctx, input_tokens)
+
+    def quota_body(self) -> dict:
+        return self.error_body(429, "You exceeded your current quota, please check your plan and billing details.")
+
+    def limit_headers(self) -> dict:
+        """Rate-limit headers on a successful answer (the provider's names), when it sends them."""
+        return {}
 
     # -- helpers ------------------------------------------------------------
     def next_id(self) -> int:
@@ -311,6 +322,8 @@ class ProviderEmulator:
             return record, (401, self.error_body(401, f"Incorrect API key provided: {shown}"), {})
         if problem:
             record.fault = "invalid"
+            if isinstance(problem, tuple):  # (status, payload): a refusal with the provider's own status and body
+                return record, (problem[0], problem[1], {})
             return record, (400, self.error_body(400, problem), {})
         if self.bucket is not None and batch_id is None:
             wait = self.bucket.take()
@@ -334,12 +347,16 @@ class ProviderEmulator:
         in_tokens = count_tokens(parsed["system"] + "".join(m["content"] for m in parsed["messages"]))
         if fault.kind == "empty":
             return record, (200, self.empty_body(ctx, in_tokens), {})
+        if fault.kind == "length":
+            return record, (200, self.length_body(ctx, in_tokens), self.limit_headers())
+        if fault.kind == "quota":
+            return record, (429, self.quota_body(), {})
         text = self.reply(ctx)
         if fault.kind == "malformed":
             text = "Sure! Here is the JSON you asked for: {'answer': oops, trailing,}"
         elif fault.kind == "truncated":
             text = text[: max(1, len(text) // 2)]
-        return record, (200, self.ok_body(ctx, text, in_tokens, count_tokens(text)), {})
+        return record, (200, self.ok_body(ctx, text, in_tokens, count_tokens(text)), self.limit_headers())
 
     # -- batch control calls ------------------------------------------------------
     def _control(self, handler: _Handler, op: str) -> bool:
