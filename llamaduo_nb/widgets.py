@@ -47,8 +47,8 @@ def _pair_key(pair: dict):
 
 
 def synthetic_pairs(run_dir: Path | str) -> pd.DataFrame:
-    """Every synthetic pair of every cycle (synth/pairs.jsonl) with its dedup fate: `kept`, `removed`
-    (with the reason and the partner it collided with, from dedup/removed.jsonl) or `pending` (that
+    """Every synthetic pair of every cycle (synthesize/pairs.jsonl) with its dedup fate: `kept`, `removed`
+    (with the reason and the partner it collided with, from deduplicate/removed.jsonl) or `pending` (that
     cycle's dedup has not run), and its seed pair from the coverage train split."""
     root = root_of(run_dir)
     train = stage_dir(root, "coverage") / "train.jsonl"

@@ -110,3 +110,94 @@ def test_bundled_coverage_set_has_every_task():
         assert len(mine) >= 24
         assert {r["split"] for r in mine} == {"train", "test"}
     assert len({r["prompt_id"] for r in rows}) == len(rows)
+
+
+# -- the unit contract ---------------------------------------------------------------------------------------
+
+
+def test_a_unit_is_reused_only_with_the_same_fingerprint_and_unchanged_content(tmp_path):
+    from llamaduo_nb.pipeline.units import Unit
+
+    out = tmp_path / "answers.jsonl"
+    out.write_text("a\n")
+    unit = Unit.file(out, {"k": 1, "adapter": "abc"})
+    assert unit.current() is None  # never recorded
+    record = unit.commit(answers=1)
+    assert unit.current() == record and record["made_from"] == {"k": 1, "adapter": "abc"}
+    assert Unit.file(out, {"k": 2, "adapter": "abc"}).current() is None  # a setting changed
+    assert Unit.file(out, {"k": 1, "adapter": "xyz"}).current() is None  # an input's content changed
+    assert unit.current(force=True) is None
+    out.write_text("edited by hand\n")
+    assert unit.current() is None  # the output no longer has the content it recorded
+    unit.discard()
+    assert not unit.record_path.exists()
+
+
+def test_content_fingerprint_reads_bytes_not_bookkeeping(tmp_path):
+    from llamaduo_nb.pipeline.units import content_fingerprint
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"123")
+    first = content_fingerprint(folder)
+    (folder / "UNIT.json").write_text("{}")
+    (folder / ".training.json").write_text("{}")
+    assert content_fingerprint(folder) == first
+    (folder / "weights.bin").write_bytes(b"124")
+    assert content_fingerprint(folder) != first
+    assert content_fingerprint(tmp_path / "missing") is None
+
+
+def test_only_service_settings_are_operational(tmp_path):
+    from llamaduo_nb.pipeline.changes import params_differences
+
+    a = _params(tmp_path).dump()
+    b = _params(tmp_path, "infer: {batch_size: 3}\nservice: {backend: local, model: smollm2-135m-instruct, batch_size: 3, max_concurrency: 2}\n").dump()
+    assert params_differences(a, b) == ["infer.batch_size: 16 → 3"]  # it changes the generation seeds; the service's does not
+
+
+def test_force_of_a_stage_reaches_every_stage_that_depends_on_it():
+    from llamaduo_nb.pipeline.runner import downstream
+
+    assert downstream(["finetune"]) == ["finetune", "infer", "evaluate", "report"]
+    assert downstream(["coverage"]) == ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report"]
+    assert downstream(["report"]) == ["report"]
+
+
+def test_setting_aside_moves_outputs_and_their_records(tmp_path, capsys):
+    from llamaduo_nb.pipeline.units import set_aside
+
+    run = tmp_path / "run"
+    answers = run / "infer" / "closed_qa" / "m" / "4.jsonl"
+    answers.parent.mkdir(parents=True)
+    answers.write_text("x\n")
+    answers.with_name("4.jsonl.unit.json").write_text("{}")
+    moved = set_aside(run, "infer", [answers], "volume dropped")
+    assert not answers.exists() and not answers.with_name("4.jsonl.unit.json").exists()
+    assert moved[0].read_text() == "x\n" and moved[0].with_name(moved[0].name + ".unit.json").exists()
+    assert moved[0].is_relative_to(run / "orphaned")
+    assert "no longer in the grid (volume dropped)" in capsys.readouterr().out
+
+
+def test_a_folder_of_the_earlier_layout_is_refused(tmp_path):
+    from llamaduo_nb.pipeline.units import check_layout
+
+    run = tmp_path / "run"
+    (run / "responses").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"earlier version of the workbench \(folders responses/\).*--run-dir NEW_FOLDER"):
+        check_layout(run)
+    check_layout(tmp_path / "fresh")  # a new folder is fine
+
+
+def test_setup_writes_nothing(tmp_path):
+    from llamaduo_nb import notebook
+
+    path = tmp_path / "p.yaml"
+    path.write_text("run_name: t\ntasks: [summarization]\nservice: {backend: local, model: smollm2-135m-instruct}\n")
+    params, run_dir = notebook.setup(path, tmp_path / "run")
+    assert not run_dir.exists()
+    coverage.run(params, run_dir)  # the stage writes when it runs
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    params, run_dir = notebook.setup(path, run_dir)
+    assert coverage.run(params, run_dir).skipped
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files

@@ -57,8 +57,8 @@ def run(tiny_params, tmp_path_factory):
 
 def test_every_stage_wrote_its_outputs_and_done(run):
     run_dir, _ = run
-    for stage, folder in FOLDERS.items():
-        done = json.loads((run_dir / folder / "DONE.json").read_text())
+    for stage in STAGES:
+        done = json.loads((run_dir / stage / "DONE.json").read_text())
         assert done["stage"] == stage and done["fingerprint"]
     assert (run_dir / "params.yaml").exists()
     assert (run_dir / "finetune" / "closed_qa" / "smollm2-135m-instruct" / "4" / "adapter_config.json").exists()
@@ -88,7 +88,7 @@ def test_figures_png_and_svg(run):
 def test_manifest(run):
     run_dir, _ = run
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == set(FOLDERS)
+    assert set(manifest["stages"]) == set(STAGES)
     assert manifest["versions"]["transformers"] and manifest["seed"] == 42
     assert manifest["llm_totals"]["requests"] > 0
     synth = manifest["stages"]["synthesize"]["llm"]["local:smollm2-135m-instruct"]

@@ -9,7 +9,7 @@ Per answer, against the human reference:
 
 Then, per task and judge, the Spearman rank correlation between the judge's answer-level
 score (the mean over M) and each reference metric, over all answers of all local models and
-volumes: `judgements/correlations.csv`.
+volumes: `evaluate/correlations.csv`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -48,9 +48,14 @@ class CoverageParams(Strict):
 class ServiceParams(Strict):
     """One service LLM (a synthesiser or a judge)."""
 
+    # A model each backend serves (the paper's GPT-4o for OpenAI). Providers retire model versions: their
+    # model lists (`GET /v1/models` on OpenAI and Anthropic, `models.list()` in google-genai) say what is current.
+    DEFAULT_MODELS: ClassVar[dict] = {"openai": "gpt-4o", "anthropic": "claude-sonnet-4-5", "gemini": "gemini-2.5-flash",
+                                      "local": "smollm2-135m-instruct"}
+
     name: Optional[str] = None  # label in tables; default "<backend>:<model>"
     backend: Literal["local", "openai", "anthropic", "gemini"] = "openai"
-    model: str = "gpt-4o"
+    model: Optional[str] = Field(None, validate_default=True)  # default: DEFAULT_MODELS[backend]
     base_url: Optional[str] = None  # any OpenAI-compatible server (vLLM, llama.cpp, Ollama) or an emulator
     api_key_env: Optional[str] = None  # NAME of the environment variable holding the key, never the key
     max_concurrency: PositiveInt = 16
@@ -70,6 +75,11 @@ class ServiceParams(Strict):
     @property
     def label(self) -> str:
         return self.name or f"{self.backend}:{self.model}"
+
+    @field_validator("model")
+    @classmethod
+    def _model_by_backend(cls, value, info):
+        return value if value else cls.DEFAULT_MODELS.get(info.data.get("backend"), "gpt-4o")
 
     @field_validator("max_reasks")
     @classmethod

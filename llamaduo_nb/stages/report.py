@@ -68,7 +68,7 @@ def cycles_table(cycles: dict | None) -> pd.DataFrame:
 
 
 def load_funnels(run_dir: Path | str) -> pd.DataFrame:
-    """Every cycle's dedup/funnel.csv, with a `cycle` column."""
+    """Every cycle's deduplicate/funnel.csv, with a `cycle` column."""
     frames = []
     for cycle, folder in cycle_folders(run_dir):
         path = stage_dir(folder, "deduplicate") / "funnel.csv"
