@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a params file")
     v.add_argument("params")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    sub.add_parser("doctor", help="what is available: models, GPU, API keys (names only)")
+    d = sub.add_parser("doctor", help="what is available: models, GPU, API keys (names only); with PARAMS: what that run needs")
+    d.add_argument("params", nargs="?", help="check what this params file needs: keys, one live request per service LLM, JSON mode, limits")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    d.add_argument("--offline", action="store_true", help="no live request (checks keys, packages and hardware only)")
     rep = sub.add_parser("report", help="rebuild a run's report (figures, report.html); several runs: overlay them")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="folder for a comparison of several runs (default results/compare-<timestamp>)")
@@ -59,6 +62,22 @@ def doctor() -> int:
     return 0
 
 
+def _keys_not_needed(params_file) -> None:
+    """The report stage sends no request: let the run's key check pass without the keys. A variable
+    that is not set gets a value no provider accepts, in this process and the kernels it starts."""
+    from llamaduo_nb.pipeline.params_file import load_params
+
+    params = load_params(params_file)
+    for cfg in [params.service] + params.judges:
+        if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+            os.environ[cfg.api_key_env] = "not-needed-by-report"
+        if cfg.backend != "local" and not cfg.api_key_env and not cfg.base_url:
+            sdk_vars = {"openai": ["OPENAI_API_KEY"], "anthropic": ["ANTHROPIC_API_KEY"], "gemini": ["GEMINI_API_KEY", "GOOGLE_API_KEY"]}
+            names = sdk_vars.get(cfg.backend, [])
+            if names and not any(os.environ.get(n) for n in names):
+                os.environ[names[0]] = "not-needed-by-report"
+
+
 def report(runs: list[str], out: str | None) -> int:
     import time
     from pathlib import Path
@@ -78,8 +97,9 @@ def report(runs: list[str], out: str | None) -> int:
         from llamaduo_nb.pipeline.runner import run
 
         run_dir = Path(runs[0]).resolve()
+        _keys_not_needed(run_dir / "params.yaml")
         run(run_dir / "params.yaml", run_dir, stages="report", force=["report"])
-        print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'figures'}")
+        print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'report'}")
         return 0
     from llamaduo_nb.pipeline.params import PROJECT_ROOT
     from llamaduo_nb.stages.report import compare_runs
@@ -103,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(params.finetune.volumes)} volumes × {len(params.judges)} judge(s){services})")
             return 0
         if args.command == "doctor":
-            return doctor()
+            code = doctor()
+            if args.params:
+                from llamaduo_nb.llm.doctor import check_params
+
+                code = check_params(args.params, args.overrides, offline=args.offline)
+            return code
         if args.command == "report":
             return report(args.runs, args.out)
         if args.command == "run" and args.dry_run:
@@ -120,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             except StageFailed as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            print(f"results: {run_dir}\n  metrics: {run_dir / 'metrics.csv'}\n  figures: {run_dir / 'figures'}\n  notebooks: {run_dir / 'notebooks'}")
+            print(f"results: {run_dir}\n  metrics: {run_dir / 'metrics.csv'}\n  figures: {run_dir / 'report'}\n  notebooks: {run_dir / 'notebooks'}")
             return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,7 +5,10 @@ System messages go to the `system` parameter. SDK 2.x speaks API version
 2026-10-21, which has no sampling parameters: `temperature` and `top_p` are not
 sent (the API refuses them with a 400), so the model's default sampling applies.
 For a JSON schema, the system prompt asks for one JSON object following the
-schema; the client validates it and re-asks when it does not.
+schema and, where the model has structured outputs, `output_config.format` carries it
+too (bounds moved into descriptions by the SDK's own transform); a 400 naming
+`output_config` makes the client drop it for the rest of the run. The client
+validates every answer against the full schema and re-asks when it does not hold.
 
 Errors: 429, 408, 409, 5xx and 529 (overloaded), timeouts and dropped connections
 are `TransientError` (with `retry-after` when sent); other HTTP errors are
@@ -19,11 +22,27 @@ import json
 import anthropic
 
 from llamaduo_nb.llm.base import ChatRequest, Completion, PermanentError, TransientError
-from llamaduo_nb.llm.common import SDKClientBackend, Scrubber, json_instruction, resolve_key, split_system, translate_sdk_error
+from llamaduo_nb.llm.common import (
+    SDKClientBackend, Scrubber, json_instruction, rate_limit_headers, resolve_key, split_system, translate_sdk_error,
+)
+
+
+def api_schema(schema: dict):
+    """The schema in the form structured outputs accept (the SDK's own transform: bounds move into the
+    description, objects get additionalProperties false); None when it cannot be expressed."""
+    try:
+        from anthropic.lib._parse._transform import transform_schema
+
+        return transform_schema(schema)
+    except Exception:  # noqa: BLE001 - an SDK without it, or a schema it cannot take: the prompt carries it
+        return None
 
 
 class AnthropicBackend(SDKClientBackend):
     name = "anthropic"
+    # structured outputs (`output_config.format`) where the model has them, else the schema in the
+    # system prompt only; the client steps down on a 400 that names output_config
+    json_modes = ("output_config", "prompt")
 
     def __init__(self, config):
         super().__init__(config)
@@ -33,6 +52,7 @@ class AnthropicBackend(SDKClientBackend):
         # stall every concurrent request's timeout clock
         self._client = self._new_client()
         self._client.messages  # noqa: B018 - load the resource modules now
+        self.json_mode = self.json_modes[0]
 
     def _new_client(self):
         kwargs = dict(timeout=self.config.timeout_s, max_retries=0)
@@ -60,17 +80,24 @@ class AnthropicBackend(SDKClientBackend):
         }
         if system:
             kwargs["system"] = system
+        if request.json_schema is not None and self.json_mode == "output_config":
+            schema = api_schema(request.json_schema)
+            if schema is not None:
+                kwargs["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         return kwargs
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            msg = await self._sdk().messages.create(**self.build(request))
+            raw = await self._sdk().messages.with_raw_response.create(**self.build(request))
+            msg = raw.parse()
         except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
             mapped = self._translate(exc)
             if mapped is exc:
                 raise
             raise mapped from None
-        return self._completion(msg)
+        completion = self._completion(msg)
+        completion.limits = rate_limit_headers(raw.headers)
+        return completion
 
     def _translate(self, exc: BaseException) -> BaseException:
         """An SDK exception -> TransientError / PermanentError (key scrubbed); others unchanged."""
@@ -145,6 +172,9 @@ class AnthropicBackend(SDKClientBackend):
         if not text:
             if stop == "refusal":
                 raise PermanentError("the model refused to answer (stop_reason: refusal)")
+            if stop == "max_tokens":  # the budget went on thinking: the same request is cut again
+                raise PermanentError("empty answer cut at the token limit (stop_reason: max_tokens); raise max_new_tokens",
+                                     code="length")
             raise TransientError("empty choices (no text content in the answer)")
         usage = getattr(msg, "usage", None)
         input_tokens = sum(

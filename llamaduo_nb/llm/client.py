@@ -174,6 +174,7 @@ class ServiceLLM:
         self._inflight_cost = 0.0
         self._pacer = Pacer(cfg.requests_per_minute)
         self._json_mode_checked = False
+        self.last_limits: Optional[dict] = None  # the provider's rate-limit headers, as last seen
 
     # -- public -----------------------------------------------------------
     def run(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True) -> list[ChatResult]:
@@ -436,6 +437,7 @@ class ServiceLLM:
         until the reset when nothing remains."""
         if not limits:
             return
+        self.last_limits = limits
         req, tok = limits.get("requests"), limits.get("tokens")
         if req:
             limit, remaining, reset_s = req.get("limit"), req.get("remaining"), req.get("reset_s")

@@ -338,7 +338,7 @@ PERMANENT_CODES = frozenset({
 # as 500) says so in the message; such a 5xx is the request's fault, and sending it again cannot help.
 _REQUEST_VALIDATION = re.compile(
     r"validation error for|Input should be|Field required|Extra inputs are not permitted|Unrecognized request argument"
-    r"|Unsupported parameter|Unsupported value|is not supported with this model|response_format",
+    r"|Unsupported parameter|Unsupported value|is not supported with this model|response_format|output_config",
     re.IGNORECASE,
 )
 
@@ -358,7 +358,7 @@ def is_permanent(status: Optional[int], code: Optional[str], message: str) -> bo
 def names_response_format(message: str) -> bool:
     """The server refused the request's JSON mode (not the prompt, not the key)."""
     text = message or ""
-    return "response_format" in text or "json_schema" in text
+    return any(name in text for name in ("response_format", "json_schema", "output_config", "output_format"))
 
 
 def error_code(exc) -> Optional[str]:

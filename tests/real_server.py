@@ -1,0 +1,108 @@
+"""A real llama.cpp server (`llama-cpp-python[server]`) on the packaged SmolLM2 GGUF, for the
+`real_server` test tier: `python -m llama_cpp.server` on 127.0.0.1, a free port, its log in a file.
+
+llama.cpp repacks weights into CPU-specific layouts ("extra buffer types"); on machines that report AMX
+(Sapphire Rapids and later, as many cloud VMs do) llama-cpp-python 0.3.36 then crashes with SIGSEGV on
+its first multi-token batch. llama.cpp's own server turns that off with `--no-repack`; the Python server
+has no such flag, so the launcher sets the same model parameter (`use_extra_bufts = False`) and then
+runs the stock `llama_cpp.server` module unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+LAUNCHER = """
+import runpy, sys
+import llama_cpp.llama_cpp as low
+_default = low.llama_model_default_params
+def _no_repack():
+    params = _default()
+    params.use_extra_bufts = False  # = llama-server --no-repack
+    return params
+low.llama_model_default_params = _no_repack
+sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
+def available() -> bool:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or a build that does not load
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def packaged_gguf() -> Path:
+    from llamaduo_nb.models import resolve
+
+    source = resolve("smollm2-135m-instruct")
+    return Path(source.location) / source.gguf_file
+
+
+class LlamaServer:
+    """`with LlamaServer(log) as server: ... server.url ... server.chat_requests()`"""
+
+    # one thread: ggml's threads spin at a barrier after every operation, and on a machine whose cores are
+    # busy (the test process, a notebook kernel) two threads ran 20-50x slower than one (0.5 vs 11-30 tokens/s)
+    def __init__(self, log: Path, n_ctx: int = 4096, threads: int = 1):
+        self.log = Path(log)
+        self.port = free_port()
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "LlamaServer":
+        cmd = [sys.executable, "-c", LAUNCHER, "--model", str(packaged_gguf()), "--host", "127.0.0.1",
+               "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"llama.cpp server did not answer within 120 s: {self.log.read_text()[-2000:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def chat_requests(self) -> dict:
+        """HTTP status -> number of chat-completion requests the server logged (uvicorn's access log)."""
+        counts: dict = {}
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"POST /v1/chat/completions HTTP/1.1"' in line:
+                status = int(line.rsplit('HTTP/1.1"', 1)[1].split()[0])
+                counts[status] = counts.get(status, 0) + 1
+        return counts
