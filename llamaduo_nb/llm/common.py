@@ -111,7 +111,7 @@ def describe_error(exc: Optional[BaseException]) -> str:
         return "unknown error"
     status = getattr(exc, "status", None)
     text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return f"{status} {text}" if status else text
+    return f"{status} {text}" if status and not text.startswith(str(status)) else text
 
 
 #: HTTP statuses worth retrying, besides every 5xx (529: Anthropic "overloaded").

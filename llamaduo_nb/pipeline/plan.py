@@ -58,22 +58,34 @@ def describe(family: Params | list[Params]) -> str:
     total_cost, total_calls = 0.0, 0
     for p in family:
         calls = len(tasks) * synth_per_task
-        lines.append(f"  synthesize: {calls:,} calls to {p.service.label}")
+        cost = _cost(p.service, calls * SYNTH_INPUT_TOKENS, calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
+        # top-up rounds grow at most x2 over the round before: 1 + 2 + 4 + … first rounds at the very worst
+        worst = calls * (2 ** syn.max_rounds - 1)
+        lines.append(f"  synthesize: {calls:,} calls to {p.service.label} (${cost:,.2f}); at most {worst:,} if the yield is low "
+                     f"({syn.max_rounds} rounds, each at most twice the one before, none after a round with no valid pair)")
         total_calls += calls
-        total_cost += _cost(p.service, calls * SYNTH_INPUT_TOKENS, calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
+        total_cost += cost
     if n_test is None:
         per_prompt = len(tasks) * len(models) * (len(volumes) + 1) * inf.k * ev.m
         lines.append(f"  evaluate: {per_prompt:,} calls per judge for each test prompt per task (the Hub test split's size is "
                      f"known once loaded; set coverage.max_test_prompts for a total)")
+        for judge in judges:
+            cost = _cost(judge, per_prompt * JUDGE_INPUT_TOKENS, per_prompt * JUDGE_OUTPUT_TOKENS)
+            lines.append(f"    judge {judge.label}: ${cost:,.2f} per test prompt per task")
     else:
         answers = len(tasks) * len(models) * (len(volumes) + 1) * n_test * inf.k
         judge_calls = answers * ev.m
         lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}) × M={ev.m} = {judge_calls:,} calls per judge"
                      + (", per service LLM's run" if len(family) > 1 else ""))
+        pair_calls = 2 * len(tasks) * len(models) * len(volumes) * n_test * inf.k if ev.pairwise else 0  # both orders
         for p in family:
             for judge in p.judges:
-                total_calls += judge_calls
-                total_cost += _cost(judge, judge_calls * JUDGE_INPUT_TOKENS, judge_calls * JUDGE_OUTPUT_TOKENS)
+                cost = _cost(judge, judge_calls * JUDGE_INPUT_TOKENS, judge_calls * JUDGE_OUTPUT_TOKENS)
+                pair_cost = _cost(judge, pair_calls * JUDGE_INPUT_TOKENS, pair_calls * JUDGE_OUTPUT_TOKENS)
+                extra = f" + {pair_calls:,} pairwise calls (${pair_cost:,.2f})" if pair_calls else ""
+                lines.append(f"    judge {judge.label}: {judge_calls:,} calls (${cost:,.2f}){extra}")
+                total_calls += judge_calls + pair_calls
+                total_cost += cost + pair_cost
     lines.append(f"  total: {total_calls:,} calls in the first cycle" + ("" if n_test else " (synthesis only; judging scales with the test split)"))
     if cyc.max_cycles > 1:
         step = cyc.step or syn.samples_per_task
@@ -86,6 +98,9 @@ def describe(family: Params | list[Params]) -> str:
                  f"(assuming {GPU_SAMPLES_PER_SECOND} samples/s per GPU)")
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
+    caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})
+    if caps:
+        lines.append(f"Cost caps per stage (service.max_cost_usd, enforced while calls are in flight): {', '.join(caps)}")
     return "\n".join(lines)
 
 
