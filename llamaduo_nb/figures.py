@@ -132,6 +132,9 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean",
             ax.axvline(volume, ls=":", lw=0.8, color="0.55", zorder=1)
             ax.text(volume, 1.5, f"c{cycle}", ha="center", va="bottom", fontsize=7, color="0.35",
                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})
+        if not (sub["volume"] > 0).any():  # nothing fine-tuned (e.g. deduplication kept no pair): the base model alone
+            ax.set_xlim(1, 2)
+            ax.text(0.5, 0.5, "no fine-tuned volume", transform=ax.transAxes, ha="center", va="center", color="0.4")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(task.replace("_", " "))

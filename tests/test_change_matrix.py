@@ -78,6 +78,8 @@ finetune:
   per_device_train_batch_size: 2
   gradient_accumulation_steps: 1
   max_steps: 1
+  warmup_ratio: 0.0
+  learning_rate: 1.0e-3
   lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
 infer: {{k: 1, max_new_tokens: 6, batch_size: 2, temperature: 0.7}}
 evaluate: {{m: 1, bootstrap: 20, reference_metrics: false, pairwise: true}}
@@ -205,7 +207,8 @@ def test_the_finished_run_reports_its_grid_and_a_rerun_changes_nothing(finished,
 def test_operational_settings_change_nothing(case, override, monkeypatch):
     run_dir, before, apply = case
     monkeypatch.setenv("SOME_KEY_NAME", "sk-unused")
-    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "manifest.json" and "cache" not in p.parts}
+    # params.yaml records the new operational value, manifest.json the run's time; no output changes
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in ("manifest.json", "params.yaml")}
     result = apply(override, force=())  # no --force needed: nothing that changes outputs changed
     assert result["after"] == before and result["calls"] == 0
     assert {p: p.read_bytes() for p in files} == files
@@ -273,11 +276,24 @@ def test_dedup_threshold_that_keeps_the_same_pairs_retrains_nothing(case):
     assert redone(before, after, "adapter") == set() and redone(before, after, "answers") == set()
 
 
-def test_dedup_threshold_that_removes_pairs_retrains(case):
+def trained_on(run_dir: Path) -> dict:
+    """adapter cell → the content fingerprint of the pairs it trained on (from its record)."""
+    return {(r["task"], r["local_model"], int(r["volume"])): r["made_from"]["pairs"]
+            for r in map(read_json, run_dir.glob("finetune/*/*/*/UNIT.json"))}
+
+
+def test_dedup_threshold_that_removes_pairs_retrains_exactly_the_adapters_whose_pairs_changed(case):
     run_dir, before, apply = case
-    after = apply("deduplicate.rouge_l_threshold=0.05", "deduplicate.lsh_threshold=0.05")["after"]
+    pairs_before = trained_on(run_dir)
+    kept_before = len(read_jsonl(run_dir / "deduplicate" / "kept.jsonl"))
+    after = apply("deduplicate.rouge_l_threshold=0.3", "deduplicate.lsh_threshold=0.2")["after"]
     assert ("deduplicate",) in redone(before, after, "stage")
-    assert redone(before, after, "adapter")  # fewer pairs: the adapters that trained on removed pairs are redone
+    assert len(read_jsonl(run_dir / "deduplicate" / "kept.jsonl")) < kept_before
+    pairs_after = trained_on(run_dir)
+    changed = {cell for cell, fp in pairs_after.items() if pairs_before.get(cell) != fp}
+    assert changed and redone(before, after, "adapter") == changed
+    assert kept(before, after, "adapter") == set(pairs_after) - changed
+    assert_reports_exactly(run_dir, set(pairs_after))
 
 
 @pytest.mark.parametrize("override", ["finetune.learning_rate=5.0e-4", "finetune.lora.r=2"])
