@@ -15,9 +15,10 @@ limit the way providers do (`--enforce`):
   minute  the bucket holds a whole minute's worth (bursts up to rpm pass)
   none    no enforcement (the emulator answers everything)
 
-ours       ServiceLLM (backend openai, requests_per_minute=rpm): an aiolimiter leaky
-           bucket spaces requests 60/rpm s apart, bounded concurrency, retries that
-           honour Retry-After. Clock: start to last answer.
+ours       ServiceLLM (backend openai, requests_per_minute=rpm): a pacer on a fixed
+           schedule of 60/rpm s slots (a request up to a quarter slot late keeps its
+           slot, so late wake-ups of the event loop lose no allowance), bounded
+           concurrency, retries that honour Retry-After. Clock: start to last answer.
 reference  the original LlamaDuo pattern: launch a batch of rpm * window/60 requests
            with asyncio.gather, sleep out the rest of the window, repeat (the OpenAI
            SDK with its default retries). Clock: start to the end of its last window
@@ -89,6 +90,27 @@ def serve_emulator(options: dict) -> None:
     emu.stop()
 
 
+class _AioLimiterPacer:
+    """The limiter ServiceLLM had before its pacer (aiolimiter, a leaky bucket of one request refilled every
+    60/rpm s), for a side-by-side run (`--pacer aiolimiter`)."""
+
+    def __init__(self, rpm: float):
+        self.rpm, self.limiter = rpm, None
+
+    async def wait(self) -> None:
+        from aiolimiter import AsyncLimiter
+
+        if self.limiter is None:
+            self.limiter = AsyncLimiter(1, 60.0 / self.rpm)
+        await self.limiter.acquire()
+
+    def adapt(self, *args) -> None:
+        return None
+
+    def pause(self, seconds: float) -> None:
+        return None
+
+
 def run_ours(args, n: int) -> dict:
     emu = RemoteEmulator(args)
     try:
@@ -99,6 +121,8 @@ def run_ours(args, n: int) -> dict:
         )
         with tempfile.TemporaryDirectory() as tmp:
             llm = ServiceLLM(cfg, ResponseCache(Path(tmp) / "cache.sqlite"))
+            if args.pacer == "aiolimiter":
+                llm._pacer = _AioLimiterPacer(args.rpm)
             requests = [ChatRequest(messages=({"role": "user", "content": p},), max_tokens=64)
                         for p in prompts_for(n, "ours")]
             t0 = time.monotonic()
@@ -165,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["ours", "reference"], default=None)
+    ap.add_argument("--pacer", choices=["schedule", "aiolimiter"], default="schedule",
+                    help="ours with its pacer (default) or with the aiolimiter bucket it had before")
     ap.add_argument("--serve-emulator", default=None, help=argparse.SUPPRESS)  # internal: the emulator process
     args = ap.parse_args(argv)
     if args.serve_emulator:
@@ -173,7 +199,8 @@ def main(argv=None) -> int:
 
     n = max(2, int(round(args.rpm * args.seconds / 60.0)))
     window = args.window or (60.0 if args.seconds >= 120 else args.seconds / 2.0)
-    print(f"limit {args.rpm:g} req/min, {n} requests ({args.seconds:g} s at the limit), latency "
+    print(f"pacer of ours: {args.pacer}; "
+          f"limit {args.rpm:g} req/min, {n} requests ({args.seconds:g} s at the limit), latency "
           f"{args.latency[0]:g}-{args.latency[-1]:g} s, enforcement: {args.enforce}, reference window {window:g} s")
 
     rows = {}

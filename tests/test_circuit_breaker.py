@@ -234,3 +234,23 @@ def test_minute_long_reset_on_a_429_is_honoured(emulator_factory, tmp_path):
     (res,) = llm.run(requests(1), progress=False)
     assert res.ok and emu.stats.total == 2
     assert len(waits) == 1 and 360 <= waits[0] <= 365
+
+
+# -- Anthropic: structured outputs where the model has them, its limits read ----------------------
+def test_anthropic_model_without_structured_outputs_gets_the_prompt_only(emulator_factory, tmp_path, capsys):
+    emu = emulator_factory("anthropic", reply=reply, structured_outputs=False)
+    llm = service(emu, tmp_path, backend="anthropic", model="claude-old")
+    assert all(r.ok for r in llm.run(requests(5), progress=False))
+    assert emu.stats.total == 6 and emu.stats.count("invalid") == 1
+    assert llm.accounting.json_mode == "prompt" and "using prompt from now on" in capsys.readouterr().err
+
+
+def test_anthropic_structured_outputs_and_rate_limit_headers(emulator_factory, tmp_path):
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+    headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "49",
+               "anthropic-ratelimit-requests-reset": reset}
+    emu = emulator_factory("anthropic", reply=reply, rate_limit_headers=headers)
+    llm = service(emu, tmp_path, backend="anthropic", model="claude-sonnet-4-5", requests_per_minute=1000)
+    assert all(r.ok for r in llm.run(requests(2), progress=False))
+    assert emu.stats.total == 2 and llm.accounting.json_mode == "output_config"
+    assert llm._pacer.rate == 50  # down to what the provider says

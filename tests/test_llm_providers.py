@@ -126,7 +126,9 @@ def test_requests_per_minute_limit(provider, emulator_factory, tmp_path):
     times = emu.stats.times()
     assert len(times) == n
     per_second = rpm / 60.0
-    assert emu.stats.max_in_window(1.0) <= per_second + 1
+    # no burst: one second holds the limit's share, plus one for a late request's catch-up and one for
+    # arrival jitter (two CPU cores shared with other jobs delay a send by tens of ms now and then)
+    assert emu.stats.max_in_window(1.0) <= per_second + 2
     span = times[-1] - times[0]
     # n arrivals need (n - 1) gaps of 60/rpm, less the quarter interval a late request may catch up;
     # half a gap for network jitter

@@ -17,6 +17,7 @@ are `TransientError` (with `retry-after` when sent); other HTTP errors are
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import anthropic
@@ -90,6 +91,8 @@ class AnthropicBackend(SDKClientBackend):
         try:
             raw = await self._sdk().messages.with_raw_response.create(**self.build(request))
             msg = raw.parse()
+            if inspect.isawaitable(msg):  # SDK 2.x: the async raw response parses in a coroutine
+                msg = await msg
         except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
             mapped = self._translate(exc)
             if mapped is exc:

@@ -372,7 +372,8 @@ class ServiceLLM:
         async with self._sem:
             if not self._proven:  # one at a time until the first answer: a bad key costs a few requests
                 async with self._probe:
-                    return await self._send(request)
+                    if not self._proven:
+                        return await self._send(request)
             return await self._send(request)
 
     async def _send(self, request: ChatRequest) -> Completion:

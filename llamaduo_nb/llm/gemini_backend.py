@@ -24,7 +24,7 @@ from google.genai import errors, types
 
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentError, TransientError
-from llamaduo_nb.llm.common import Scrubber, is_transient_status, resolve_key, retry_after_from_headers, split_system
+from llamaduo_nb.llm.common import Scrubber, is_permanent, resolve_key, retry_after_from_headers, split_system
 
 _DELAY = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
 
@@ -114,13 +114,15 @@ class GeminiBackend(Backend):
             resp = await client.aio.models.generate_content(model=self.config.model, contents=contents, config=config)
         except errors.APIError as exc:
             status = exc.code if isinstance(exc.code, int) else None
-            detail = self._scrub(f"{type(exc).__name__}: {exc.status or ''} {exc.message or exc}")
-            if status is None or is_transient_status(status):
+            message = str(exc.message or exc)
+            detail = self._scrub(f"{type(exc).__name__}: {exc.status or ''} {message}")
+            if status is None or not is_permanent(status, None, message):
                 wait = retry_after_from_headers(getattr(getattr(exc, "response", None), "headers", None))
                 if wait is None:
                     wait = retry_delay_from_details(exc.details)
                 raise TransientError(detail, retry_after=wait, status=status) from None
-            raise PermanentError(f"{status} {detail}") from None
+            raise PermanentError(f"{status} {detail}", status=status, code=str(exc.status or "") or None,
+                                 provider_message=self._scrub(message)) from None
         except json.JSONDecodeError as exc:
             raise TransientError(f"malformed response body: {exc}") from None
         except self._transport as exc:
@@ -146,6 +148,9 @@ class GeminiBackend(Backend):
         if not text:
             if reason in ("SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "RECITATION"):
                 raise PermanentError(f"no answer (finish_reason {reason})")
+            if reason == "MAX_TOKENS":  # the budget went on thinking: the same request is cut again
+                raise PermanentError("empty answer cut at the token limit (finish_reason: MAX_TOKENS); raise max_new_tokens",
+                                     code="length")
             raise TransientError("empty choices (no text in the candidate)")
         usage = getattr(resp, "usage_metadata", None)
         output_tokens = int(getattr(usage, "candidates_token_count", 0) or 0)

@@ -13,6 +13,7 @@ Also the home of the helpers the other API backends share (`retry_after_from_hea
 
 from __future__ import annotations
 
+import inspect
 import json
 
 from llamaduo_nb.llm.base import ChatRequest, Completion, PermanentError, TransientError
@@ -102,6 +103,8 @@ class OpenAIBackend(SDKClientBackend):
         try:
             raw = await self._sdk().chat.completions.with_raw_response.create(**self.request_body(request))
             resp = raw.parse()
+            if inspect.isawaitable(resp):  # the async raw response of newer SDKs parses in a coroutine
+                resp = await resp
         except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
             mapped = self._translate(exc)
             if mapped is exc:

@@ -44,6 +44,16 @@ class AnthropicEmulator(ProviderEmulator):
     provider = "anthropic"
     url_suffix = ""
 
+    def __init__(self, *args, structured_outputs: bool = True, rate_limit_headers=None, **kwargs):
+        """structured_outputs: False answers `output_config.format` with a 400, as for a model without
+        structured outputs; rate_limit_headers: a dict of `anthropic-ratelimit-*` headers sent on every answer."""
+        super().__init__(*args, **kwargs)
+        self.structured_outputs = structured_outputs
+        self.rate_limit_headers = rate_limit_headers
+
+    def limit_headers(self) -> dict:
+        return dict(self.rate_limit_headers or {})
+
     def matches(self, path: str) -> bool:
         return path.rstrip("/").endswith("/v1/messages")
 
@@ -65,7 +75,12 @@ class AnthropicEmulator(ProviderEmulator):
             "schema": fmt.get("schema"),
         }
 
-    def validate(self, body: dict) -> Optional[str]:
+    def validate(self, body: dict):
+        fmt = (body.get("output_config") or {}).get("format")
+        if fmt is not None and not self.structured_outputs:
+            return f"output_config.format: structured outputs are not supported by the model {body.get('model')}"
+        if fmt is not None and (fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict)):
+            return "output_config.format: type must be json_schema, with a schema"
         for name in ("temperature", "top_p", "top_k"):
             if name in body:
                 return f"{name}: Extra inputs are not permitted"
