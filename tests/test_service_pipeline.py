@@ -121,17 +121,17 @@ def test_synthesis_through_each_provider(provider, batch_api, params_file, tmp_p
     first = llamaduo(*args, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
 
-    calls = read_jsonl(run_dir / "synth" / "calls.jsonl")
-    pairs = read_jsonl(run_dir / "synth" / "pairs.jsonl")
+    calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
+    pairs = read_jsonl(run_dir / "synthesize" / "pairs.jsonl")
     assert len(calls) >= 2 and all(c["ok"] for c in calls)  # samples_per_task 4 at 2 pairs a call
     assert len(pairs) == 2 * len(calls) >= 4 and len({p["id"] for p in pairs}) == len(pairs)
     assert {p["service_model"] for p in pairs} == {f"{provider}:{provider}-emu-model"}
-    acc = done(run_dir, "synth")["llm"][f"{provider}:{provider}-emu-model"]
+    acc = done(run_dir, "synthesize")["llm"][f"{provider}:{provider}-emu-model"]
     assert emu.stats.total == acc["api_calls"] == len(calls)  # one request per call, none repeated
     assert len(emu.stats.successes()) == len(calls)
     assert all(bool(r.batch_id) == batch_api for r in emu.stats.snapshot())
     if batch_api:
-        assert acc["batch_jobs"] == done(run_dir, "synth")["counts"]["rounds"] and acc["batch_discount"] == 0.5
+        assert acc["batch_jobs"] == done(run_dir, "synthesize")["counts"]["rounds"] and acc["batch_discount"] == 0.5
         assert emu.control["batches.create"] == acc["batch_jobs"]
     control = dict(emu.control)
 
@@ -139,9 +139,9 @@ def test_synthesis_through_each_provider(provider, batch_api, params_file, tmp_p
     again = llamaduo(*args, "--force", "synthesize", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert emu.stats.total == len(calls) and dict(emu.control) == control
-    acc = done(run_dir, "synth")["llm"][f"{provider}:{provider}-emu-model"]
+    acc = done(run_dir, "synthesize")["llm"][f"{provider}:{provider}-emu-model"]
     assert acc["api_calls"] == 0 and acc["cache_hits"] == len(calls)
-    assert read_jsonl(run_dir / "synth" / "pairs.jsonl") == pairs
+    assert read_jsonl(run_dir / "synthesize" / "pairs.jsonl") == pairs
     assert leaks(run_dir, first, again) == []
 
 
@@ -169,13 +169,13 @@ def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_facto
     label = "openai:openai-emu-model"
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["judge"]) == {label} and len(metrics) > 0
-    judgements = read_jsonl(run_dir / "judgements" / "openai_openai-emu-model.jsonl")
-    answers = done(run_dir, "judgements")["counts"]["answers"]  # 1 prompt × k 1 × (base model + volume 2)
+    judgements = read_jsonl(run_dir / "evaluate" / "openai_openai-emu-model.jsonl")
+    answers = done(run_dir, "evaluate")["counts"]["answers"]  # 1 prompt × k 1 × (base model + volume 2)
     assert answers >= 1 and len(judgements) == 2 * answers and all(j["valid"] for j in judgements)  # m 2
-    calls = read_jsonl(run_dir / "synth" / "calls.jsonl")
+    calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
     assert len(calls) >= 2 and all(c["ok"] for c in calls)
 
-    synth_acc, judge_acc = done(run_dir, "synth")["llm"][label], done(run_dir, "judgements")["llm"][label]
+    synth_acc, judge_acc = done(run_dir, "synthesize")["llm"][label], done(run_dir, "evaluate")["llm"][label]
     needed = len(calls) + len(judgements)
     assert synth_acc["retries"] + judge_acc["retries"] == 2  # the 429 and the 503
     assert synth_acc["reasks"] + judge_acc["reasks"] == 1 and judge_acc["reasks"] == 1  # the malformed judgement
@@ -190,7 +190,7 @@ def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_facto
     rejudge = llamaduo(*args, "--stages", "evaluate", "--force", "evaluate")
     assert rejudge.returncode == 0, rejudge.stderr[-3000:]
     assert emu.stats.total == needed + 3
-    again = done(run_dir, "judgements")["llm"][label]
+    again = done(run_dir, "evaluate")["llm"][label]
     assert again["api_calls"] == 0 and again["cache_hits"] == len(judgements) + 1
     assert leaks(run_dir, first, second, rejudge) == []
 
@@ -202,8 +202,8 @@ def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_facto
         assert proc.returncode == 0, proc.stderr[-3000:]
         label = f"{provider}:{provider}-emu-model"
         assert set(pd.read_csv(run_dir / "metrics.csv")["judge"]) == {label}
-        assert [p.name for p in (run_dir / "judgements").glob("*.jsonl")] == [f"{provider}_{provider}-emu-model.jsonl"]
-        assert other.stats.total == len(judgements) == done(run_dir, "judgements")["llm"][label]["api_calls"]
+        assert [p.name for p in (run_dir / "evaluate").glob("*.jsonl")] == [f"{provider}_{provider}-emu-model.jsonl"]
+        assert other.stats.total == len(judgements) == done(run_dir, "evaluate")["llm"][label]["api_calls"]
         assert leaks(run_dir, proc) == []
 
 
@@ -254,18 +254,18 @@ def test_kill9_mid_synthesis_then_resume_pays_nothing_twice(params_file, tmp_pat
     time.sleep(1.5)  # the requests in flight at the kill find their client gone
     assert len(emu.stats.successes()) == paid_before and emu.stats.undelivered <= 4
     print(f"killed after {paid_before} answers; {emu.stats.undelivered} in flight, never delivered")
-    assert not (run_dir / "synth" / "DONE.json").exists()
+    assert not (run_dir / "synthesize" / "DONE.json").exists()
 
     resumed = llamaduo(*args[3:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    calls = read_jsonl(run_dir / "synth" / "calls.jsonl")
-    pairs = read_jsonl(run_dir / "synth" / "pairs.jsonl")
+    calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
+    pairs = read_jsonl(run_dir / "synthesize" / "pairs.jsonl")
     needed = len(calls)  # distinct requests (samples_per_task plus the stage's allowance for losses)
     assert needed >= n_calls and sorted(c["call"] for c in calls) == list(range(needed))
     assert all(c["ok"] and c["reasks"] == 0 for c in calls)
     # every request answered (paid) exactly once over both runs
     assert len(emu.stats.successes()) == needed
-    acc = done(run_dir, "synth")["llm"]["openai:openai-emu-model"]
+    acc = done(run_dir, "synthesize")["llm"]["openai:openai-emu-model"]
     assert acc["cache_hits"] == paid_before and acc["api_calls"] == needed - paid_before
     expected_ids = {f"closed_qa-c1-{c['call']:06d}-0" for c in calls}
     assert sorted(p["id"] for p in pairs) == sorted(expected_ids)  # each expected row, once
@@ -290,8 +290,8 @@ def test_service_llm_sweep_runs_each_in_its_own_folder(tmp_path, emulator_factor
     assert json.loads((run_dir / "sweep.json").read_text())["folders"] == ["openai-emu", "anthropic-emu"]
     for provider, emu in emus.items():
         member = run_dir / f"{provider}-emu"
-        pairs = read_jsonl(member / "synth" / "pairs.jsonl")
+        pairs = read_jsonl(member / "synthesize" / "pairs.jsonl")
         assert pairs and {p["service_model"] for p in pairs} == {f"{provider}-emu"}
-        assert emu.stats.total == len(read_jsonl(member / "synth" / "calls.jsonl"))  # each service answered only its own run
+        assert emu.stats.total == len(read_jsonl(member / "synthesize" / "calls.jsonl"))  # each service answered only its own run
         assert yaml.safe_load((member / "params.yaml").read_text())["service"]["backend"] == provider
     assert leaks(run_dir, dry, proc) == []
