@@ -38,7 +38,7 @@ test-long: $(STAMP)
 # a real llama.cpp server as the service LLM; the first install builds llama.cpp (~10 min on 2 cores),
 # later ones reuse pip's wheel cache. Without LLAMADUO_REAL_SERVER=1 (as in `make test`) the tier is skipped.
 test-real-server: $(STAMP)
-	$(PY) -c "import llama_cpp.server" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
+	$(PY) -c "import llama_cpp.server.app, uvicorn" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
 	LLAMADUO_REAL_SERVER=1 $(PY) -m pytest -q -m real_server
 
 test-fast: $(STAMP)

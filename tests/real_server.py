@@ -33,8 +33,9 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 
 
 def available() -> bool:
-    try:
-        import llama_cpp.server  # noqa: F401
+    try:  # the server's own modules and its extras (fastapi, sse-starlette, starlette-context, uvicorn)
+        import llama_cpp.server.app  # noqa: F401
+        import uvicorn  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or a build that does not load
         return False
     return True
