@@ -266,3 +266,13 @@ def test_batch_request_shape(provider, emulator_factory, tmp_path):
         assert ctx.body["temperature"] == 0.2 and ctx.body["response_format"]["json_schema"]["schema"] == SCHEMA
     else:
         assert "temperature" not in ctx.body and json.dumps(SCHEMA) in ctx.system
+
+
+# -- the wait shows the provider's own status ------------------------------------------------------------
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_batch_wait_shows_the_providers_status(provider, emulator_factory, tmp_path):
+    emu = emulator_factory(provider, reply=good_reply, batch_polls=2)
+    llm = service(params(provider, emu), tmp_path / "cache.sqlite")
+    assert all(r.ok for r in llm.run([request(f"s{i}") for i in range(3)], progress=False))
+    (shown,) = llm.backend.batch_progress.values()
+    assert shown == {"openai": "completed (3/3 done, 0 failed)", "anthropic": "ended (succeeded 3)"}[provider]

@@ -137,7 +137,16 @@ class AnthropicBackend(SDKClientBackend):
         whole (each request ends succeeded, errored, canceled or expired), so problem is None."""
         self.batch_http_calls += 1
         batch = await self._call_sdk(self._sdk().messages.batches.retrieve(batch_id))
+        counts = getattr(batch, "request_counts", None)
+        parts = [f"{name} {getattr(counts, name, 0)}" for name in ("processing", "succeeded", "errored", "expired")
+                 if getattr(counts, name, 0)]
+        self.batch_progress[batch_id] = f"{batch.processing_status}" + (f" ({', '.join(parts)})" if parts else "")
         return str(batch.processing_status) == "ended", None
+
+    @property
+    def batch_progress(self) -> dict:
+        """batch id -> the provider's own status, as last polled (shown while waiting)."""
+        return self.__dict__.setdefault("_batch_progress", {})
 
     async def batch_results(self, batch_id: str):
         """[(custom_id, Completion | TransientError | PermanentError)] for every request of the batch."""

@@ -159,6 +159,9 @@ class OpenAIBackend(SDKClientBackend):
         except Exception as exc:  # noqa: BLE001
             raise self._translate(exc) from None
         status = str(batch.status)
+        counts = getattr(batch, "request_counts", None)
+        done = f" ({getattr(counts, 'completed', 0)}/{getattr(counts, 'total', 0)} done, {getattr(counts, 'failed', 0)} failed)" if counts else ""
+        self.batch_progress[batch_id] = status + done
         if status in ("validating", "in_progress", "finalizing", "cancelling"):
             return False, None
         if status == "failed":
@@ -171,6 +174,11 @@ class OpenAIBackend(SDKClientBackend):
         # completed, expired (some lines may have run), cancelled
         self._batch_files[batch_id] = (batch.output_file_id, batch.error_file_id)
         return True, None
+
+    @property
+    def batch_progress(self) -> dict:
+        """batch id -> the provider's own status, as last polled (shown while waiting)."""
+        return self.__dict__.setdefault("_batch_progress", {})
 
     @property
     def _batch_files(self) -> dict:
