@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from llamaduo_nb.methods.metrics import is_service
 from llamaduo_nb.pipeline import cycle as _cycle
 from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.pipeline.params import CycleTarget
@@ -24,15 +25,39 @@ from llamaduo_nb.pipeline.units import STAGES
 
 KEY = ["task", "local_model", "judge", "metric"]
 CI_ALPHA = 0.18
+SERVICE_COLOUR = "0.15"
 
 
 def base_once(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Drop the base model's (volume 0) repeats in later cycles: its first cycle's row stays."""
+    """Drop the repeats in later cycles of the base model (volume 0) and of the service LLM (answered
+    alike in every cycle): their first cycle's row stays."""
     data = with_cycle(metrics)
-    base = data["volume"] == 0
+    once = ((data["volume"] == 0) | is_service(data["local_model"])).to_numpy()
     keys = [k for k in KEY if k in data.columns]
-    first = data[base].sort_values("cycle", kind="stable").drop_duplicates(keys)
-    return pd.concat([first, data[~base]]).sort_index()
+    first = data[once].sort_values("cycle", kind="stable").drop_duplicates(keys)
+    return pd.concat([first, data[~once]]).sort_index()
+
+
+def split_service(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the local models' rows, the service LLM's own rows) of a metrics table."""
+    mask = is_service(metrics["local_model"]).to_numpy() if len(metrics) else np.zeros(0, dtype=bool)
+    return metrics[~mask], metrics[mask]
+
+
+def service_band(ax, service: pd.DataFrame, statistic: str, color=SERVICE_COLOUR, label: str | None = None) -> bool:
+    """The service LLM's value as a horizontal line across the panel, its 95 % CI as a band; True when drawn."""
+    if service.empty or statistic not in service.columns or pd.isna(service[statistic].iloc[0]):
+        return False
+    row = service.iloc[0]
+    ax.axhline(float(row[statistic]), ls="-.", lw=1.3, color=color, zorder=2, label=label)
+    cols = ci_columns(statistic)
+    if cols and set(cols) <= set(service.columns) and pd.notna(row[cols[0]]) and pd.notna(row[cols[1]]):
+        ax.axhspan(float(row[cols[0]]), float(row[cols[1]]), color=color, alpha=0.10, lw=0, zorder=0)
+    return True
+
+
+def service_label(local_model: str) -> str:
+    return "service LLM " + str(local_model).split(":", 1)[1] if ":" in str(local_model) else str(local_model)
 
 
 # -- figure helpers ----------------------------------------------------------------------------------
@@ -105,13 +130,16 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean",
     when there are several), the 95 % CI of the statistic shaded (none for the median); the base
     model (volume 0) as a dashed line. Points of cycles ≥ 2 (trained on the whole pool kept so far)
     sit on the same line, sorted by volume, drawn as open squares labelled c<t>."""
-    data = base_once(metrics[metrics["metric"] == metric])
+    data, service = split_service(base_once(metrics[metrics["metric"] == metric]))
     tasks = list(dict.fromkeys(data["task"]))
     several = data["judge"].nunique() > 1
     fig, axes = _panels(max(1, len(tasks)))
     colours = _colours(data[["local_model", "judge"]].drop_duplicates().itertuples(index=False, name=None))
-    later_cycles = shaded = False
+    later_cycles = shaded = banded = False
     for ax, task in zip(axes, tasks):
+        for (name, judge), rows in service[service["task"] == task].groupby(["local_model", "judge"], sort=False):
+            label = service_label(name) + (f" (judge {judge})" if several else "")
+            banded |= service_band(ax, rows, statistic, label=label)
         sub = data[data["task"] == task]
         for (model, judge), line in sub.groupby(["local_model", "judge"], sort=False):
             tuned = line[line["volume"] > 0].sort_values(["volume", "cycle"], kind="stable")
@@ -143,6 +171,8 @@ def score_vs_volume(metrics: pd.DataFrame, metric: str, statistic: str = "mean",
     axes[0].set_ylabel(stat_label(metric, statistic))
     axes[0].set_ylim(0, 103)
     parts = ["lines: fine-tuned" + (" (shaded: 95% CI)" if shaded else ""), "dashed: base model"]
+    if banded:
+        parts.append("dash-dot: the service LLM's own answers (band: 95% CI)")
     extra = []
     if later_cycles:
         extra.append(Line2D([], [], ls="none", marker="s", mfc="white", mec="0.3", label="cycle ≥ 2 (c<t>: trained on the whole pool kept so far)"))
@@ -163,17 +193,22 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
     """coverage@ζ per volume, one panel per task, for one local model and judge (default: the first
     of each), with the 95 % CI as error bars when metrics.csv has it. Later cycles' volumes are
     labelled c<t>; the base model appears once."""
-    data = base_once(metrics[metrics["metric"] == metric])
+    data, service = split_service(base_once(metrics[metrics["metric"] == metric]))
     local_model = local_model or _first(data["local_model"])
     judge = judge or _first(data["judge"])
     data = data[(data["local_model"] == local_model) & (data["judge"] == judge)]
+    service = service[service["judge"] == judge]
     tasks = list(dict.fromkeys(data["task"]))
     fig, axes = _panels(max(1, len(tasks)))
+    banded = False
     for ax, task in zip(axes, tasks):
         sub = data[data["task"] == task].sort_values(["volume", "cycle"], kind="stable")
         x = np.arange(len(sub))
         width = 0.8 / max(1, len(zetas))
         for i, z in enumerate(zetas):
+            rows = service[service["task"] == task]
+            label = f"{service_label(rows['local_model'].iloc[0])}: coverage@{z}" if len(rows) else None
+            banded |= service_band(ax, rows, f"coverage_{z}", color=f"C{i}", label=label)
             values = sub[f"coverage_{z}"].to_numpy(dtype=float)
             err = None
             if ci and _has_ci(sub, f"coverage_{z}"):
@@ -188,7 +223,9 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"{metric}: % of answers ≥ ζ")
     axes[0].set_ylim(0, 103)
-    bottom = _figure_legend(fig, axes, "error bars: 95% CI" if ci else "", ncol=len(zetas))
+    title = "; ".join(p for p in ["error bars: 95% CI" if ci else "",
+                                  "dash-dot: the service LLM's own answers (band: 95% CI)" if banded else ""] if p)
+    bottom = _figure_legend(fig, axes, title, ncol=len(zetas))
     fig.suptitle(f"Coverage of {metric} · {local_model} · judge {judge}", fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
@@ -233,7 +270,13 @@ def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None,
                     value = float(line["value"].iloc[0])
                     ax.errorbar(line["cycle"], line["value"], yerr=[[max(0.0, value - low)], [max(0.0, high - value)]],
                                 fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
-        ax.axhline(target.threshold, ls="--", lw=1.2, color="0.25", zorder=2, label=f"target: {target}")
+        if target.versus_service:
+            required = best.loc[best["task"] == task, "required"].dropna()
+            if len(required):  # the service LLM answers alike in every cycle: one required value per task
+                ax.axhline(float(required.iloc[0]), ls="--", lw=1.2, color="0.25", zorder=2,
+                           label=f"target: {target} (met: CI lower bound reaches it)")
+        else:
+            ax.axhline(target.threshold, ls="--", lw=1.2, color="0.25", zorder=2, label=f"target: {target}")
         volumes = best[best["task"] == task].groupby("cycle")["volume"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
         ax.set_xticks(range(1, cycles + 1), [f"{c}\nn={volumes[c]}" if c in volumes.index else str(c) for c in range(1, cycles + 1)])
         ax.set_xlim(0.6, cycles + 0.4)
@@ -362,11 +405,15 @@ def judge_spread_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return judge_spread(metrics)
 
 
-def pairwise_bars(summary: pd.DataFrame):
-    """Win / tie / loss of each fine-tuned volume against the base model (pairwise.csv), stacked, a panel per task.
+def pairwise_bars(summary: pd.DataFrame, baseline: str = "base"):
+    """Win / tie / loss of each fine-tuned volume against a baseline (pairwise.csv): the base model (`base`) or
+    the service LLM (`service:<label>`), stacked, a panel per task.
 
     Each bar is labelled with its position inconsistency (% of pairs whose verdict flips with the order).
     """
+    if "baseline" in summary.columns:
+        summary = summary[summary["baseline"].fillna("base") == baseline]
+    against = "the base model" if baseline == "base" else f"the {service_label(baseline)}"
     tasks = list(dict.fromkeys(summary["task"])) if not summary.empty else []
     fig, axes = _panels(max(1, len(tasks)))
     colours = {"win": "#4c9a5a", "tie": "#b9b9b9", "loss": "#c8553d"}
@@ -384,12 +431,12 @@ def pairwise_bars(summary: pd.DataFrame):
             ax.text(xi, 101, "–" if pd.isna(flip) else f"{flip:.0f}%", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(task.replace("_", " "))
-        ax.set_xlabel("training samples (vs base model)")
+        ax.set_xlabel(f"training samples (vs {against})")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("% of valid verdicts (both orders)")
     axes[0].set_ylim(0, 112)
     axes[-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Pairwise vs the base model (numbers above bars: position inconsistency)", fontsize=10)
+    fig.suptitle(f"Pairwise vs {against} (numbers above bars: position inconsistency)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -418,5 +465,35 @@ def judge_vs_reference_scatter(points: pd.DataFrame, correlations: pd.DataFrame,
     if tasks:
         axes[-1].legend(fontsize=7, title="judge", title_fontsize=7)
     fig.suptitle(f"Judge {judge_metric} vs {axes[0].get_xlabel() or reference_metric} per answer", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def judge_vs_human(items: pd.DataFrame, agreement: pd.DataFrame):
+    """Each judge's score of the human-labelled answers against people's score, a panel per metric, a colour
+    per judge, the diagonal dotted; the legend gives Spearman ρ, Kendall τ and the mean absolute error with
+    their 95 % CIs (evaluate/human_labels/agreement.csv)."""
+    metrics = [m for m in ("similarity", "precision") if not items.empty and m in set(items["metric"])]
+    fig, axes = _panels(max(1, len(metrics)), height=3.8)
+    for ax, metric in zip(axes, metrics):
+        for i, (judge, group) in enumerate(items[items["metric"] == metric].groupby("judge", sort=True)):
+            row = agreement[(agreement["judge"] == judge) & (agreement["metric"] == metric)] if not agreement.empty else agreement
+            text = judge
+            if len(row):
+                r = row.iloc[0]
+                text = (f"{judge}: ρ {r.spearman:.2f} [{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}], "
+                        f"τ {r.kendall:.2f}, MAE {r.mae:.1f} (n={int(r['items'])})")
+            ax.scatter(group["human_score"], group["judge_score"], s=18, alpha=0.7, color=f"C{i}", label=text)
+        ax.plot([0, 100], [0, 100], ls=":", lw=1, color="0.5")
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
+        ax.set_title(metric)
+        ax.set_xlabel("human score (0–100)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left")
+    if not metrics:
+        axes[0].text(0.5, 0.5, "no human-labelled answers", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
+    axes[0].set_ylabel("judge score (mean of M)")
+    fig.suptitle("Judges checked against people: each human-labelled answer", fontsize=10)
     fig.tight_layout()
     return fig

@@ -4,6 +4,11 @@ Each explorer reads every cycle of a run (cycle 1 is the run folder, cycle t ≥
 `<run>/cycle-<t>/`) and has a plain function behind it that tests use directly:
 `synthetic_pairs` / `filter_pairs` (pair browser), `answer_table` (answer browser),
 `coverage_table` (ζ slider).
+
+Every explorer also carries a static fallback (`text/html` beside the widget view): what a page
+without a live kernel shows in its place (report.html is exported with these fallbacks, so it reads
+offline with no widget area left empty): the fate counts of the synthetic pairs, the answers to the
+first few test prompts of each task, the coverage@ζ tables for the run's ζ values.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from llamaduo_nb.stages import evaluate
 from llamaduo_nb.stages import infer
 from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.methods.metrics import answer_scores, coverage_at
+from llamaduo_nb.methods.metrics import answer_scores, coverage_at, is_service
 from llamaduo_nb.pipeline.units import cycle_folders, root_of, stage_dir
 
 ALL = "all"
@@ -33,6 +38,8 @@ def _esc(value) -> str:
 
 
 def _volume_label(volume, cycle=1) -> str:
+    if int(volume) < 0:
+        return "service LLM"
     return "base" if int(volume) == 0 else f"{int(volume)}" + (f" (cycle {int(cycle)})" if int(cycle) > 1 else "")
 
 
@@ -124,15 +131,29 @@ def _render_pair(row) -> str:
     )
 
 
-def _explorer(name: str, children):
-    """A VBox whose text form (what a static page shows where widgets do not render) is one short line."""
+def _explorer(name: str, children, fallback_html: str = ""):
+    """A VBox whose text form is one short line and whose static form (`text/html`, what a page without a
+    live kernel shows in its place) is `fallback_html`."""
     import ipywidgets as w
+
+    note = f"[{name}: an interactive explorer; open the notebook in JupyterLab or Jupyter to use it]"
 
     class Explorer(w.VBox):
         def __repr__(self) -> str:
-            return f"[{name}: an interactive explorer; open the notebook in JupyterLab or Jupyter to use it]"
+            return note
+
+        def _repr_mimebundle_(self, **kwargs):
+            bundle = super()._repr_mimebundle_(**kwargs) or {}
+            bundle["text/html"] = (f"<div class='llamaduo-static'><p><i>{html.escape(name)}, static copy "
+                                   f"(open the notebook in JupyterLab to explore):</i></p>{fallback_html}</div>")
+            return bundle
 
     return Explorer(children)
+
+
+def _table_html(frame: pd.DataFrame, caption: str = "") -> str:
+    body = frame.to_html(index=False, escape=True, na_rep="–", float_format=lambda v: f"{v:.1f}", border=0)
+    return (f"<p><b>{html.escape(caption)}</b></p>" if caption else "") + body
 
 
 def pair_browser(run_dir: Path | str):
@@ -184,7 +205,9 @@ def pair_browser(run_dir: Path | str):
         box.observe(refresh, names="value")
     pick.observe(show, names="value")
     refresh()
-    return _explorer("synthetic-pair browser", [w.HBox([task_box, fate_box, cycle_box]), seed_box, w.HBox([pick, count]), out])
+    fallback = _table_html(fate_counts(frame), "Synthetic pairs per cycle, task and fate") if len(frame) else "<i>no synthetic pairs</i>"
+    return _explorer("synthetic-pair browser", [w.HBox([task_box, fate_box, cycle_box]), seed_box, w.HBox([pick, count]), out],
+                     fallback)
 
 
 # -- answers and their judgements ----------------------------------------------------------------------
@@ -201,13 +224,19 @@ def _across_cycles(load, run_dir: Path | str) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)
-    first_base = out.loc[out["volume"] == 0, "cycle"].min()
-    return out[(out["volume"] != 0) | (out["cycle"] == first_base)].reset_index(drop=True)
+    once = out["volume"] <= 0  # the base model (0) and the service LLM (-1) answer alike in every cycle
+    first = out.loc[once, "cycle"].min()
+    return out[~once | (out["cycle"] == first)].reset_index(drop=True)
+
+
+def _all_answers(folder: Path) -> pd.DataFrame:
+    """A cycle's answers: the local models' (infer) and the service LLM's own (evaluate/service_answers)."""
+    return pd.concat([infer.load_responses(folder), evaluate.load_service_answers(folder)], ignore_index=True)
 
 
 def load_answers(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(judgements, responses) of every cycle."""
-    return _across_cycles(evaluate.load_judgements, run_dir), _across_cycles(infer.load_responses, run_dir)
+    """(judgements, responses) of every cycle; the service LLM's answers are rows with local_model `service:<label>`."""
+    return _across_cycles(evaluate.load_judgements, run_dir), _across_cycles(_all_answers, run_dir)
 
 
 def _scores_text(values) -> str:
@@ -219,6 +248,7 @@ def answer_table(run_dir: Path | str, prompt_id: str, judgements: pd.DataFrame, 
     """Every answer to one prompt (each cycle, local model, volume and k) × every judge: the mean of the
     judge's valid repeats, each repeat's score, how many repeats failed, and the first valid repeat's reasons."""
     answers = with_cycle(responses[responses["prompt_id"] == prompt_id])[["cycle", "local_model", "volume", "k", "response"]]
+    answers = answers.assign(answer_id=[evaluate.answer_id(r.local_model, r.volume, r.k, r.cycle) for r in answers.itertuples()])
     j = with_cycle(judgements[judgements["prompt_id"] == prompt_id]) if not judgements.empty else judgements
     if j.empty:
         return answers.assign(judge=None, similarity=float("nan"), precision=float("nan"))
@@ -255,20 +285,46 @@ def _judge_block(rows: pd.DataFrame) -> str:
     return "<hr style='margin:2px 0'>".join(parts)
 
 
+ANSWER_CELL = "text-align:left;white-space:pre-wrap;max-width:32em;vertical-align:top"
+
+
 def _render(prompt: dict, table: pd.DataFrame) -> str:
+    """The prompt, its reference, and a row per local answer with the service LLM's answer of the same k beside it."""
+    service_mask = is_service(table["local_model"]).to_numpy() if len(table) else []
+    service, local = table[service_mask], table[~service_mask] if len(table) else table
+    by_k = {k: group for k, group in service.groupby("k", sort=False)}
+    name = str(service["local_model"].iloc[0]).split(":", 1)[1] if len(service) else None
     rows = []
-    for (model, volume, cycle, k), group in table.groupby(["local_model", "volume", "cycle", "k"], sort=False):
+    for (model, volume, cycle, k), group in local.groupby(["local_model", "volume", "cycle", "k"], sort=False):
+        theirs = by_k.get(k)
+        service_cells = "" if name is None else (
+            "<td>–</td><td>–</td>" if theirs is None else
+            f"<td style='{ANSWER_CELL}'>{_esc(theirs['response'].iloc[0])}<br><small>id {_esc(theirs['answer_id'].iloc[0])}</small></td>"
+            f"<td style='text-align:left;vertical-align:top'>{_judge_block(theirs)}</td>")
         rows.append(
             f"<tr><td>{_esc(model)}</td><td>{_volume_label(volume, cycle)}</td><td>{k}</td>"
-            f"<td style='text-align:left;white-space:pre-wrap;max-width:40em'>{_esc(group['response'].iloc[0])}</td>"
-            f"<td style='text-align:left'>{_judge_block(group)}</td></tr>"
+            f"<td style='{ANSWER_CELL}'>{_esc(group['response'].iloc[0])}<br><small>id {_esc(group['answer_id'].iloc[0])}</small></td>"
+            f"<td style='text-align:left;vertical-align:top'>{_judge_block(group)}</td>{service_cells}</tr>"
         )
+    service_head = "" if name is None else f"<th>service LLM {_esc(name)}: its answer (same k)</th><th>its judges</th>"
     return (
+        f"<p><small>prompt_id {_esc(prompt.get('prompt_id'))}</small></p>"
         f"<h4>Instruction</h4><div style='white-space:pre-wrap'>{_esc(prompt['instruction'])}</div>"
         f"<h4>Human reference</h4><div style='white-space:pre-wrap'>{_esc(prompt['reference'])}</div>"
         "<h4>Answers</h4><table><tr><th>model</th><th>volume</th><th>k</th><th>answer</th>"
-        f"<th>judges: mean score (each repeat), reasons</th></tr>{''.join(rows)}</table>"
+        f"<th>judges: mean score (each repeat), reasons</th>{service_head}</tr>{''.join(rows)}</table>"
     )
+
+
+def static_answers(run_dir: Path | str, per_task: int = 2) -> str:
+    """The answer browser's static form: the first `per_task` test prompts of each task, rendered as the browser shows them."""
+    test = coverage.load(run_dir, "test")
+    judgements, responses = load_answers(run_dir)
+    parts = []
+    for task in sorted({p["task"] for p in test}):
+        for prompt in [p for p in test if p["task"] == task][:per_task]:
+            parts.append(f"<h3>{_esc(task)}</h3>" + _render(prompt, answer_table(run_dir, prompt["prompt_id"], judgements, responses)))
+    return "<hr>".join(parts) or "<i>no answers</i>"
 
 
 def answer_browser(run_dir: Path | str):
@@ -300,7 +356,7 @@ def answer_browser(run_dir: Path | str):
     prompt_box.options = options(tasks[0])
     prompt_box.value = prompt_box.options[0][1]
     show()
-    return _explorer("answer browser", [w.HBox([task_box, prompt_box]), out])
+    return _explorer("answer browser", [w.HBox([task_box, prompt_box]), out], static_answers(run_dir))
 
 
 # -- coverage@ζ, live ----------------------------------------------------------------------------------
@@ -309,27 +365,45 @@ def answer_browser(run_dir: Path | str):
 def coverage_table(scores: pd.DataFrame, zeta: float, metric: str = "precision", judge: str | None = None,
                    local_model: str | None = None) -> pd.DataFrame:
     """coverage@ζ (%) of the answer scores (metrics.answer_scores, with a `cycle` column) of one metric,
-    judge and local model (default: the first of each); rows: volumes (base once, later cycles labelled),
-    columns: tasks."""
+    judge and local model (default: the first of each); rows: volumes (base once, later cycles labelled)
+    and, when it answered the test prompts, the service LLM (last row); columns: tasks."""
     sub = with_cycle(scores[scores["metric"] == metric])
+    service_mask = is_service(sub["local_model"]).to_numpy() if len(sub) else []
+    service, sub = sub[service_mask], sub[~service_mask] if len(sub) else sub
     judge = judge or (sub["judge"].iloc[0] if len(sub) else None)
     local_model = local_model or (sub["local_model"].iloc[0] if len(sub) else None)
     sub = sub[(sub["judge"] == judge) & (sub["local_model"] == local_model)]
-    table = sub.groupby(["volume", "cycle", "task"])["score"].apply(lambda s: coverage_at(s, zeta)).unstack("task")
+    service = service[service["judge"] == judge]
+    service = service[service["cycle"] == service["cycle"].min()] if len(service) else service
+    table = pd.concat([sub, service]).groupby(["volume", "cycle", "task"])["score"].apply(lambda s: coverage_at(s, zeta)).unstack("task")
+    table = table.sort_index(key=lambda index: index.map(lambda v: v if v >= 0 else float("inf")) if index.name == "volume" else index)
     table.index = [_volume_label(v, c) for v, c in table.index]
     return table
 
 
-def zeta_slider(run_dir: Path | str, metric: str = "precision"):
+def static_coverage_tables(scores: pd.DataFrame, zetas=(50, 70), metrics=("precision", "similarity")) -> str:
+    """The ζ slider's static form: the coverage@ζ table for each listed ζ and metric (first judge and local model)."""
+    if scores.empty:
+        return "<i>no judged answers</i>"
+    parts = []
+    for metric in metrics:
+        for zeta in zetas:
+            table = coverage_table(scores, zeta, metric).round(1).reset_index().rename(columns={"index": "volume"})
+            parts.append(_table_html(table, f"coverage@{zeta} of {metric} (% of answers scoring ≥ {zeta})"))
+    return "".join(parts)
+
+
+def zeta_slider(run_dir: Path | str, metric: str = "precision", zetas=(50, 70)):
     """A ζ slider (and metric, judge pickers) that recomputes coverage@ζ per task and volume from the
-    answer scores of every cycle and redraws the bars."""
+    answer scores of every cycle and redraws the bars; its static form holds the tables for `zetas`."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
     judgements = _across_cycles(evaluate.load_judgements, run_dir)
     scores = answer_scores(judgements)
     judges = list(dict.fromkeys(scores["judge"]))
-    model = scores["local_model"].iloc[0] if len(scores) else None
+    local = scores[~is_service(scores["local_model"]).to_numpy()] if len(scores) else scores
+    model = local["local_model"].iloc[0] if len(local) else None
 
     def draw(zeta, metric, judge):
         from IPython.display import display
@@ -346,8 +420,9 @@ def zeta_slider(run_dir: Path | str, metric: str = "precision"):
         display(fig)  # this figure only: plt.show() would also pull in the cell's other open figures
         plt.close(fig)
 
-    return w.interactive(
+    live = w.interactive(
         draw, zeta=w.IntSlider(value=50, min=0, max=100, step=5, description="ζ", continuous_update=False),
         metric=w.Dropdown(options=["precision", "similarity"], value=metric, description="metric"),
         judge=w.Dropdown(options=judges, description="judge"),
     )
+    return _explorer("ζ slider", [live], static_coverage_tables(scores, zetas))

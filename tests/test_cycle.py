@@ -191,8 +191,8 @@ def test_paper_grid_from_one_file():
     assert "= 144 adapters to train; 480 (service LLM, task, model, volume, judge) cells" in text
     # 4 tasks × 4 models × 10 volumes (with the base) × 100 prompts × K=4 × M=10
     assert "640,000 calls per judge" in text
-    # 282,356 synthesis + 3 judges × 640,000
-    assert "total: 2,202,356 calls in the first cycle" in text
+    # 282,356 synthesis + 3 judges × (640,000 + 115,200 pairwise: 4 tasks × 4 models × 9 volumes × 100 prompts × K=4 × 2 orders)
+    assert "total: 2,547,956 calls in the first cycle" in text
 
 
 def test_service_list_expands_into_a_family(tmp_path):

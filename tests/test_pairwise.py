@@ -279,6 +279,8 @@ class BothJudge(Backend):
             a = re.search(r"\[Response A\]\n(.*?)\n\[End of response A\]", text, re.S).group(1)
             b = re.search(r"\[Response B\]\n(.*?)\n\[End of response B\]", text, re.S).group(1)
             return Completion(text=longer_wins(a, b, request))
+        if request.json_schema is None:  # the service LLM answering a test prompt as a competitor
+            return Completion(text=f"the service LLM's own fairly long answer #{request.repeat}")
         answer = text.split("Generated response:\n", 1)[1].split("\n\nGrade", 1)[0]
         score = min(100, 3 * len(answer))
         return Completion(text=json.dumps({"similarity_assessment": {"score": score, "reason": "r"},
@@ -307,17 +309,25 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
 
     monkeypatch.setattr(evaluate, "ServiceLLM", Service)
     monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
-    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50},
+    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50}, infer={"k": 2},
                     service={"backend": "openai", "model": "fake-judge"})
     result = evaluate.run(params, run_dir)
-    assert result.counts["pairwise_verdicts"] == 16 and result.counts["pairwise_errors"] == 0
+    # 2 prompts × K 2 × volumes 4 and 16 × 2 orders, against the base model and against the service LLM
+    assert result.counts["pairwise_verdicts"] == 2 * 16 and result.counts["pairwise_errors"] == 0
+    assert result.counts["service_answers"] == 2 * 2
     metrics = evaluate.load_metrics(run_dir)
-    assert set(metrics["volume"]) == {0, 4, 16} and metrics["mean_ci_low"].notna().all()
-    assert len(evaluate.load_judgements(run_dir)) == 12 * 2  # pairwise.jsonl is not read as judgements
+    assert set(metrics["volume"]) == {-1, 0, 4, 16} and metrics["mean_ci_low"].notna().all()
+    assert set(metrics.loc[metrics["volume"] == -1, "local_model"]) == {"service:openai:fake-judge"}
+    assert len(evaluate.load_judgements(run_dir)) == (12 + 4) * 2  # pairwise.jsonl is not read as judgements
+    assert len(evaluate.load_service_answers(run_dir)) == 4
+    assert "service_answers/summarization.jsonl" in json.loads((run_dir / "evaluate" / "DONE.json").read_text())["outputs"]
     pair = evaluate.load_pairwise(run_dir)
-    assert (pair["win"] == 100).all() and (pair["position_inconsistency"] == 0).all()
+    assert set(pair["baseline"]) == {"base", "service:openai:fake-judge"}
+    vs_base, vs_service = pair[pair["baseline"] == "base"], pair[pair["baseline"] != "base"]
+    assert (vs_base["win"] == 100).all() and (pair["position_inconsistency"] == 0).all()
+    assert set(vs_service["volume"]) == {4, 16} and (vs_service["loss"] == 100).all()  # the service's answer is longer
     refs = evaluate.load_reference_metrics(run_dir)
-    assert len(refs) == 12 and refs["rouge_l"].between(0, 1).all()
+    assert len(refs) == 16 and refs["rouge_l"].between(0, 1).all()
     corr = evaluate.load_correlations(run_dir)
     assert set(corr["task"]) == {"summarization"} and set(corr["reference_metric"]) == {"rouge_l", "embedding_cosine"}
 
@@ -333,11 +343,13 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     assert "Spearman" in fig.axes[0].get_title()
 
     # switched off, their files go
-    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": False, "reference_metrics": False, "bootstrap": 50},
+    params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": False, "reference_metrics": False, "bootstrap": 50,
+                                                        "service_answers": False},
                     service={"backend": "openai", "model": "fake-judge"})
     evaluate.run(params, run_dir)
     assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
     assert not evaluate.pairwise_file(run_dir).exists()
+    assert evaluate.load_service_answers(run_dir).empty and not (evaluate.load_metrics(run_dir)["volume"] == -1).any()
 
 
 @pytest.mark.slow

@@ -70,7 +70,8 @@ def test_metrics_csv(run):
     m = pd.read_csv(run_dir / "metrics.csv")
     for col in ["cycle", "task", "local_model", "judge", "volume", "metric", "mean", "median", "coverage_50", "coverage_70", "n"]:
         assert col in m.columns
-    assert set(m["volume"]) == {0, 2, 4}
+    assert set(m["volume"]) == {-1, 0, 2, 4}  # -1: the service LLM's own answers (evaluate.service_answers)
+    assert set(m.loc[m["volume"] == -1, "local_model"]) == {"service:local:smollm2-135m-instruct"}
     assert set(m["metric"]) == {"similarity", "precision"}
     assert (m["n"] == 2 * 2).all()  # 2 test prompts × K=2
     assert m["mean"].between(0, 100).all()
@@ -187,7 +188,7 @@ def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params
     assert (later / base).read_text() == (run_dir / base).read_text()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["cycle"]) == {1, 2}
-    assert set(metrics[metrics["cycle"] == 2]["volume"]) == {0, sum(kept)}
+    assert set(metrics[metrics["cycle"] == 2]["volume"]) == {-1, 0, sum(kept)}
     judged = json.loads((later / "manifest.json").read_text())["stages"]["evaluate"]["llm"]["local:smollm2-135m-instruct"]
     assert judged["cache_hits"] >= 2 * 2 * 2  # the base model's answers were judged in cycle 1: 2 prompts × K × M
     # the same command again: every stage of both cycles is up to date

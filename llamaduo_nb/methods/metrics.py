@@ -37,8 +37,24 @@ import pandas as pd
 
 METRICS = ("similarity", "precision")
 GROUP = ["cycle", "task", "local_model", "judge", "volume"]
+# The service LLM's own answers are judged like a volume's; their rows are named `service:<label>` and carry
+# volume -1: the service LLM is not trained, and -1 keeps it apart from the base model's 0 and the tuned
+# volumes (> 0) in every volume filter.
+SERVICE_PREFIX = "service:"
+SERVICE_VOLUME = -1
 ANSWER = GROUP + ["prompt_id", "k"]
 CI_LEVEL = 0.95
+
+
+def service_name(label: str) -> str:
+    """The `local_model` value of the service LLM's own answers."""
+    return SERVICE_PREFIX + label
+
+
+def is_service(local_models) -> pd.Series:
+    """True where a `local_model` value names the service LLM's own answers."""
+    values = local_models if isinstance(local_models, pd.Series) else pd.Series(list(local_models), dtype=object)
+    return values.astype(str).str.startswith(SERVICE_PREFIX)
 
 
 def coverage_at(scores, zeta: float) -> float:

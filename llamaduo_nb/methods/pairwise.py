@@ -1,7 +1,9 @@
-"""Pairwise comparison, MT-Bench style: is the fine-tuned answer better than the base model's?
+"""Pairwise comparison, MT-Bench style: is the fine-tuned answer better than the base model's, and than
+the service LLM's?
 
-Each answer of a fine-tuned local model (volume > 0) is put beside the base model's answer
-(volume 0) to the same test prompt with the same k, and the judge says which is better
+Each answer of a fine-tuned local model (volume > 0) is put beside a baseline's answer to the same
+test prompt with the same k: the base model's (volume 0, baseline `base`) and, when the service LLM
+answered the test prompts too, the service LLM's (baseline `service:<label>`); the judge says which is better
 (`params/prompts/pairwise.yaml`: JSON {"winner": "A" | "B" | "tie", "reason": ...}). Every
 pair is judged in BOTH orders (order "AB": the tuned answer is A; "BA": it is B), one greedy
 verdict per order, so the judge's position bias shows: a verdict that flips when the order is
@@ -12,7 +14,7 @@ A verdict the judge failed to give (call failed, reply not JSON, winner not A/B/
 sentinel "error": counted, never raised, never a win, tie or loss.
 
 The evaluate stage writes `evaluate/pairwise.jsonl` (one row per verdict) and `pairwise.csv` at
-the run folder's top, one row per (cycle, task, local_model, judge, volume) (`summarise`):
+the run folder's top, one row per (cycle, task, local_model, judge, volume, baseline) (`summarise`):
 - `win`, `tie`, `loss`: % of valid verdicts (both orders counted), from the tuned model's side;
 - `errors`, `error_share` (% of all verdicts);
 - `position_inconsistency`: % of compared pairs (both verdicts valid, answers differ) whose
@@ -38,7 +40,8 @@ PAIRWISE_JSONL = "pairwise.jsonl"
 VERDICTS = ("A", "B", "tie")
 ERROR = "error"
 BASELINE_VOLUME = 0
-GROUP = ["cycle", "task", "local_model", "judge", "volume"]
+BASE = "base"  # the baseline named for the base model (volume 0)
+GROUP = ["cycle", "task", "local_model", "judge", "volume", "baseline"]
 SUMMARY_COLUMNS = GROUP + ["baseline_volume", "pairs", "judgements", "win", "tie", "loss", "errors", "error_share",
                            "compared_pairs", "position_inconsistency", "consistent_win", "consistent_tie",
                            "consistent_loss", "first_position_preference", "identical_pairs"]
@@ -51,31 +54,44 @@ def load_pairwise_prompt(name: str) -> Prompt:
         raise UserError(f"evaluate.pairwise_prompt: {exc}") from None
 
 
-def pairs(responses: pd.DataFrame, baseline_volume: int = BASELINE_VOLUME) -> pd.DataFrame:
-    """Each tuned answer beside the baseline's answer to the same (task, local model, prompt, k)."""
+def pairs(responses: pd.DataFrame, baseline_volume: int = BASELINE_VOLUME, baseline: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Each tuned answer (volume > 0) beside a baseline's answer to the same prompt and k.
+
+    Without `baseline`: the base model's (volume `baseline_volume`) of the same task and local model.
+    With `baseline` (answers of another model, e.g. the service LLM's: task, prompt_id, k, response):
+    that answer, for every local model."""
     keys = ["task", "local_model", "prompt_id", "k"]
     if responses.empty:
         return pd.DataFrame(columns=keys + ["volume", "answer", "baseline_answer"])
-    base = responses[responses["volume"] == baseline_volume][keys + ["response"]].rename(columns={"response": "baseline_answer"})
-    tuned = responses[responses["volume"] != baseline_volume][keys + ["volume", "response"]].rename(columns={"response": "answer"})
-    out = tuned.merge(base, on=keys, how="inner")
+    tuned = responses[responses["volume"] > baseline_volume] if baseline is None else responses[responses["volume"] > 0]
+    tuned = tuned[keys + ["volume", "response"]].rename(columns={"response": "answer"})
+    if baseline is None:
+        base = responses[responses["volume"] == baseline_volume][keys + ["response"]]
+    else:
+        keys = ["task", "prompt_id", "k"]
+        base = baseline[keys + ["response"]].drop_duplicates(keys)
+    out = tuned.merge(base.rename(columns={"response": "baseline_answer"}), on=keys, how="inner")
     return out.sort_values(["task", "local_model", "volume", "prompt_id", "k"]).reset_index(drop=True)
 
 
-def build_requests(params, judge, responses: pd.DataFrame, references: dict,
-                   prompt: Optional[Prompt] = None) -> list[tuple[dict, Optional[ChatRequest]]]:
-    """Two (meta, request) per pair, order AB then BA; request None where the two answers are the same text."""
+def build_requests(params, judge, responses: pd.DataFrame, references: dict, prompt: Optional[Prompt] = None,
+                   baseline: Optional[pd.DataFrame] = None, baseline_name: str = BASE,
+                   baseline_volume: int = BASELINE_VOLUME) -> list[tuple[dict, Optional[ChatRequest]]]:
+    """Two (meta, request) per pair, order AB then BA; request None where the two answers are the same text.
+
+    `baseline`: another model's answers to compare with (named `baseline_name`, its rows' volume
+    `baseline_volume`), instead of the base model's."""
     prompt = prompt or load_pairwise_prompt(params.evaluate.pairwise_prompt)
     cfg = params.evaluate
     jobs = []
-    for row in pairs(responses).itertuples():
+    for row in pairs(responses, baseline=baseline).itertuples():
         ref = references[row.prompt_id]
         local, base = str(row.answer or ""), str(row.baseline_answer or "")
         identical = local.strip() == base.strip()
         for order in ("AB", "BA"):
             a, b = (local, base) if order == "AB" else (base, local)
             meta = {"cycle": 1, "task": row.task, "local_model": row.local_model, "judge": judge.label, "volume": int(row.volume),
-                    "baseline_volume": BASELINE_VOLUME, "prompt_id": row.prompt_id, "k": int(row.k), "order": order,
+                    "baseline": baseline_name, "baseline_volume": baseline_volume, "prompt_id": row.prompt_id, "k": int(row.k), "order": order,
                     "local_position": "A" if order == "AB" else "B", "identical": identical, "prompt_version": prompt.version}
             req = None
             if not identical:
@@ -135,9 +151,11 @@ def _pct(part, whole) -> float:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """pairwise.csv: win/tie/loss, errors and position consistency per (cycle, task, local_model, judge, volume)."""
+    """pairwise.csv: win/tie/loss, errors and position consistency per (cycle, task, local_model, judge, volume, baseline)."""
     if rows.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    if "baseline" not in rows.columns:  # verdicts written before there was a service baseline
+        rows = rows.assign(baseline=BASE)
     out = []
     for key, group in rows.groupby(GROUP):
         valid = group[group["outcome"] != ERROR]
@@ -170,9 +188,12 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS).sort_values(GROUP).reset_index(drop=True)
 
 
-def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, service) -> list[dict]:
-    """Build, send (only the pairs whose answers differ) and parse one judge's pairwise verdicts."""
-    jobs = build_requests(params, judge, responses, references)
+def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, service, baseline: Optional[pd.DataFrame] = None,
+                baseline_name: str = BASE, baseline_volume: int = BASELINE_VOLUME) -> list[dict]:
+    """Build, send (only the pairs whose answers differ) and parse one judge's pairwise verdicts (against the
+    base model, or against `baseline`'s answers)."""
+    jobs = build_requests(params, judge, responses, references, baseline=baseline, baseline_name=baseline_name,
+                          baseline_volume=baseline_volume)
     sent = [i for i, (_, req) in enumerate(jobs) if req is not None]
     results = service.run([jobs[i][1] for i in sent], desc="pairwise ×2 orders") if sent else []
     by_job = dict(zip(sent, results))

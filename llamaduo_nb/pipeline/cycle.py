@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from llamaduo_nb.io import read_json, read_jsonl, write_csv, write_json
+from llamaduo_nb.methods.metrics import is_service
 from llamaduo_nb.pipeline.params import CycleTarget, Params
 from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
 
@@ -77,27 +78,46 @@ def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
 def cycle_scores(metrics: pd.DataFrame, target: CycleTarget, judge: str | None = None) -> pd.DataFrame:
     """Per (cycle, task, local model): the metrics row of the target's metric at the cycle's largest volume,
     for the target's judge (else `judge`, else the first in metrics.csv), with `value` (the target's
-    statistic) and `met`. The stop rule and the across-cycles figure both read it."""
+    statistic), `required` (the threshold, or for a target relative to the service LLM: scale × the
+    service LLM's value on that task + offset), `service` (the service LLM's value, NaN for an absolute
+    target) and `met`. The service LLM's own rows are never a local model's line. The stop rule and the
+    across-cycles figure both read it.
+
+    An absolute target is met when the value reaches the threshold; a relative one when the lower bound
+    of the value's 95 % CI does (the value itself for the median, which has no CI), so a local model is
+    not declared as good as the service LLM on a difference the test prompts cannot resolve."""
+    columns = ["cycle", "task", "local_model", "judge", "volume", "value", "required", "service", "met"]
     if target.statistic not in metrics.columns:  # e.g. coverage_50 with evaluate.zetas [40, 70]: nothing to score
-        return pd.DataFrame(columns=["cycle", "task", "local_model", "judge", "volume", "value", "met"])
+        return pd.DataFrame(columns=columns)
     data = with_cycle(metrics[metrics["metric"] == target.metric])
-    judge = target.judge or judge or (data["judge"].iloc[0] if len(data) else None)
-    data = data[data["judge"] == judge]
+    service_mask = is_service(data["local_model"]).to_numpy()
+    judge = target.judge or judge or (data.loc[~service_mask, "judge"].iloc[0] if (~service_mask).any() else None)
+    on_judge = (data["judge"] == judge).to_numpy()
+    service_rows, data = data[service_mask & on_judge], data[~service_mask & on_judge]
     data = data[(data["volume"] > 0) | ~data.groupby("cycle")["volume"].transform("max").gt(0)]  # the base model only where nothing was trained
     if data.empty:
-        return data.assign(value=[], met=[])
+        return data.assign(value=[], required=[], service=[], met=[])
     idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
     best = data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable")
-    return best.assign(value=best[target.statistic], met=best[target.statistic] >= target.threshold).reset_index(drop=True)
+    value = best[target.statistic].astype(float)
+    if not target.versus_service:
+        return best.assign(value=value, required=target.threshold, service=float("nan"),
+                           met=value >= target.threshold).reset_index(drop=True)
+    first = service_rows.sort_values("cycle", kind="stable").drop_duplicates("task")  # answered alike in every cycle
+    service = best["task"].map(first.set_index("task")[target.statistic]).astype(float)
+    required = target.service_scale * service + target.service_offset
+    low_column = f"{target.statistic}_ci_low"
+    lower = best[low_column].astype(float).fillna(value) if low_column in best.columns else value
+    return best.assign(value=value, required=required, service=service, met=(lower >= required) & required.notna()).reset_index(drop=True)
 
 
 def target_scores(metrics: pd.DataFrame, params: Params, cycle: int) -> pd.DataFrame:
     """The target statistic per (task, local model) at the largest volume cycle `cycle` trained."""
-    columns = ["task", "local_model", "judge", "volume", "value", "met"]
+    columns = ["task", "local_model", "judge", "volume", "value", "required", "met"]
     best = cycle_scores(metrics, params.cycle.target, params.judges[0].label)
     best = best[(best["cycle"] == cycle) & (best["volume"] > 0)]
     return best.assign(volume=best["volume"].astype(int), value=best["value"].astype(float).round(2),
-                       met=best["met"].astype(bool))[columns].reset_index(drop=True)
+                       required=best["required"].astype(float).round(2), met=best["met"].astype(bool))[columns].reset_index(drop=True)
 
 
 def no_new_pairs(cycle: int, new_pairs: dict | None) -> str | None:
@@ -112,9 +132,14 @@ def decide(params: Params, cycle: int, metrics: pd.DataFrame, cost_usd: float = 
     cfg = params.cycle
     scores = target_scores(metrics, params, cycle)
     records = scores.to_dict("records")
-    shown = ", ".join(f"{r['task']}/{r['local_model']} {r['value']:g} at {r['volume']}" for r in records)
+    versus = cfg.target.versus_service
+    shown = ", ".join(f"{r['task']}/{r['local_model']} {r['value']:g} at {r['volume']}"
+                      + (f" (needs CI lower bound ≥ {r['required']:g})" if versus else "") for r in records)
     if scores.empty and cfg.target.statistic not in metrics.columns:
         return Decision(True, f"the target's statistic {cfg.target.statistic} is not reported (evaluate.zetas); no further cycles", records)
+    if versus and not scores.empty and scores["required"].isna().all():
+        return Decision(True, f"the target {cfg.target} needs the service LLM's own judged answers, and cycle {cycle} has none; "
+                              "no further cycles", records)
     if scores.empty:
         return Decision(True, f"cycle {cycle} has no {cfg.target.metric} scores to compare with the target {cfg.target}", records)
     if bool(scores["met"].all()):

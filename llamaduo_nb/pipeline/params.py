@@ -16,6 +16,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_DIR = PROJECT_ROOT / "params" / "prompts"
 # The coverage set shipped in the package (written for this project, in No Robots' schema).
 BUNDLED_COVERAGE = Path(__file__).resolve().parent.parent / "data" / "coverage.jsonl"
+# Human scores of answers to the bundled test prompts (the project's own labels; see README).
+BUNDLED_HUMAN_LABELS = Path(__file__).resolve().parent.parent / "data" / "human_labels.jsonl"
 
 # Task name (used in paths and tables) -> No Robots category.
 TASK_CATEGORIES = {
@@ -188,6 +190,32 @@ class EvaluateParams(Strict):
     pairwise_prompt: str = "pairwise"  # params/prompts/<pairwise_prompt>.yaml or a path
     pairwise_temperature: float = Field(0.0, ge=0)  # one greedy verdict per order, as MT-Bench
     reference_metrics: bool = True  # ROUGE-L F and MiniLM embedding cosine vs the human reference, Spearman vs the judge
+    # the service LLM answers the test prompts too (K times, infer's wording and sampling) and is judged like a volume
+    service_answers: bool = True
+    # people's scores of answers (JSONL; README "Judges checked against people"); "bundled": the project's labels of
+    # the bundled test prompts (used only with coverage.source bundled); null: none
+    human_labels: Optional[str] = "bundled"
+
+    @field_validator("human_labels")
+    @classmethod
+    def _labels_readable(cls, value):
+        if value in (None, "bundled"):
+            return value
+        from llamaduo_nb.methods.agreement import read_human_labels
+
+        path = Path(value).expanduser()
+        if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+            path = PROJECT_ROOT / path
+        if not path.exists():
+            raise ValueError(f"file not found: {value}")
+        read_human_labels(path)  # a bad line fails here, before anything runs
+        return str(path.resolve())
+
+    def labels_file(self, coverage_source: str) -> Optional[Path]:
+        """The human-labels file in force: the given file, the bundled labels (with the bundled coverage set), or None."""
+        if self.human_labels == "bundled":
+            return BUNDLED_HUMAN_LABELS if coverage_source == "bundled" and BUNDLED_HUMAN_LABELS.exists() else None
+        return Path(self.human_labels) if self.human_labels else None
 
     @field_validator("zetas")
     @classmethod
@@ -197,34 +225,67 @@ class EvaluateParams(Strict):
         return v
 
 
-TARGET_PATTERN = re.compile(r"^\s*(similarity|precision)\s+(\w+)\s*(>=|≥)\s*([0-9.]+)\s*$")
+TARGET_PATTERN = re.compile(r"^\s*(similarity|precision)\s+(\w+)\s*(>=|≥)\s*(.+?)\s*$")
+# the right-hand side relative to the service LLM: `service`, `service - 5`, `0.95 * service`, `0.9 * service + 2`
+RELATIVE_PATTERN = re.compile(r"^(?:([0-9.]+)\s*\*\s*)?service(?:\s*([+-])\s*([0-9.]+))?$")
 
 
 class CycleTarget(Strict):
-    """The score the local model must reach: `<metric> <statistic> >= <threshold>`.
+    """The score the local model must reach: `<metric> <statistic> >= <threshold>`, or relative to the
+    service LLM's own judged answers: `>= service`, `>= service - 5`, `>= 0.95 * service`.
 
     Checked per (task, local model) at the largest volume a cycle trained, with the first judge
     unless `judge` names another. Written in a params file as a mapping or as one string,
-    e.g. `target: precision coverage_50 >= 70`.
+    e.g. `target: precision coverage_50 >= 70`. A relative target is met when the lower bound of the
+    local model's 95 % CI reaches `service_scale × (the service LLM's value) + service_offset`
+    (the service LLM's value on the same task, judge and statistic).
     """
 
     metric: Literal["similarity", "precision"] = "precision"
     statistic: str = "coverage_50"  # mean | median | coverage_<ζ> for a ζ in evaluate.zetas
-    threshold: float = Field(70.0, ge=0, le=100)
+    threshold: float = Field(70.0, ge=0, le=100)  # an absolute target; unused when relative to the service LLM
     judge: Optional[str] = None  # a judge label; default the first judge
+    versus_service: bool = False  # relative to the service LLM's own judged answers
+    service_scale: float = Field(1.0, gt=0)
+    service_offset: float = 0.0
 
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, value):
         if isinstance(value, str):
             match = TARGET_PATTERN.match(value)
+            expected = ("expected '<similarity|precision> <statistic> >= <threshold>' or '... >= [factor *] service [- offset]', "
+                        "e.g. 'precision coverage_50 >= 70' or 'precision mean >= service - 5'")
             if not match:
-                raise ValueError(f"'{value}': expected '<similarity|precision> <statistic> >= <threshold>', e.g. 'precision coverage_50 >= 70'")
-            return {"metric": match[1], "statistic": match[2], "threshold": float(match[4])}
+                raise ValueError(f"'{value}': {expected}")
+            fields = {"metric": match[1], "statistic": match[2]}
+            rhs = match[4]
+            relative = RELATIVE_PATTERN.match(rhs)
+            try:
+                if relative:
+                    sign = -1.0 if relative[2] == "-" else 1.0
+                    fields.update(versus_service=True, service_scale=float(relative[1] or 1.0),
+                                  service_offset=sign * float(relative[3] or 0.0))
+                else:
+                    fields["threshold"] = float(rhs)
+            except ValueError:
+                raise ValueError(f"'{value}': {expected}") from None
+            return fields
         return value
 
+    def required(self, service_value: float | None = None) -> float:
+        """The value to reach: the threshold, or scale × the service LLM's value + offset."""
+        if not self.versus_service:
+            return self.threshold
+        return float("nan") if service_value is None else self.service_scale * float(service_value) + self.service_offset
+
     def __str__(self) -> str:
-        return f"{self.metric} {self.statistic} ≥ {self.threshold:g}"
+        if not self.versus_service:
+            return f"{self.metric} {self.statistic} ≥ {self.threshold:g}"
+        rhs = "service" if self.service_scale == 1 else f"{self.service_scale:g} × service"
+        if self.service_offset:
+            rhs += f" {'−' if self.service_offset < 0 else '+'} {abs(self.service_offset):g}"
+        return f"{self.metric} {self.statistic} ≥ {rhs}"
 
 
 class CycleParams(Strict):
@@ -257,6 +318,8 @@ class Params(Strict):
         # only a run that cycles needs the target's statistic; otherwise cycles.json just says it is not reported
         if self.cycle.max_cycles > 1 and self.cycle.target.statistic not in statistics:
             raise ValueError(f"cycle.target.statistic: '{self.cycle.target.statistic}' is not reported; choose one of {', '.join(sorted(statistics))}")
+        if self.cycle.target.versus_service and not self.evaluate.service_answers:
+            raise ValueError("cycle.target: a target relative to the service LLM needs evaluate.service_answers: true")
         if self.cycle.target.judge and self.cycle.target.judge not in [j.label for j in self.judges]:
             raise ValueError(f"cycle.target.judge: '{self.cycle.target.judge}' is not a judge ({', '.join(j.label for j in self.judges)})")
         return self

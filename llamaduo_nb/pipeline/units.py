@@ -284,6 +284,11 @@ def stage_fingerprint(stage: str, params: Params, run_dir: Path | str) -> str:
         parts["prompt"] = file_fingerprint(resolve_prompt(params.evaluate.prompt))
         if params.evaluate.pairwise:
             parts["pairwise_prompt"] = file_fingerprint(resolve_prompt(params.evaluate.pairwise_prompt))
+    if stage == "evaluate":  # beside its params: the human labels' content, and the sampling the service LLM answers with
+        labels = params.evaluate.labels_file(params.coverage.source)
+        parts["human_labels"] = file_fingerprint(labels) if labels and labels.exists() else None
+        if params.evaluate.service_answers:
+            parts["service_answers"] = depends_on(params, ["infer.k", "infer.temperature", "infer.top_p", "infer.max_new_tokens"])
     if stage == "coverage":
         parts["source"] = coverage_source_fingerprint(params)
     parts["inputs"] = {up: output_content(run_dir, up) for up in UPSTREAM[stage]}

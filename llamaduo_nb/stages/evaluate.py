@@ -11,9 +11,22 @@ reference, the judge (backend, model), the judge prompt's wording and the repeat
 cache answers a judgement it has seen, so a re-run pays only for answers that changed. The stage's
 tables are rebuilt from the current grid's answers only: nothing of a dropped cell is judged or reported.
 
+The service LLM as a competitor (`evaluate.service_answers`, on by default): the service LLM answers
+every test prompt K times with the wording and sampling settings the local models get (`infer.*`),
+one cached request per answer; `evaluate/service_answers/<task>.jsonl` (with its unit record) holds
+the answers, which are judged exactly like a volume's: rows `local_model = service:<label>`, volume -1
+in the judge files and metrics.csv.
+
+Judges checked against people (`evaluate.human_labels`): each judge scores the labelled answers
+(the same judge prompt, M times, cached; an answer the run already judged costs nothing);
+`evaluate/human_labels/items.csv` (judge and human score per answer and metric),
+`evaluate/human_labels/agreement.csv` (Spearman, Kendall, MAE with bootstrap CIs per judge) and
+`evaluate/human_labels/between_judges.csv` (`methods/agreement.py`).
+
 Optional, beside the paper:
-- `evaluate.pairwise`: MT-Bench-style verdicts, tuned answer vs the base model's, both orders
-  (`methods/pairwise.py`): `evaluate/pairwise.jsonl`, `pairwise.csv` at the run folder's top;
+- `evaluate.pairwise`: MT-Bench-style verdicts, tuned answer vs the base model's and vs the service
+  LLM's, both orders (`methods/pairwise.py`): `evaluate/pairwise.jsonl`, `pairwise.csv` at the run
+  folder's top (column `baseline`);
 - `evaluate.reference_metrics`: ROUGE-L and embedding cosine vs the reference per answer, and
   their Spearman correlation with the judge (`methods/reference_metrics.py`):
   `evaluate/reference_metrics.csv`, `evaluate/correlations.csv`.
@@ -22,20 +35,24 @@ Optional, beside the paper:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
-from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import cache_for
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.client import ServiceLLM
-from llamaduo_nb.methods import pairwise, reference_metrics
-from llamaduo_nb.methods.metrics import aggregate
+from llamaduo_nb.methods import agreement, pairwise, reference_metrics
+from llamaduo_nb.methods.metrics import SERVICE_VOLUME, aggregate, answer_scores, is_service, service_name
 from llamaduo_nb.pipeline.cycle import publish
-from llamaduo_nb.pipeline.params import Params, ServiceParams
-from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_dir
+from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, Params, ServiceParams
+from llamaduo_nb.pipeline.units import SERVICE_OPERATIONAL, StageResult, StageRun, Unit, cycle_of, stage_dir
 from llamaduo_nb.prompts import load_prompt
 from llamaduo_nb.stages import coverage, infer
 
@@ -43,6 +60,13 @@ from llamaduo_nb.stages import coverage, infer
 PAIRWISE_JSONL = pairwise.PAIRWISE_JSONL
 REFERENCE_METRICS_CSV = "reference_metrics.csv"
 CORRELATIONS_CSV = "correlations.csv"
+SERVICE_ANSWERS = "service_answers"  # evaluate/service_answers/<task>.jsonl
+HUMAN_LABELS = "human_labels"  # evaluate/human_labels/{judgements.jsonl, items.csv, agreement.csv, between_judges.csv}
+
+
+def answer_id(local_model: str, volume, k, cycle=1) -> str:
+    """An answer's id, as the answer browser shows it and a human-labels file may name it."""
+    return f"{local_model}/{int(volume)}/{int(k)}" + (f"@c{int(cycle)}" if int(cycle) > 1 else "")
 
 
 def judge_file(run_dir: Path | str, judge: ServiceParams) -> Path:
@@ -90,9 +114,19 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     if params.evaluate.pairwise:
         pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
     stage.begin()
-    references = {r["prompt_id"]: r for r in coverage.load(run_dir, "test")}
-    responses = infer.load_responses(run_dir)
-    accounting, frames = {}, []
+    test = coverage.load(run_dir, "test")
+    references = {r["prompt_id"]: r for r in test}
+    labels = human_labels(params, references)  # a bad labels file fails before any call
+    local_responses = infer.load_responses(run_dir)
+    accounting, frames, outputs, counts = {}, [], [], {}
+    service_responses = pd.DataFrame()
+    if params.evaluate.service_answers:
+        service_responses, service_accounting, service_outputs, failed = answer_as_service(params, run_dir, test)
+        accounting.update(service_accounting)
+        outputs += service_outputs
+        counts.update(service_answers=len(service_responses), service_answer_errors=failed)
+    responses = pd.concat([local_responses, service_responses], ignore_index=True)
+    labelled = labelled_answers(labels, references, responses, labels_path(params), cycle_of(run_dir)) if labels else None
     for judge in params.judges:
         jobs = build_requests(params, judge, responses, references, run_dir)
         service = ServiceLLM(judge, cache_for(run_dir))
@@ -105,11 +139,18 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     cfg = params.evaluate
     metrics = aggregate(judgements, cfg.zetas, bootstrap=cfg.bootstrap, seed=params.seed)
     publish(run_dir, "metrics.csv", metrics)  # this cycle's rows, also merged into the run's metrics.csv
-    counts = {"judgements": len(judgements), "invalid": int((~judgements["valid"]).sum()), "answers": len(responses), "metric_rows": len(metrics)}
+    counts.update(judgements=len(judgements), invalid=int((~judgements["valid"]).sum()), answers=len(responses), metric_rows=len(metrics))
     _remove_stale(run_dir, cfg, params.judges)
-    outputs = [judge_file(run_dir, j).name for j in params.judges]
+    outputs += [judge_file(run_dir, j).name for j in params.judges]
+    if labelled is not None and len(labelled):
+        items, label_accounting = check_judges_against_people(params, run_dir, labelled, references)
+        accounting.update(label_accounting)
+        outputs.append(HUMAN_LABELS)
+        counts["human_labelled_items"] = int(items["item"].nunique()) if len(items) else 0
+    else:  # no labels apply to this run: an earlier check must not be reported
+        shutil.rmtree(stage_dir(run_dir, "evaluate") / HUMAN_LABELS, ignore_errors=True)
     if cfg.pairwise:
-        summary, pair_accounting = run_pairwise(params, run_dir, responses, references)
+        summary, pair_accounting = run_pairwise(params, run_dir, local_responses, references, service_answers=service_responses)
         outputs.append(PAIRWISE_JSONL)
         accounting.update(pair_accounting)
         counts.update(pairwise_verdicts=int(summary["judgements"].sum()), pairwise_errors=int(summary["errors"].sum()))
@@ -132,6 +173,174 @@ def _remove_stale(run_dir: Path | str, cfg, judges: list[ServiceParams] = ()) ->
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    folders = [] if cfg.service_answers else [stage_dir(run_dir, "evaluate") / SERVICE_ANSWERS]
+    folders += [] if cfg.human_labels else [stage_dir(run_dir, "evaluate") / HUMAN_LABELS]
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- the service LLM as a competitor ---------------------------------------------------------------------
+def service_answers_file(run_dir: Path | str, task: str) -> Path:
+    return stage_dir(run_dir, "evaluate") / SERVICE_ANSWERS / f"{task}.jsonl"
+
+
+def service_answer_requests(params: Params, prompts: list[dict]) -> list[tuple[dict, ChatRequest]]:
+    """K requests per test prompt, the user message exactly as the local models get it (infer's wording),
+    infer's sampling; `repeat` = k keeps the K answers apart in the cache."""
+    cfg = params.infer
+    jobs = []
+    for prompt in prompts:
+        messages = infer._conversations([prompt])[0]
+        for k in range(cfg.k):
+            req = ChatRequest(messages=messages, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, repeat=k)
+            jobs.append(({"prompt_id": prompt["prompt_id"], "k": k}, req))
+    return jobs
+
+
+def service_answers_unit(params: Params, run_dir: Path | str, task: str, prompts: list[dict]) -> Unit:
+    service = {k: v for k, v in params.service.model_dump(mode="json").items() if k not in SERVICE_OPERATIONAL}
+    made_from = {"service": service, "infer": {k: getattr(params.infer, k) for k in ("k", "temperature", "top_p", "max_new_tokens")},
+                 "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts])}
+    return Unit.file(service_answers_file(run_dir, task), made_from)
+
+
+def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> tuple[pd.DataFrame, dict, list[str], int]:
+    """The service LLM answers every test prompt of every task K times; one answer file per task.
+
+    Returns (the answers it gave, as infer's rows with local_model `service:<label>` and volume -1;
+    accounting; the files, relative to evaluate/; answers that failed, left out of judging)."""
+    name = service_name(params.service.label)
+    frames, outputs, failed, service = [], [], 0, None
+    accounting = {}
+    for task in params.tasks:
+        prompts = [p for p in test if p["task"] == task]
+        unit = service_answers_unit(params, run_dir, task, prompts)
+        if not unit.current():
+            unit.discard()
+            service = service or ServiceLLM(params.service, cache_for(run_dir))
+            jobs = service_answer_requests(params, prompts)
+            results = service.run([req for _, req in jobs], desc=f"service answers {task} ×{params.infer.k}")
+            rows = [dict(meta, task=task, local_model=name, volume=SERVICE_VOLUME, response=res.text if res.ok else None,
+                         output_tokens=res.output_tokens, input_tokens=res.input_tokens, error=res.error)
+                    for (meta, _), res in zip(jobs, results)]
+            write_jsonl(unit.outputs[0], rows)
+            if all(r["response"] is not None for r in rows):  # a failed answer is asked again next time (the rest are cached)
+                unit.commit(task=task, service=params.service.label, answers=len(rows))
+        rows = read_jsonl(unit.outputs[0])
+        answered = [r for r in rows if r.get("response") is not None]
+        failed += len(rows) - len(answered)
+        frames.append(pd.DataFrame(answered))
+        outputs.append(str(unit.outputs[0].relative_to(stage_dir(run_dir, "evaluate"))))
+    if service is not None:
+        accounting[f"{params.service.label} (answers)"] = service.accounting.as_dict()
+    present = set((stage_dir(run_dir, "evaluate") / SERVICE_ANSWERS).glob("*.jsonl"))
+    for stale in present - {service_answers_file(run_dir, t) for t in params.tasks}:
+        stale.unlink()  # a task no longer in the params; its answers stay in the response cache
+        with contextlib.suppress(FileNotFoundError):
+            stale.with_name(stale.name + ".unit.json").unlink()
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return frame, accounting, outputs, failed
+
+
+def load_service_answers(run_dir: Path | str) -> pd.DataFrame:
+    """The service LLM's answers to the test prompts (empty when it did not answer them)."""
+    folder = stage_dir(run_dir, "evaluate") / SERVICE_ANSWERS
+    rows = [r for path in sorted(folder.glob("*.jsonl")) for r in read_jsonl(path) if r.get("response") is not None]
+    return pd.DataFrame(rows)
+
+
+# -- judges checked against people ---------------------------------------------------------------------------
+def labels_path(params: Params) -> Optional[Path]:
+    """The human-labels file in force: the given file, the bundled labels (bundled coverage only), or None."""
+    return params.evaluate.labels_file(params.coverage.source)
+
+
+def human_labels(params: Params, references: dict) -> Optional[list[dict]]:
+    """The labels of this run's test prompts (None when there are none). A label of a prompt that is not a test
+    prompt of this run is an error in a file of your own; the bundled file covers more prompts than a run may use."""
+    path = labels_path(params)
+    if path is None:
+        return None
+    try:
+        rows = agreement.read_human_labels(path)
+    except ValueError as exc:
+        raise UserError(f"evaluate.human_labels: {exc}") from None
+    bundled = path == BUNDLED_HUMAN_LABELS
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        if row["prompt_id"] not in references:
+            if bundled:
+                continue
+            raise UserError(f"{path}: label {number}: prompt_id: '{row['prompt_id']}' is not a test prompt of this run")
+        kept.append(dict(row, label=number))
+    return kept or None
+
+
+def _item(prompt_id: str, answer: str) -> str:
+    return f"{prompt_id}:{hashlib.sha256(answer.encode()).hexdigest()[:10]}"
+
+
+def labelled_answers(labels: list[dict], references: dict, responses: pd.DataFrame, path: Path | str = "human labels",
+                     cycle: int = 1) -> pd.DataFrame:
+    """One row per label and metric: item (prompt and answer text), task, answer, metric, human score, rater.
+    An `answer_id` is looked up among this cycle's answers (local models' and the service LLM's); an id of
+    another cycle's answer (`…@c<t>`) is left to that cycle's evaluation."""
+    by_id = {(r.prompt_id, answer_id(r.local_model, r.volume, r.k, cycle)): r.response for r in responses.itertuples()}
+    rows = []
+    for label in labels:
+        answer = label.get("answer")
+        if not isinstance(answer, str):
+            answer = by_id.get((label["prompt_id"], label["answer_id"]))
+            other_cycle = re.search(r"@c(\d+)$", label["answer_id"])
+            if answer is None and int(other_cycle[1] if other_cycle else 1) != cycle:
+                continue
+            if answer is None:
+                raise UserError(f"{path}: label {label['label']}: answer_id: '{label['answer_id']}' is not an answer to "
+                                f"prompt {label['prompt_id'][:12]}… in this run (ids as the answer browser shows them)")
+        for metric in agreement.LABEL_METRICS:
+            if label.get(metric) is not None:
+                rows.append({"item": _item(label["prompt_id"], answer), "prompt_id": label["prompt_id"],
+                             "task": references[label["prompt_id"]]["task"], "answer": answer, "metric": metric,
+                             "human_score": float(label[metric]), "rater": label.get("rater")})
+    return pd.DataFrame(rows)
+
+
+def check_judges_against_people(params: Params, run_dir: Path | str, labelled: pd.DataFrame, references: dict,
+                                make_service=None) -> tuple[pd.DataFrame, dict]:
+    """Every judge scores each labelled answer (`labelled_answers`; M times, cached); writes evaluate/human_labels/.
+    Returns (items, accounting)."""
+    make_service = make_service or (lambda judge: ServiceLLM(judge, cache_for(run_dir)))
+    answers = labelled.drop_duplicates("item").reset_index(drop=True)
+    to_judge = pd.DataFrame({"task": answers["task"], "local_model": "human-labelled", "volume": 0, "prompt_id": answers["prompt_id"],
+                             "k": answers.index, "response": answers["answer"]})
+    folder = stage_dir(run_dir, "evaluate") / HUMAN_LABELS
+    accounting, judged = {}, []
+    for judge in params.judges:
+        jobs = build_requests(params, judge, to_judge, references, run_dir)
+        service = make_service(judge)
+        results = service.run([req for _, req in jobs], desc=f"judge the human-labelled answers ×{params.evaluate.m}")
+        judged += [dict(judgement_row(meta, res), item=answers["item"].iloc[meta["k"]]) for (meta, _), res in zip(jobs, results)]
+        accounting[f"{judge.label} (human labels)"] = service.accounting.as_dict()
+    write_jsonl(folder / "judgements.jsonl", judged)
+    judge_scores = answer_scores(pd.DataFrame(judged)).assign(item=lambda f: answers["item"].to_numpy()[f["k"].to_numpy(dtype=int)])
+    human = labelled.groupby(["item", "prompt_id", "task", "metric"], as_index=False).agg(human_score=("human_score", "mean"),
+                                                                                         raters=("human_score", "size"))
+    items = human.merge(judge_scores.rename(columns={"score": "judge_score"})[["judge", "metric", "item", "judge_score"]],
+                        on=["item", "metric"], how="inner")
+    items = items[["judge", "metric", "task", "prompt_id", "item", "human_score", "raters", "judge_score"]]
+    write_csv(folder / "items.csv", items)
+    cfg = params.evaluate
+    write_csv(folder / "agreement.csv", agreement.agreement_with_humans(items, cfg.bootstrap, params.seed))
+    write_csv(folder / "between_judges.csv",
+              agreement.agreement_between_judges(items.rename(columns={"judge_score": "score"}), cfg.bootstrap, params.seed))
+    return items, accounting
+
+
+def load_human_check(run_dir: Path | str) -> dict:
+    """{"items", "agreement", "between_judges"} of evaluate/human_labels/ (empty frames when the run has no labels)."""
+    folder = stage_dir(run_dir, "evaluate") / HUMAN_LABELS
+    return {name: pd.read_csv(folder / f"{name}.csv") if (folder / f"{name}.csv").exists() else pd.DataFrame()
+            for name in ("items", "agreement", "between_judges")}
 
 
 def load_judgements(run_dir: Path | str) -> pd.DataFrame:
@@ -152,16 +361,21 @@ def pairwise_summary_file(run_dir: Path | str) -> Path:
 
 
 def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, references: dict,
-                 make_service=None) -> tuple[pd.DataFrame, dict]:
-    """Every judge's pairwise verdicts; writes evaluate/pairwise.jsonl and pairwise.csv. Returns (summary, accounting).
+                 make_service=None, service_answers: Optional[pd.DataFrame] = None) -> tuple[pd.DataFrame, dict]:
+    """Every judge's pairwise verdicts, each tuned volume against the base model and (given `service_answers`)
+    against the service LLM; writes evaluate/pairwise.jsonl and pairwise.csv. Returns (summary, accounting).
 
     `make_service(judge)` gives a judge's ServiceLLM (default: one on the run's response cache)."""
     pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
     make_service = make_service or (lambda judge: ServiceLLM(judge, cache_for(run_dir)))
+    local = responses[~is_service(responses["local_model"]).to_numpy()] if len(responses) else responses
     rows, accounting = [], {}
     for judge in params.judges:
         service = make_service(judge)
-        rows += pairwise.judge_pairs(params, judge, responses, references, service)
+        rows += pairwise.judge_pairs(params, judge, local, references, service)
+        if service_answers is not None and len(service_answers):
+            rows += pairwise.judge_pairs(params, judge, local, references, service, baseline=service_answers,
+                                         baseline_name=service_name(params.service.label), baseline_volume=SERVICE_VOLUME)
         accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
     for row in rows:
         row["cycle"] = cycle_of(run_dir)
@@ -172,9 +386,12 @@ def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, r
 
 
 def load_pairwise(run_dir: Path | str) -> pd.DataFrame:
-    """pairwise.csv, or an empty frame when the run did no pairwise comparison."""
+    """pairwise.csv, or an empty frame when the run did no pairwise comparison (`baseline`: base or service:<label>)."""
     path = pairwise_summary_file(run_dir)
-    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=pairwise.SUMMARY_COLUMNS)
+    if not path.exists():
+        return pd.DataFrame(columns=pairwise.SUMMARY_COLUMNS)
+    frame = pd.read_csv(path)
+    return frame if "baseline" in frame.columns else frame.assign(baseline=pairwise.BASE)
 
 
 def load_verdicts(run_dir: Path | str) -> pd.DataFrame:

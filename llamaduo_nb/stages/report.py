@@ -1,9 +1,10 @@
 """Stage 7 · report: the paper's figures, the metrics table, report.html.
 
-Reads: `metrics.csv` (at the run folder's top, every cycle), each cycle's `deduplicate/funnel.csv`,
-`finetune/` training logs and `manifest.json`, and `cycles.json` when the run cycled. Writes
-`report/*.png` and `report/*.svg` (the figures of `figures.py`), `report/metrics_table.csv`,
-DONE.json; the runner exports the executed notebook as `report.html`.
+Reads: `metrics.csv` (at the run folder's top, every cycle), each cycle's judgements, `deduplicate/funnel.csv`,
+`finetune/` training logs and `manifest.json`, `evaluate/human_labels/`, and `cycles.json` when the run
+cycled. Writes `report/*.png` and `report/*.svg` (the figures of `figures.py`), `report/metrics_table.csv`,
+`report/service_comparison.csv` (every volume against the service LLM's own answers, paired over
+prompts: `methods/comparison.py`), DONE.json; the runner exports the executed notebook as `report.html`.
 
 One unit: the figure set, made from the content of every cycle's evaluation, `cycles.json`, the
 zetas and the cycle target. Everything it shows comes from the current grid (the earlier stages
@@ -17,14 +18,17 @@ answered again in every cycle; the figures and the table show it once (its first
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, loss_curves, score_across_cycles,
-                                 score_vs_volume)
+from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
+                                 score_across_cycles, score_vs_volume)
 from llamaduo_nb.io import read_json, save_figure, write_csv, write_text
+from llamaduo_nb.methods import comparison
+from llamaduo_nb.methods.metrics import answer_scores, is_service
 from llamaduo_nb.pipeline import cycle as _cycle
 from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.pipeline.params import Params
@@ -44,6 +48,45 @@ def load_metrics(run_dir: Path | str) -> pd.DataFrame:
     """metrics.csv of the run (the top folder's, which holds every cycle), with a `cycle` column."""
     return with_cycle(evaluate.load_metrics(root_of(run_dir)))
 
+
+
+def load_answer_scores(run_dir: Path | str) -> pd.DataFrame:
+    """Every answer's score (mean of its M judgements) of every cycle: `metrics.answer_scores` of all judge files."""
+    frames = [evaluate.load_judgements(folder).assign(cycle=cycle) for cycle, folder in cycle_folders(run_dir)]
+    frames = [f for f in frames if len(f)]
+    return answer_scores(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame(
+        columns=["cycle", "task", "local_model", "judge", "volume", "prompt_id", "k", "score", "judge_std", "judgements", "metric"])
+
+
+def comparison_settings(params: Params) -> dict:
+    """The metric, statistic, judge and (for a relative target) scale and offset the service comparison uses:
+    the cycle target's (the mean where its statistic is not one a prompt has)."""
+    target = params.cycle.target
+    statistic = target.statistic if target.statistic in ("mean", "median") or target.statistic.startswith("coverage_") else "mean"
+    return {"metric": target.metric, "statistic": statistic, "judge": target.judge or params.judges[0].label,
+            "scale": target.service_scale if target.versus_service else 1.0,
+            "offset": target.service_offset if target.versus_service else 0.0}
+
+
+def service_comparison(params: Params, run_dir: Path | str) -> pd.DataFrame:
+    """Every (task, local model, cycle, volume) against the service LLM (`methods/comparison.py`); empty without its answers."""
+    scores = load_answer_scores(run_dir)
+    if scores.empty or not is_service(scores["local_model"]).any():
+        return pd.DataFrame(columns=comparison.COLUMNS)
+    return comparison.compare_with_service(scores, **comparison_settings(params))
+
+
+def load_service_comparison(run_dir: Path | str) -> pd.DataFrame:
+    path = stage_dir(run_dir, "report") / "service_comparison.csv"
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=comparison.COLUMNS)
+
+
+def headline(params: Params, run_dir: Path | str) -> list[str]:
+    """The report's first lines: per task (and local model), the smallest volume not worse than the service LLM."""
+    table = load_service_comparison(run_dir)
+    if table.empty:
+        return ["The service LLM did not answer the test prompts in this run (evaluate.service_answers), so no volume is compared with it."]
+    return comparison.headline(comparison.smallest_not_worse(table), params.service.label)
 
 
 def load_cycles(run_dir: Path | str) -> dict | None:
@@ -134,18 +177,25 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     logs = load_train_logs(run_dir)
     if not logs.empty:
         written += save_figure(loss_curves(logs), out / "training_loss")
+    human = evaluate.load_human_check(root_of(run_dir))
+    if not human["items"].empty:
+        written += save_figure(judge_vs_human(human["items"], human["agreement"]), out / "judge_vs_human")
     plt.close("all")
     write_csv(out / "metrics_table.csv", metrics_table(metrics, zetas))
+    compared = service_comparison(params, run_dir)
+    write_csv(out / "service_comparison.csv", compared)
     for old in set(out.glob("*.png")) | set(out.glob("*.svg")):
         if old not in written:  # a figure this run no longer draws (e.g. no funnel) must not linger beside the new ones
             old.unlink()
-    outputs = ["metrics_table.csv"] + [p.name for p in written]
-    return stage.finish({"figures": len(written) // 2}, outputs=outputs)
+    outputs = ["metrics_table.csv", "service_comparison.csv"] + [p.name for p in written]
+    found = comparison.smallest_not_worse(compared) if len(compared) else compared
+    return stage.finish({"figures": len(written) // 2, "not_worse_than_service": int(found["found"].sum()) if len(found) else 0},
+                        outputs=outputs)
 
 
 def metrics_table(metrics: pd.DataFrame, zetas=(50, 70)) -> pd.DataFrame:
     """The paper's table: one row per (cycle, task, model, judge, volume), similarity and precision side
-    by side (the base model once, in its first cycle)."""
+    by side (the base model and the service LLM once, in their first cycle; the service LLM's volume is -1)."""
     cols = ["mean", "median"] + [f"coverage_{z}" for z in zetas]
     index = ["cycle", "task", "local_model", "judge", "volume"]
     wide = base_once(metrics).pivot_table(index=index, columns="metric", values=cols)
@@ -159,7 +209,11 @@ def compare_runs(run_dirs: list[Path | str], out_dir: Path | str) -> list[Path]:
     frames = []
     for run_dir in run_dirs:
         metrics = load_metrics(run_dir)
-        frames.append(metrics.assign(local_model=Path(run_dir).name + ": " + metrics["local_model"].astype(str)))
+        names = metrics["local_model"].astype(str)
+        service = is_service(names).to_numpy()  # the service LLM stays recognisable: service:<run>: <label>
+        renamed = names.where(service, Path(run_dir).name + ": " + names)
+        renamed = renamed.where(~service, "service:" + Path(run_dir).name + ": " + names.str.split(":", n=1).str[1])
+        frames.append(metrics.assign(local_model=renamed))
     merged = pd.concat(frames, ignore_index=True)
     out_dir = Path(out_dir)
     written = []
@@ -170,12 +224,30 @@ def compare_runs(run_dirs: list[Path | str], out_dir: Path | str) -> list[Path]:
     return written
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def static_notebook(notebook):
+    """The notebook with every widget view replaced by its static form (`text/html` the explorers carry, else
+    their one-line text) and no saved widget state, so a page made from it needs no widget manager."""
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET_VIEW in output.get("data", {}):
+                output["data"].pop(WIDGET_VIEW)
+    notebook.metadata.pop("widgets", None)
+    return notebook
+
+
 def export_html(notebook: Path, target: Path) -> Path:
-    """The executed report notebook as one standalone HTML file (figures embedded), written atomically."""
+    """The executed report notebook as one standalone HTML file, written atomically: figures embedded, every
+    widget shown by its static form, no script fetched from the network (it reads offline, from file://)."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
-        nbformat.read(notebook, as_version=4)
-    )
+    exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.require_js_url = ""  # nothing on the page needs a script loader or MathJax from a CDN
+    exporter.mathjax_url = ""
+    exporter.widget_renderer_url = ""
+    body, _ = exporter.from_notebook_node(static_notebook(nbformat.read(notebook, as_version=4)))
+    body = re.sub(r"<script src=\"\">\s*</script>", "", body)  # the emptied loaders' tags
     return write_text(target, body)
