@@ -124,8 +124,13 @@ def test_pipeline_with_the_server_as_service_llm(server, tmp_path):
     assert judgements and valid >= 0.9 * len(judgements), [j["error"] for j in judgements if not j["valid"]]
 
     sent = sum(server.chat_requests().values()) - before
-    logical = len(calls) + len(judgements)
+    # calls: every request a stage made of the service LLM (synthesis, its own answers, judgements, …)
+    accounts = [acc for stage in ("synthesize", "evaluate")
+                for acc in json.loads((run_dir / stage / "DONE.json").read_text())["llm"].values()]
+    logical = sum(acc["requests"] for acc in accounts)
+    assert logical >= len(calls) + len(judgements)
     assert sent <= 1.5 * logical, (sent, logical)
+    assert sent == sum(acc["api_calls"] for acc in accounts)  # the server saw what the accounting says
     synth_done = json.loads((run_dir / "synthesize" / "DONE.json").read_text())
     assert synth_done["llm"][label]["json_mode"] == "json_object+schema"
     print(f"requests sent {sent} for {logical} calls; judgements valid {valid}/{len(judgements)}")
