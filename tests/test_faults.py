@@ -211,7 +211,7 @@ def test_kill9_while_judging_then_resume(seed, how, base, emu, tmp_path):
     lost, doubled = expected - set(keys), [k for k, n in keys.items() if n > 1]
     assert (len(lost), len(doubled), len(rows)) == (0, 0, base.needed) and all(r["valid"] for r in rows)
     paid = len(emu.stats.successes())
-    acc = done(run_dir, "judgements")["llm"][LABEL]
+    acc = done(run_dir, "evaluate")["llm"][LABEL]
     assert acc["cache_hits"] == paid_before and acc["api_calls"] == base.needed - paid_before
     assert paid == base.needed, f"{paid - base.needed} judge request(s) paid twice"
     assert emu.stats.total == paid + emu.stats.undelivered  # nothing but the killed run's unfinished requests
@@ -255,7 +255,7 @@ def test_kill9_while_training_then_resume(seed, how, base, emu, tmp_path):
     assert unit["resumed"] and unit["steps"] == 4 and not (run_dir / UNIT / "checkpoints").exists()
     adapters = sorted(str(p.parent.relative_to(run_dir)) for p in (run_dir / "finetune").rglob("adapter_config.json"))
     assert adapters == [UNIT]
-    assert done(run_dir, "models")["counts"]["adapters"] == 1
+    assert done(run_dir, "finetune")["counts"]["adapters"] == 1
     log = (run_dir / UNIT / "train_log.csv").read_text().splitlines()
     steps = [int(line.split(",")[0]) for line in log[1:]]
     resumed_from = max(int(p.split("-")[1]) for p in complete)
@@ -292,7 +292,7 @@ def test_fault_storms_while_judging_every_judgement_accounted_for(base, emu, tmp
     rows = read_jsonl(run_dir / JUDGEMENTS)
     keys = Counter((r["volume"], r["prompt_id"], r["k"], r["m"]) for r in rows)
     assert len(keys) == len(rows) == base.needed and all(r["valid"] for r in rows)
-    acc = done(run_dir, "judgements")["llm"][LABEL]
+    acc = done(run_dir, "evaluate")["llm"][LABEL]
     faults = emu.stats.by_fault
     assert faults["429"] == 10 and sum(faults[s] for s in ("500", "502", "503")) == 6
     assert all(faults[k] == 2 for k in ("slow", "drop", "malformed", "truncated", "empty")), faults
@@ -316,7 +316,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
-EARLIER = ["coverage", "synth", "dedup", "models", "responses"]
+EARLIER = ["coverage", "synthesize", "deduplicate", "finetune", "infer"]
 
 
 @pytest.mark.parametrize("limit, what", [(None, "notebook"), (40_000, "outputs")])
@@ -347,7 +347,7 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     rows = read_jsonl(run_dir / JUDGEMENTS)
     assert len({(r["volume"], r["prompt_id"], r["m"]) for r in rows}) == len(rows) == base.needed
     repeated = len(emu.stats.successes()) - base.needed
-    acc = done(run_dir, "judgements")["llm"][LABEL]
+    acc = done(run_dir, "evaluate")["llm"][LABEL]
     # answers that reached the cache before the disk filled are not paid again; one whose cache write failed may be
     assert 0 <= repeated <= 4 and acc["cache_hits"] >= paid - 4
     print(f"limit {limit} B ({what}): {line}\n  paid before {paid}; repeated after {repeated}; lost 0")
@@ -373,14 +373,14 @@ def read_only(*folders: Path):
                 folder.chmod(0o755)
 
 
-@pytest.mark.parametrize("which", ["run folder", "judgements folder", "notebooks folder"])
+@pytest.mark.parametrize("which", ["run folder", "evaluate folder", "notebooks folder"])
 def test_read_only_run_folder(which, base, emu, tmp_path):
     run_dir = copy_run(base.after_infer, tmp_path)
     emu.stats.reset()
     emu.latency = 0.0
-    if which == "judgements folder":
+    if which == "evaluate folder":
         (run_dir / "evaluate").mkdir()
-    folder = {"run folder": run_dir, "judgements folder": run_dir / "evaluate", "notebooks folder": run_dir / "notebooks"}[which]
+    folder = {"run folder": run_dir, "evaluate folder": run_dir / "evaluate", "notebooks folder": run_dir / "notebooks"}[which]
     before = fingerprints(run_dir, EARLIER + ["notebooks"])
     with read_only(folder):
         proc = llamaduo("run", str(base.params), "--run-dir", str(run_dir), "--stages", "evaluate")
@@ -393,7 +393,7 @@ def test_read_only_run_folder(which, base, emu, tmp_path):
         else:
             assert line.startswith("error: stage evaluate could not write its outputs (") and line.endswith(
                 "earlier stages are intact"), line
-            assert ("judgements" if which == "judgements folder" else "06_evaluate") in line, line
+            assert ("evaluate" if which == "evaluate folder" else "06_evaluate") in line, line
         assert unchanged(before, fingerprints(run_dir, EARLIER + ["notebooks"]))
         assert not (run_dir / "evaluate" / "DONE.json").exists() and no_temporaries(run_dir) == []
     paid = len(emu.stats.successes())

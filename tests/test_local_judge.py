@@ -26,8 +26,8 @@ def test_reference_beats_unrelated_answer_on_bundled_test_prompts(judge):
         instruction, reference = row["messages"][0]["content"], row["messages"][1]["content"]
         # an answer to a prompt of another task: fluent, but unrelated
         unrelated = picked[(i + 3) % len(picked)]["messages"][1]["content"]
-        good = judge.judge_scores(instruction, reference, reference)
-        bad = judge.judge_scores(instruction, reference, unrelated)
+        good = judge.judge.judge_scores(instruction, reference, reference)
+        bad = judge.judge.judge_scores(instruction, reference, unrelated)
         for metric in wins:
             wins[metric] += good[metric] > bad[metric]
     assert wins["similarity"] >= 10, wins  # "most": at least 10 of 12
@@ -37,9 +37,9 @@ def test_reference_beats_unrelated_answer_on_bundled_test_prompts(judge):
 def test_partial_answer_lands_between(judge):
     instruction = "Based on the passage, what year was the bridge opened? Passage: The Elm Street bridge, designed by Mara Voss, opened to traffic in 1932 after four years of construction."
     reference = "The bridge opened in 1932."
-    close = judge.judge_scores(instruction, reference, "It opened in 1932.")
-    off = judge.judge_scores(instruction, reference, "Bananas are rich in potassium and grow in tropical climates.")
-    empty = judge.judge_scores(instruction, reference, "")
+    close = judge.judge.judge_scores(instruction, reference, "It opened in 1932.")
+    off = judge.judge.judge_scores(instruction, reference, "Bananas are rich in potassium and grow in tropical climates.")
+    empty = judge.judge.judge_scores(instruction, reference, "")
     assert close["similarity"] > off["similarity"]
     assert close["precision"] > off["precision"]
     assert empty["similarity"] == empty["precision"] == 0
@@ -55,7 +55,7 @@ def test_json_contract_via_service_layer(judge, tmp_path):
     svc = ServiceLLM(judge.config, ResponseCache(tmp_path / "c.sqlite"), backend=judge)
     ins, ref, ans = "Say hi.", "Hi!", "Hello!"
     reqs = [ChatRequest(messages=prompt.messages(instruction=ins, reference=ref, answer=ans), json_schema=prompt.schema,
-                        repeat=m, judge_inputs=(ins, ref, ans)) for m in range(3)]
+                        repeat=m, fields=(("instruction", ins), ("reference", ref), ("answer", ans))) for m in range(3)]
     results = svc.run(reqs, progress=False)
     assert all(r.ok for r in results)
     for r in results:
