@@ -60,8 +60,6 @@ def test_doctor_one_line_per_problem(emulator_factory, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the runner maps only the exception named UserError to exit 2 (pipeline/runner.py _execute); "
-                          "ServiceStopped, its subclass, comes back as exit 1 until it maps subclasses too", strict=False)
 def test_wrong_key_stops_synthesis_with_one_line_and_exit_2(emulator_factory, tmp_path):
     emu = emulator_factory("openai", api_key=KEY)
     params = _params(tmp_path, emu.url)

@@ -215,7 +215,7 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
     except pm.PapermillExecutionError as exc:
         if running.exists():
             os.replace(running, failed)  # kept for debugging, under a name the skip logic never trusts
-        if exc.ename == "UserError":
+        if exc.ename in user_error_names():  # bad input, or a provider that can only fail (ServiceStopped): exit 2
             raise UserError(f"stage {stage}: {exc.evalue}") from None
         if exc.ename in ("PermissionError", "OSError", "FileNotFoundError") or any(m in str(exc.evalue) for m in WRITE_FAILURES):
             raise UserError(f"stage {stage} could not write its outputs ({exc.ename}: {exc.evalue}); earlier stages are intact") from None
@@ -227,6 +227,16 @@ def _execute(stage: str, params_file: Path, run_dir: Path, executed: Path, force
             raise
         raise UserError(f"stage {stage} could not write its outputs ({exc.filename or running}: {exc.strerror}); earlier stages are intact") from None
     os.replace(running, executed)
+
+
+def user_error_names() -> set[str]:
+    """Names of UserError and its subclasses: a kernel reports an exception by its class name only."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 # A stage that fails with one of these could not write: the folder is read-only or the disk is full.

@@ -62,9 +62,9 @@ DEPENDS_ON = {
 }
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
 # cached by content, so a local service's batch_size (which prompts are generated together) changes
-# nothing either. Only these exact fields (a service's or a judge's) count as operational.
+# nothing either, and a cost cap only decides how far a run gets. Only these exact fields (a service's or a judge's) count as operational.
 SERVICE_OPERATIONAL = {"batch_api", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries",
-                       "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env"}
+                       "batch_size", "price_input_per_mtok", "price_output_per_mtok", "api_key_env", "max_cost_usd"}
 PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "datasketch", "rouge-score", "papermill", "openai",
             "anthropic", "google-genai", "pydantic", "sentence-transformers"]
 LAYOUT = 2  # run-folder layout; a folder of another layout is refused (see check_layout)
