@@ -389,3 +389,20 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     assert len(judgements) == len(responses) * 1 and "service:local:smollm2-135m-instruct" in set(responses["local_model"])
     page = widgets.static_answers(run_dir)
     assert "service LLM local:smollm2-135m-instruct: its answer (same k)" in page and "id smol/4/0" in page
+
+    # notebook 07 on this run, exported as report.html: every section present, readable offline
+    import papermill as pm
+
+    from llamaduo_nb.io import write_yaml
+    from llamaduo_nb.pipeline.runner import NOTEBOOK_DIR
+
+    write_yaml(run_dir / "params.yaml", params.dump())
+    executed = tmp_path / "07_report.ipynb"
+    pm.execute_notebook(str(NOTEBOOK_DIR / "07_report.ipynb"), str(executed), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+                        parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir)}, progress_bar=False)
+    page = report.export_html(executed, run_dir / "report.html").read_text()
+    assert_reads_offline(page)
+    assert "Is the local model as good as the service LLM?" in page and "closed_qa · smol:" in page
+    assert "the project&#39;s own" in page or "the project's own" in page  # the bundled labels say whose they are
+    assert page.count("llamaduo-static") == 2  # the ζ slider's and the answer browser's static forms
+    assert "coverage@50 of precision" in page and "its answer (same k)" in page
