@@ -60,7 +60,7 @@ finetune:
   per_device_train_batch_size: 1
   gradient_accumulation_steps: 1
 infer: {{k: 1, max_new_tokens: 8, batch_size: 2}}
-evaluate: {{m: 12, bootstrap: 0, reference_metrics: false}}
+evaluate: {{m: 12, bootstrap: 0, reference_metrics: false, service_answers: false, human_labels: null}}  # the judging path alone
 """
 LABEL = "openai:openai-emu-model"
 JUDGEMENTS = "evaluate/openai_openai-emu-model.jsonl"

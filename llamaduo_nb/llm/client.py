@@ -312,7 +312,11 @@ class ServiceLLM:
                 self._outcome(False, f"{exc.status} {exc.provider_message}" if exc.status else exc.provider_message)
             raise _Failed(f"refused: {describe_error(exc)}") from None
         self._outcome(True)
-        self.cache.put(key, cfg.backend, cfg.model, completion)
+        try:
+            self.cache.put(key, cfg.backend, cfg.model, completion)
+        except Exception as exc:  # a full disk or a read-only cache: any further answer would be paid and lost
+            self.stopped = self.stopped or f"the run's response cache could not be written ({exc})"
+            raise
         acc = self.accounting
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
