@@ -189,10 +189,11 @@ def test_paper_grid_from_one_file():
     text = describe(load_family(PROJECT_ROOT / "params" / "paper.yaml", ["coverage.max_test_prompts=100"]))
     assert "tasks (4)" in text and "local models (4)" in text and "volumes (9): 1k, 2k, 4k" in text and "judges (3)" in text
     assert "= 144 adapters to train; 480 (service LLM, task, model, volume, judge) cells" in text
-    # 4 tasks × 4 models × 10 volumes (with the base) × 100 prompts × K=4 × M=10
-    assert "640,000 calls per judge" in text
-    # 282,356 synthesis + 3 judges × (640,000 + 115,200 pairwise: 4 tasks × 4 models × 9 volumes × 100 prompts × K=4 × 2 orders)
-    assert "total: 2,547,956 calls in the first cycle" in text
+    # (4 tasks × 4 models × 10 volumes (with the base) + 4 tasks of the service LLM's own) × 100 prompts × K=4 × M=10
+    assert "656,000 calls per judge" in text and "answers the test prompts: 1,600 calls" in text
+    # 282,356 synthesis + 1,600 service answers + 3 judges × (656,000 + 230,400 pairwise: 4 tasks × 4 models × 9 volumes
+    # × 100 prompts × K=4 × 2 orders × 2 baselines, the base model and the service LLM)
+    assert "total: 2,943,156 calls in the first cycle" in text
 
 
 def test_service_list_expands_into_a_family(tmp_path):

@@ -15,8 +15,8 @@ def test_paper_grid_and_call_counts():
     assert "tasks (4)" in text and "local models (4)" in text and "volumes (9)" in text and "144 adapters" in text
     # 300k valid pairs per task, 5 per call, 15 % expected loss: ceil(300000 / 4.25) = 70,589 calls per task
     assert "synthesize: 282,356 calls" in text
-    # 4 tasks × 4 models × 10 volumes (with the base) × 100 prompts × K=4 × M=10
-    assert "640,000 calls per judge" in text
+    # (4 tasks × 4 models × 10 volumes (with the base) + 4 tasks of the service LLM's own answers) × 100 prompts × K=4 × M=10
+    assert "656,000 calls per judge" in text
 
 
 def test_dry_run_writes_nothing(tmp_path):

@@ -66,19 +66,27 @@ def describe(family: Params | list[Params]) -> str:
         total_calls += calls
         total_cost += cost
     if n_test is None:
-        per_prompt = len(tasks) * len(models) * (len(volumes) + 1) * inf.k * ev.m
+        per_prompt = len(tasks) * (len(models) * (len(volumes) + 1) + (1 if ev.service_answers else 0)) * inf.k * ev.m
         lines.append(f"  evaluate: {per_prompt:,} calls per judge for each test prompt per task (the Hub test split's size is "
                      f"known once loaded; set coverage.max_test_prompts for a total)")
         for judge in judges:
             cost = _cost(judge, per_prompt * JUDGE_INPUT_TOKENS, per_prompt * JUDGE_OUTPUT_TOKENS)
             lines.append(f"    judge {judge.label}: ${cost:,.2f} per test prompt per task")
     else:
-        answers = len(tasks) * len(models) * (len(volumes) + 1) * n_test * inf.k
+        own = len(tasks) * n_test * inf.k if ev.service_answers else 0  # the service LLM answers too, judged like a volume
+        answers = len(tasks) * len(models) * (len(volumes) + 1) * n_test * inf.k + own
         judge_calls = answers * ev.m
-        lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}) × M={ev.m} = {judge_calls:,} calls per judge"
+        lines.append(f"  evaluate: {answers:,} answers ({n_test} test prompts/task × K={inf.k}"
+                     + (f", {own:,} of them the service LLM's own" if own else "") + f") × M={ev.m} = {judge_calls:,} calls per judge"
                      + (", per service LLM's run" if len(family) > 1 else ""))
-        pair_calls = 2 * len(tasks) * len(models) * len(volumes) * n_test * inf.k if ev.pairwise else 0  # both orders
+        baselines = 2 if ev.service_answers else 1  # each tuned answer against the base model's and the service LLM's
+        pair_calls = 2 * baselines * len(tasks) * len(models) * len(volumes) * n_test * inf.k if ev.pairwise else 0  # both orders
         for p in family:
+            if own:
+                cost = _cost(p.service, own * SYNTH_INPUT_TOKENS, own * inf.max_new_tokens)
+                lines.append(f"    service {p.service.label} answers the test prompts: {own:,} calls (${cost:,.2f} at most)")
+                total_calls += own
+                total_cost += cost
             for judge in p.judges:
                 cost = _cost(judge, judge_calls * JUDGE_INPUT_TOKENS, judge_calls * JUDGE_OUTPUT_TOKENS)
                 pair_cost = _cost(judge, pair_calls * JUDGE_INPUT_TOKENS, pair_calls * JUDGE_OUTPUT_TOKENS)
