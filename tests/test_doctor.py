@@ -74,3 +74,20 @@ def test_wrong_key_stops_synthesis_with_one_line_and_exit_2(emulator_factory, tm
     assert emu.stats.total == 3  # not 612
     assert not (run_dir / "synthesize" / "DONE.json").exists()
     assert read_jsonl(run_dir / "coverage" / "train.jsonl")  # the stage before is intact
+
+
+def test_run_refuses_a_gated_hub_model_without_hf_token_before_paying(tmp_path, monkeypatch, capsys):
+    """Fine-tuning a gated model would fail only after synthesis was paid for: `run` says so first, writes nothing."""
+    from llamaduo_nb.cli import main as cli_main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    params = tmp_path / "gated.yaml"
+    params.write_text("tasks: [closed_qa]\nservice: {backend: local, model: smollm2-135m-instruct}\n"
+                      "finetune: {base_models: [google/gemma-2b-it], quantization: nf4}\n")
+    run_dir = tmp_path / "run"
+    assert cli_main(["run", str(params), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "google/gemma-2b-it is gated on the Hub: accept its licence and set HF_TOKEN" in err[0]
+    assert "nf4" not in err[0]  # no CUDA here: QLoRA falls back to LoRA, which is no reason to refuse
+    assert not run_dir.exists()

@@ -158,3 +158,19 @@ def _local_needs(family) -> list[str]:
         if params.infer.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("infer.engine: vllm needs vllm (pip install vllm)")
     return sorted(set(problems), key=problems.index)
+
+
+def before_paying(family) -> list[str]:
+    """The free checks `llamaduo run` makes before its first paid call: what would otherwise fail only after
+    synthesis was paid for (a gated Hub model or push_to_hub without HF_TOKEN, vLLM missing). QLoRA without
+    a CUDA GPU is no problem here: fine-tuning falls back to plain LoRA with a warning."""
+    return [line for line in _local_needs(family)
+            if not line.startswith("finetune.quantization: nf4") or _cuda_available()]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -88,6 +88,11 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     execute = execute or _execute
     for params in family:
         check_keys([params.service] + params.judges)
+    from llamaduo_nb.llm.doctor import before_paying
+
+    problems = before_paying(family)
+    if problems:  # one line, before anything is written or paid for
+        raise UserError("; ".join(problems) + " (llamaduo doctor PARAMS checks everything a run needs)")
     check_notebooks()
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(family[0])
     if len(family) == 1:

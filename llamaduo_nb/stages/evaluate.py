@@ -132,6 +132,9 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         service = ServiceLLM(judge, cache_for(run_dir))
         results = service.run([req for _, req in jobs], desc=f"judge ×{params.evaluate.m}")
         rows = [judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
+        if rows and not any(r["valid"] for r in rows):  # nothing to report: never DONE, and a re-run resumes from the cache
+            raise UserError(f"evaluate: none of the {len(rows)} judgements by {judge.label} was valid "
+                            f"(first reason: {rows[0]['error'] or 'invalid output'}); nothing was reported")
         write_jsonl(judge_file(run_dir, judge), rows)
         accounting[judge.label] = service.accounting.as_dict()
         frames.append(pd.DataFrame(rows))
