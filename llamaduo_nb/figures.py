@@ -490,7 +490,7 @@ def judge_vs_human(items: pd.DataFrame, agreement: pd.DataFrame):
         ax.set_title(metric)
         ax.set_xlabel("human score (0–100)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper left")
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below: never over the points
     if not metrics:
         axes[0].text(0.5, 0.5, "no human-labelled answers", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel("judge score (mean of M)")

@@ -41,14 +41,22 @@ def _mae(x, y, axis=-1):
 
 
 def _interval(statistic, x, y, resamples: int, rng, level: float) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic(x, y), items resampled in pairs; NaN when undefined."""
+    """Percentile bootstrap interval of statistic(x, y), items resampled in pairs; NaN when undefined.
+
+    Not scipy.stats.bootstrap: its interval is NaN as soon as one resample has no rank correlation (all
+    scores equal, common with a few labelled items); such resamples are left out here instead."""
     if resamples <= 0 or len(x) < MIN_ITEMS:
         return float("nan"), float("nan")
-    with warnings.catch_warnings():  # a resample whose scores are all equal has no rank correlation: NaN, left out
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    picks = np.random.default_rng(rng).integers(0, len(x), size=(resamples, len(x)))
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = stats.bootstrap((x, y), statistic, paired=True, vectorized=False, n_resamples=resamples,
-                                 confidence_level=level, method="percentile", random_state=rng)
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+        values = np.array([statistic(x[i], y[i]) for i in picks], dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < resamples / 2:  # mostly undefined: no honest interval
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
 
 
 def _point(statistic, x, y) -> float:
