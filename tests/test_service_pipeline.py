@@ -146,6 +146,7 @@ def test_synthesis_through_each_provider(provider, batch_api, params_file, tmp_p
 
 
 # -- OpenAI: the whole pipeline, with faults --------------------------------------------------------------
+@pytest.mark.long  # minutes: a fault run, in `make test-long` (CI runs it)
 def test_whole_pipeline_openai_with_faults(params_file, tmp_path, emulator_factory):
     judged = []
 
@@ -228,6 +229,7 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+@pytest.mark.long  # a kill -9 run, with the others in `make test-long`
 def test_kill9_mid_synthesis_then_resume_pays_nothing_twice(params_file, tmp_path, emulator_factory):
     n_calls = 40
     emu = emulator_factory("openai", reply=service_reply, api_key=KEY, latency=1.0)
