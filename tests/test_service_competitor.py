@@ -8,8 +8,6 @@ service LLM on hand-written answers.
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import matplotlib
 
@@ -23,7 +21,7 @@ from matplotlib.patches import Polygon, Rectangle
 from llamaduo_nb import figures
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.methods import agreement, comparison
-from llamaduo_nb.methods.metrics import aggregate, answer_scores
+from llamaduo_nb.methods.metrics import aggregate
 from llamaduo_nb.pipeline import cycle
 from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, CycleTarget, Params
 
@@ -260,8 +258,6 @@ def test_score_vs_volume_draws_the_service_band_and_no_service_line():
 
 
 def test_coverage_bars_draw_the_service_band_per_zeta_and_tables_show_it():
-    from llamaduo_nb import widgets
-
     metrics = judged_metrics()
     fig = figures.coverage_bars(metrics, "precision", (50, 70))
     assert fig.axes[0].get_title() == "closed qa" and len(_service_lines(fig.axes[0])) == 2
