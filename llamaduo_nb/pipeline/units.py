@@ -263,9 +263,9 @@ def set_aside(run_dir: Path | str, stage: str, paths: Iterable[Path], why: str, 
         target = root / ORPHANED / cycle_part / f"{relative}.{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(path), str(target))
-        for sidecar in (path.with_name(path.name + ".unit.json"),):
-            if sidecar.exists():
-                shutil.move(str(sidecar), str(target.with_name(target.name + ".unit.json")))
+        record = path.with_name(path.name + ".unit.json")  # an answer file's record travels with it
+        if record.exists():
+            shutil.move(str(record), str(target.with_name(target.name + ".unit.json")))
         moved.append(target)
     if moved:
         log(f"[{stage}] {len(moved)} output(s) of cells no longer in the grid ({why}) moved to "
