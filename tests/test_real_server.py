@@ -27,7 +27,7 @@ from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, ServiceParams
-from tests import real_server
+from llamaduo_nb import serving as real_server
 
 pytestmark = [
     pytest.mark.real_server,

