@@ -13,6 +13,7 @@ import json
 import pytest
 
 from llamaduo_nb.errors import UserError
+from llamaduo_nb.llm.base import Backend
 from llamaduo_nb.llm.batch import BATCH_DISCOUNT, BatchAccounting
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
@@ -22,7 +23,7 @@ from tests.emulators.requests import SCHEMA, files_contain, request
 
 pytestmark = pytest.mark.emulator
 
-PROVIDERS = ["openai", "anthropic"]
+PROVIDERS = ["openai", "anthropic", "gemini"]
 SECRET = "sk-test-BATCHSECRET-5678"
 KEY_ENV = "LLAMADUO_TEST_BATCH_KEY"
 
@@ -111,8 +112,11 @@ def test_mixed_items_every_item_accounted_for(provider, emulator_factory, tmp_pa
     if provider == "openai":
         assert emu.control["files.create"] == emu.control["batches.create"] == 3
         assert emu.control["batches.retrieve"] == 3 * 2  # each batch ended on its second poll
-    else:
+    elif provider == "anthropic":
         assert emu.control["batches.create"] == 3 and emu.control["batches.results"] == 3
+    else:  # gemini: the answers come inline with the last poll, nothing to download
+        assert emu.control["batches.create"] == 3 and emu.control["batches.retrieve"] == 3 * 2
+        assert emu.control["batches.results"] == 0
     for res in results:
         assert SECRET not in (res.error or "") and SECRET not in (res.text or "")
     assert not files_contain(tmp_path, SECRET)
@@ -245,9 +249,10 @@ def test_wrong_key_fails_items_without_leaking_it(provider, emulator_factory, tm
 
 
 def test_batch_api_needs_a_backend_with_one(emulator_factory, tmp_path):
-    emu = emulator_factory("gemini", reply=good_reply)
-    llm = service(params("gemini", emu), tmp_path / "cache.sqlite")
-    with pytest.raises(UserError, match="batch_api is available for the openai and anthropic backends only"):
+    emu = emulator_factory("openai", reply=good_reply)
+    llm = service(params("openai", emu), tmp_path / "cache.sqlite")
+    llm.backend = Backend(llm.cfg)  # a backend without a batch API (the local stand-in has none)
+    with pytest.raises(UserError, match="batch_api is available for the openai, anthropic and gemini backends only"):
         llm.run([request("g")], progress=False)
     assert emu.stats.total == 0
 
@@ -264,6 +269,9 @@ def test_batch_request_shape(provider, emulator_factory, tmp_path):
     assert ctx.model == f"{provider}-test-model"
     if provider == "openai":
         assert ctx.body["temperature"] == 0.2 and ctx.body["response_format"]["json_schema"]["schema"] == SCHEMA
+    elif provider == "gemini":
+        gen = ctx.body["generationConfig"]
+        assert gen["temperature"] == 0.2 and gen["responseJsonSchema"] == SCHEMA and gen["responseMimeType"] == "application/json"
     else:
         assert "temperature" not in ctx.body and json.dumps(SCHEMA) in ctx.system
 
@@ -275,4 +283,44 @@ def test_batch_wait_shows_the_providers_status(provider, emulator_factory, tmp_p
     llm = service(params(provider, emu), tmp_path / "cache.sqlite")
     assert all(r.ok for r in llm.run([request(f"s{i}") for i in range(3)], progress=False))
     (shown,) = llm.backend.batch_progress.values()
-    assert shown == {"openai": "completed (3/3 done, 0 failed)", "anthropic": "ended (succeeded 3)"}[provider]
+    assert shown == {"openai": "completed (3/3 done, 0 failed)", "anthropic": "ended (succeeded 3)",
+                     "gemini": "JOB_STATE_SUCCEEDED (3 answered, 0 failed)"}[provider]
+
+
+# -- a new batch holds only the items that failed or expired, never one already answered -------------
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_only_failed_or_expired_items_are_sent_again(provider, emulator_factory, tmp_path):
+    script = {"x0-server-error": [503], "x1-expired": ["drop"], "x2-rate-limited": ["429"]}
+    emu = emulator_factory(provider, reply=good_reply, policy=by_attempt(script), batch_polls=1)
+    llm = service(params(provider, emu), tmp_path / "cache.sqlite")
+    prompts = list(script) + [f"x{i}-fine" for i in range(3, 8)]
+    results = llm.run([request(p) for p in prompts], progress=False)
+    assert all(r.ok for r in results), [r.error for r in results]
+    first, second = sorted({r.batch_id for r in emu.stats.snapshot()}, key=lambda b: min(
+        r.arrived for r in emu.stats.snapshot() if r.batch_id == b))
+    sent = {b: sorted(r.prompt for r in emu.stats.snapshot() if r.batch_id == b) for b in (first, second)}
+    assert sent[first] == sorted(prompts) and sent[second] == sorted(script)
+    assert emu.stats.total == len(prompts) + len(script) == 11 and emu.control["batches.create"] == 2
+    assert llm.accounting.retries == 3 and llm.accounting.api_calls == 11
+
+
+def test_gemini_expired_job_sends_its_requests_again(emulator_factory, tmp_path):
+    """A job pending for 48 hours ends JOB_STATE_EXPIRED with no answers: every request goes again, once."""
+    emu = emulator_factory("gemini", reply=good_reply, batch_polls=1, expire_batches=1)
+    llm = service(params("gemini", emu), tmp_path / "cache.sqlite")
+    prompts = [f"e{i}" for i in range(4)]
+    results = llm.run([request(p) for p in prompts], progress=False)
+    assert all(r.ok and r.retries == 1 and r.api_calls == 2 for r in results)
+    assert emu.control["batches.create"] == 2 and emu.stats.total == len(prompts)  # the expired job ran nothing
+    assert len({r.batch_id for r in emu.stats.snapshot()}) == 1
+    assert llm.accounting.api_calls == 2 * len(prompts) and llm.accounting.batch_jobs == 2
+
+
+def test_gemini_batch_item_errors_keep_the_grpc_meaning(emulator_factory, tmp_path):
+    """An inline answer's error is a google.rpc.Status: INVALID_ARGUMENT fails its item, UNAVAILABLE is sent again."""
+    emu = emulator_factory("gemini", reply=good_reply, policy=by_attempt({"g0": [400], "g1": [503, 503, 503]}))
+    llm = service(params("gemini", emu, max_retries=1), tmp_path / "cache.sqlite")
+    bad, flaky, fine = llm.run([request("g0"), request("g1"), request("g2")], progress=False)
+    assert not bad.ok and "refused: batch item INVALID_ARGUMENT" in bad.error and bad.api_calls == 1
+    assert not flaky.ok and "gave up after 2 tries: batch item UNAVAILABLE" in flaky.error and flaky.api_calls == 2
+    assert fine.ok and emu.stats.total == 4

@@ -346,3 +346,15 @@ def test_request_shape(provider, emulator_factory, tmp_path):
         assert ctx.body["generationConfig"]["maxOutputTokens"] == 64
     else:
         assert "temperature" not in ctx.body and ctx.body["max_tokens"] == 64
+
+
+def test_gemini_retry_delay_is_read_from_a_real_429_body(emulator_factory):
+    """Gemini's 429 carries QuotaFailure, Help and RetryInfo details and no rate-limit header: the wait is retryDelay."""
+    from llamaduo_nb.llm.gemini_backend import retry_delay_from_details
+
+    emu = emulator_factory("gemini")
+    body = emu.error_body(429, "ignored", retry_after=37.5)
+    assert body["error"]["status"] == "RESOURCE_EXHAUSTED" and emu.error_headers(429, 37.5) == {}
+    assert [d["@type"].rsplit(".", 1)[1] for d in body["error"]["details"]] == ["QuotaFailure", "Help", "RetryInfo"]
+    assert retry_delay_from_details(body) == 37.5
+    assert retry_delay_from_details(emu.error_body(429, "no delay given")) is None

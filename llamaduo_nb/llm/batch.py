@@ -7,6 +7,9 @@ hands its requests to `run_batch_api` instead of calling the API once per reques
   `/v1/chat/completions`; the batch is polled, then its output and error files are read
   and mapped back by `custom_id`.
 - Anthropic: one Message Batch of ``[{custom_id, params}]``; polled, then its results read.
+- Gemini: one batch job of inline requests (`client.aio.batches.create`), each tagged with its
+  cache key in `metadata`; polled (`batches.get`) until its state is final; the answers come
+  inline with the last poll.
 
 The semantics are those of the one call path (`client.ServiceLLM`):
 
@@ -14,8 +17,9 @@ The semantics are those of the one call path (`client.ServiceLLM`):
   every answer is stored in the cache as soon as it is read back;
 - the same JSON extraction and schema validation; an invalid answer is re-asked (up to
   `max_reasks`) in the next batch, with the bad answer and a correction, as live calls do;
-- an item that errs transiently (429, 5xx, expired) goes into a new batch, up to
-  `max_retries` times; one the provider refuses (400) fails with the reason; every request
+- an item that errs transiently (429, 5xx, expired, or absent from an expired or cancelled
+  batch's results) goes into a new batch, up to `max_retries` times, and only such items: an
+  item answered is cached and never sent again; one the provider refuses (400) fails with the reason; every request
   ends ok or failed with a reason, none is lost and none raises out of `run`;
 - accounting: `api_calls` (one per request sent in a batch), tokens, retries, re-asks,
   failures, and `cost_usd` with `batch_discount` (0.5: providers bill batches at half the
@@ -150,7 +154,7 @@ async def run_batch_api(llm, requests: list[ChatRequest], desc: str = "requests"
     """Answer `requests` through the provider's batch API; the results of `ServiceLLM.run`."""
     backend = llm.backend
     if not getattr(backend, "supports_batch_api", False):
-        raise UserError(f"service '{llm.cfg.label}': batch_api is available for the openai and anthropic backends only "
+        raise UserError(f"service '{llm.cfg.label}': batch_api is available for the openai, anthropic and gemini backends only "
                         f"(backend '{llm.cfg.backend}'); set batch_api: false")
     if not isinstance(llm.accounting, BatchAccounting):
         llm.accounting = BatchAccounting(**asdict(llm.accounting))

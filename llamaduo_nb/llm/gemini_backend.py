@@ -10,6 +10,14 @@ endpoint (the emulator); the timeout is the SDK's (milliseconds in HttpOptions).
 Errors: `APIError.code` 429, 408, 409 or 5xx, timeouts and dropped connections
 are `TransientError` (the wait from `Retry-After` or the `google.rpc.RetryInfo`
 detail); other codes are `PermanentError`. The key never appears in a message.
+
+No limits are learned from Gemini: the API sends no rate-limit headers (no
+`x-ratelimit-*`; google-genai exposes none either), only, on a 429, a
+`RESOURCE_EXHAUSTED` body whose `RetryInfo.retryDelay` says when to come back; that
+wait is honoured, and the pace is the configured `requests_per_minute`.
+
+Batch Mode (`batch_api: true`): `client.aio.batches` with inline requests, driven by
+`llamaduo_nb.llm.batch` like OpenAI's and Anthropic's batch APIs.
 """
 
 from __future__ import annotations
@@ -27,6 +35,14 @@ from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentErro
 from llamaduo_nb.llm.common import Scrubber, is_permanent, resolve_key, retry_after_from_headers, split_system
 
 _DELAY = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
+
+#: the metadata field of an inline batch request that carries its cache key back with the answer
+BATCH_KEY = "llamaduo_key"
+#: google.rpc.Code of a batch item's error; these are worth sending again in the next batch
+GRPC_NAMES = {1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+              7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION", 10: "ABORTED",
+              13: "INTERNAL", 14: "UNAVAILABLE", 16: "UNAUTHENTICATED"}
+GRPC_TRANSIENT = frozenset({1, 2, 4, 8, 10, 13, 14})
 
 
 def _transport_errors() -> tuple:
@@ -109,14 +125,19 @@ class GeminiBackend(Backend):
 
     async def complete(self, request: ChatRequest) -> Completion:
         contents, config = self.build(request)
-        client = self._sdk()
+        resp = await self._call_sdk(self._sdk().aio.models.generate_content(model=self.config.model, contents=contents, config=config))
+        return self._completion(resp)
+
+    async def _call_sdk(self, coro):
+        """Await one SDK call; its errors mapped to the backend contract (key scrubbed)."""
         try:
-            resp = await client.aio.models.generate_content(model=self.config.model, contents=contents, config=config)
+            return await coro
         except errors.APIError as exc:
             status = exc.code if isinstance(exc.code, int) else None
             message = str(exc.message or exc)
             detail = self._scrub(f"{type(exc).__name__}: {exc.status or ''} {message}")
             if status is None or not is_permanent(status, None, message):
+                # Gemini sends no Retry-After on a 429: the wait is the RetryInfo detail of the body
                 wait = retry_after_from_headers(getattr(getattr(exc, "response", None), "headers", None))
                 if wait is None:
                     wait = retry_delay_from_details(exc.details)
@@ -130,7 +151,6 @@ class GeminiBackend(Backend):
             if "timeout" in name.lower():
                 raise TransientError(f"no answer within {self.config.timeout_s:g} s ({name})") from None
             raise TransientError(self._scrub(f"connection error: {name}: {exc}")) from None
-        return self._completion(resp)
 
     def _completion(self, resp) -> Completion:
         candidates = getattr(resp, "candidates", None) or []
@@ -161,6 +181,82 @@ class GeminiBackend(Backend):
             output_tokens=output_tokens,
             finish_reason=reason,
         )
+
+    # -- Batch Mode (llamaduo_nb.llm.batch drives these; half price, answers within 24 h) ------
+    # `client.aio.batches`: the requests go inline in one `models/{model}:batchGenerateContent`
+    # call, each tagged with its cache key in `metadata`; `batches/{id}` is polled and, once the
+    # job has ended, carries the answers inline (`dest.inlined_responses`, one per request).
+    supports_batch_api = True
+    batch_max_items = 50_000
+    batch_max_bytes = 19 * 2**20  # inline requests: the whole create call must stay under 20 MB
+    batch_http_calls = 0  # control calls made (creations, polls): not billed
+
+    def _inlined(self, custom_id: str, request: ChatRequest) -> types.InlinedRequest:
+        contents, config = self.build(request)
+        return types.InlinedRequest(contents=contents, config=config, metadata={BATCH_KEY: custom_id})
+
+    def batch_line_size(self, custom_id: str, request: ChatRequest) -> int:
+        return len(self._inlined(custom_id, request).model_dump_json(exclude_none=True).encode()) + 1
+
+    async def batch_submit(self, items: list) -> str:
+        """Create a batch job of `[(custom_id, ChatRequest)]` inline; its name (`batches/…`)."""
+        self.batch_http_calls += 1
+        job = await self._call_sdk(self._sdk().aio.batches.create(
+            model=self.config.model, src=[self._inlined(cid, req) for cid, req in items],
+            config=types.CreateBatchJobConfig(display_name="llamaduo_nb"),
+        ))
+        return job.name
+
+    async def batch_status(self, batch_id: str):
+        """(ended, problem): ended once the job's state is final; problem says why a job failed as a
+        whole. An expired or cancelled job has no answers: its requests go again in the next batch."""
+        self.batch_http_calls += 1
+        job = await self._call_sdk(self._sdk().aio.batches.get(name=batch_id))
+        state = getattr(job.state, "value", None) or str(job.state)
+        answers = list(getattr(job.dest, "inlined_responses", None) or []) if job.dest is not None else []
+        failed = sum(1 for a in answers if a.error is not None)
+        self.batch_progress[batch_id] = state + (f" ({len(answers) - failed} answered, {failed} failed)" if answers else "")
+        if not job.done:
+            return False, None
+        if state == "JOB_STATE_FAILED":
+            reason = getattr(job.error, "message", None) if job.error is not None else None
+            return True, self._scrub(f"batch {batch_id} failed: {reason or 'no reason given'}")
+        self._batch_answers[batch_id] = answers
+        return True, None
+
+    @property
+    def batch_progress(self) -> dict:
+        """batch id -> the provider's own state, as last polled (shown while waiting)."""
+        return self.__dict__.setdefault("_batch_progress", {})
+
+    @property
+    def _batch_answers(self) -> dict:
+        return self.__dict__.setdefault("_batch_inlined", {})
+
+    async def batch_results(self, batch_id: str):
+        """[(custom_id, Completion | TransientError | PermanentError)]: the answers came with the
+        last poll (no download); a job read back by a later run is polled once more for them."""
+        if batch_id not in self._batch_answers:
+            await self.batch_status(batch_id)
+        out = []
+        for answer in self._batch_answers.pop(batch_id, []):
+            key = (answer.metadata or {}).get(BATCH_KEY)
+            if answer.error is not None:
+                out.append((key, self._batch_error(answer.error)))
+                continue
+            try:
+                out.append((key, self._completion(answer.response)))
+            except (TransientError, PermanentError) as exc:
+                out.append((key, exc))
+        return out
+
+    def _batch_error(self, error) -> Exception:
+        """One request's `google.rpc.Status` (a gRPC code, not an HTTP status) -> the backend contract."""
+        code = int(getattr(error, "code", 0) or 0)
+        message = self._scrub(f"batch item {GRPC_NAMES.get(code, code)}: {getattr(error, 'message', '') or ''}")
+        if code in GRPC_TRANSIENT:
+            return TransientError(message)
+        return PermanentError(message, code=GRPC_NAMES.get(code))
 
     async def aclose(self) -> None:
         # the SDK's connection pool belongs to this run's event loop: close it, and build the
