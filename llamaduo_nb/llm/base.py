@@ -27,11 +27,18 @@ class ChatRequest:
     # messages already hold them (so they are not part of the cache key); a backend that reads
     # meaning rather than text uses them: the local likelihood judge scores (instruction, reference, answer).
     fields: tuple = ()
+    # answering test prompts through a server (infer.engine: openai): the sampling seed, and how many
+    # answers one request asks for (`n`; the K answers then come back as a JSON list of texts)
+    seed: Optional[int] = None
+    n: int = 1
 
     def key(self, backend: str, model: str, base_url: Optional[str] = None) -> str:
         """Cache key: everything that changes the answer."""
         body = asdict(self)
         body.pop("fields")
+        for name, default in (("seed", None), ("n", 1)):  # absent unless set: keys made before these fields stay valid
+            if body[name] == default:
+                body.pop(name)
         body.update(backend=backend, model=model, base_url=base_url or "")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -67,6 +74,7 @@ class ChatResult:
     api_calls: int = 0
     retries: int = 0
     reasks: int = 0
+    finish_reason: str = ""  # why the answer ended ("stop", "length")
 
 
 class TransientError(Exception):

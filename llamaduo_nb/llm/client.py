@@ -264,6 +264,7 @@ class ServiceLLM:
                     current = reask_request(current, completion.text, problem)
                 continue
             result.ok, result.text, result.parsed = True, completion.text, parsed
+            result.finish_reason = completion.finish_reason
             return result
         return self._fail(result, f"invalid output after {self.cfg.max_reasks + 1} tries: {problem}")
 

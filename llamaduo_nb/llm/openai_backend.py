@@ -88,6 +88,10 @@ class OpenAIBackend(SDKClientBackend):
         kwargs: dict = {"model": self.config.model, "messages": messages, self._max_tokens_param: request.max_tokens}
         if not self._reasoning:  # reasoning models refuse any sampling setting but the default
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        if request.n > 1:
+            kwargs["n"] = request.n
         schema = request.json_schema
         if schema is not None:
             if self.json_mode == "json_schema":
@@ -110,7 +114,7 @@ class OpenAIBackend(SDKClientBackend):
             if mapped is exc:
                 raise
             raise mapped from None
-        completion = self._completion(resp)
+        completion = self._completion(resp, request.n)
         completion.limits = rate_limit_headers(raw.headers)
         return completion
 
@@ -237,10 +241,19 @@ class OpenAIBackend(SDKClientBackend):
         except Exception as exc:  # noqa: BLE001 - a body the SDK cannot read
             return cid, TransientError(self._scrub(f"malformed batch item: {exc}"))
 
-    def _completion(self, resp) -> Completion:
+    def _completion(self, resp, n: int = 1) -> Completion:
         choices = getattr(resp, "choices", None) or []
         if not choices:
             raise TransientError("empty choices")
+        if n > 1:  # K answers in one request: the texts as a JSON list (the caller checks how many came back)
+            usage = getattr(resp, "usage", None)
+            return Completion(
+                text=json.dumps([{"text": getattr(c.message, "content", None) or "", "finish_reason": str(c.finish_reason or "")}
+                                 for c in choices]),
+                input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                finish_reason=str(getattr(choices[0], "finish_reason", "") or ""),
+            )
         choice = choices[0]
         message = getattr(choice, "message", None)
         content = getattr(message, "content", None) if message is not None else None
