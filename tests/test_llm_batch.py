@@ -17,6 +17,7 @@ from llamaduo_nb.llm.base import Backend
 from llamaduo_nb.llm.batch import BATCH_DISCOUNT, BatchAccounting
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.llm.common import ServiceStopped
 from llamaduo_nb.pipeline.params import ServiceParams
 from tests.emulators import Fault, by_attempt
 from tests.emulators.requests import SCHEMA, files_contain, request
@@ -324,3 +325,17 @@ def test_gemini_batch_item_errors_keep_the_grpc_meaning(emulator_factory, tmp_pa
     assert not bad.ok and "refused: batch item INVALID_ARGUMENT" in bad.error and bad.api_calls == 1
     assert not flaky.ok and "gave up after 2 tries: batch item UNAVAILABLE" in flaky.error and flaky.api_calls == 2
     assert fine.ok and emu.stats.total == 4
+
+
+# -- the spend caps hold for a batch: it takes only what the cap allows at its worst case ------------------
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_batch_takes_only_what_the_run_cap_allows(provider, emulator_factory, tmp_path):
+    emu = emulator_factory(provider, reply=good_reply)
+    llm = service(params(provider, emu, price_input_per_mtok=0.0, price_output_per_mtok=1000.0), tmp_path / "cache.sqlite")
+    worst = BATCH_DISCOUNT * 64 * 1000.0 / 1e6  # a request's whole max_tokens, at the batch price
+    llm.run_max_cost_usd = 3.5 * worst
+    with pytest.raises(ServiceStopped) as info:
+        llm.run([request(f"cap{i}") for i in range(10)], progress=False)
+    assert emu.stats.total == 3 and emu.control["batches.create"] == 1
+    assert f"cycle.max_cost_usd = ${3.5 * worst:g}, the run's cap" in str(info.value)
+    assert llm.accounting.not_sent == 7 and 0 < llm.cache.spent_usd <= 3.5 * worst

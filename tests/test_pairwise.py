@@ -12,6 +12,7 @@ from llamaduo_nb.stages import evaluate
 from llamaduo_nb.methods import pairwise
 from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion
 from llamaduo_nb.llm.cache import ResponseCache
+from llamaduo_nb.llm import client as llm_client
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.pipeline.params import Params, ServiceParams
 
@@ -304,10 +305,10 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     write_json(stage_dir(run_dir, "infer") / "DONE.json", {"stage": "infer", "content": "i", "outputs": answer_files})
 
     class Service(ServiceLLM):
-        def __init__(self, cfg, cache, backend=None, sleep=None):
-            super().__init__(cfg, cache, backend=backend or BothJudge(cfg))
+        def __init__(self, cfg, cache, backend=None, sleep=None, **caps):
+            super().__init__(cfg, cache, backend=backend or BothJudge(cfg), **caps)
 
-    monkeypatch.setattr(evaluate, "ServiceLLM", Service)
+    monkeypatch.setattr(llm_client, "ServiceLLM", Service)
     monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
     params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50}, infer={"k": 2},
                     service={"backend": "openai", "model": "fake-judge"})

@@ -15,3 +15,11 @@ def cache_for(run_dir) -> ResponseCache:
     if path not in _caches:
         _caches[path] = ResponseCache(path)
     return _caches[path]
+
+
+def service_llm(cfg, params, run_dir):
+    """A stage's service LLM (or judge) `cfg` on the run's response cache, under the run-wide spend cap
+    (`cycle.max_cost_usd`, checked in flight against everything the run has paid so far)."""
+    from llamaduo_nb.llm.client import ServiceLLM
+
+    return ServiceLLM(cfg, cache_for(run_dir), run_max_cost_usd=params.cycle.max_cost_usd)

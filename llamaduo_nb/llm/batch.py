@@ -31,6 +31,10 @@ marked finished once its results are read, so a run killed (or timed out) while 
 not pay twice: the next run picks the unfinished batch up instead of submitting its requests
 again. The `custom_id` of a request is its cache key.
 
+The spend caps hold as for live calls: a batch takes only the requests that `service.max_cost_usd`
+and the run's `cycle.max_cost_usd` allow at their worst case (batch price, reserved while the batch
+runs); the rest are not sent and `run` stops naming the cap.
+
 Polling: every `LLAMADUO_BATCH_POLL_S` seconds (default 30; or the `batch_poll_s` attribute
 of the `ServiceLLM`); a batch still running after `LLAMADUO_BATCH_MAX_WAIT_S` (default 26 h;
 or `batch_max_wait_s`) is left to a later run and its requests end failed for now. The requests/min and tokens/min limits do not apply (a batch has its own
@@ -289,9 +293,13 @@ class _BatchRun:
             self._count_calls(mine, owners)
             keys -= mine
             tasks.append(self._collect(batch_id, job_keys))
-        for chunk in self._chunks([(k, remaining[k]) for k in sorted(keys)]):
-            tasks.append(self._submit_and_collect(chunk, owners))
         got: dict = {}
+        for chunk in self._chunks([(k, remaining[k]) for k in sorted(keys)]):
+            chunk, reserved, refused = self._within_caps(chunk)
+            got.update({k: _Final(f"not sent: {self.llm.stopped}") for k, _ in refused})
+            self.acc.not_sent += sum(len(owners.get(k, ())) for k, _ in refused)
+            if chunk:
+                tasks.append(self._submit_and_collect(chunk, owners, reserved))
         for part in await asyncio.gather(*tasks):
             got.update(part)
         return got
@@ -317,17 +325,34 @@ class _BatchRun:
             if key in owners:
                 owners[key][0].result.api_calls += 1
 
-    async def _submit_and_collect(self, chunk: list, owners: dict) -> dict:
+    def _within_caps(self, chunk: list) -> tuple[list, float, list]:
+        """The head of `chunk` the spend caps allow at its worst case (batch price), the cost reserved for it
+        while the batch runs, and the rest: not sent, and the call path stops naming the cap."""
+        llm, reserved = self.llm, 0.0
+        for i, (_, req) in enumerate(chunk):
+            worst = self.acc.batch_discount * llm._cost(req.estimated_tokens() - req.max_tokens, req.max_tokens)
+            problem = llm.over_cap(worst) if not llm.stopped else llm.stopped
+            if problem:
+                llm.stopped = llm.stopped or f"service '{self.cfg.label}' stopped: {problem}"
+                return chunk[:i], reserved, chunk[i:]
+            llm._inflight_cost += worst
+            reserved += worst
+        return chunk, reserved, []
+
+    async def _submit_and_collect(self, chunk: list, owners: dict, reserved: float = 0.0) -> dict:
         keys = {k for k, _ in chunk}
         try:
-            batch_id = await self._control(lambda: self.backend.batch_submit(chunk))
-        except (TransientError, PermanentError) as exc:
-            reason = f"batch not created: {describe_error(exc)}"
-            return {k: _Final(reason) for k in keys}
-        self.store.add(batch_id, self.cfg, keys)  # before waiting: a killed run's next run reads it back
-        self.acc.batch_jobs += 1
-        self._count_calls(keys, owners)
-        return await self._collect(batch_id, keys)
+            try:
+                batch_id = await self._control(lambda: self.backend.batch_submit(chunk))
+            except (TransientError, PermanentError) as exc:
+                reason = f"batch not created: {describe_error(exc)}"
+                return {k: _Final(reason) for k in keys}
+            self.store.add(batch_id, self.cfg, keys)  # before waiting: a killed run's next run reads it back
+            self.acc.batch_jobs += 1
+            self._count_calls(keys, owners)
+            return await self._collect(batch_id, keys)
+        finally:
+            self.llm._inflight_cost -= reserved
 
     async def _collect(self, batch_id: str, keys: set) -> dict:
         """Wait for a batch to end and read it back: key -> Completion | error | _Final."""
@@ -369,14 +394,12 @@ class _BatchRun:
         return got
 
     def _store(self, key: str, completion: Completion) -> None:
-        cfg = self.cfg
-        self.cache.put(key, cfg.backend, cfg.model, completion)
-        acc = self.acc
+        cfg, acc = self.cfg, self.acc
+        cost = acc.batch_discount * self.llm._cost(completion.input_tokens, completion.output_tokens)
+        self.cache.put(key, cfg.backend, cfg.model, completion, cost_usd=cost)
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
-        acc.cost_usd += acc.batch_discount * (
-            completion.input_tokens * cfg.price_input_per_mtok + completion.output_tokens * cfg.price_output_per_mtok
-        ) / 1e6
+        acc.cost_usd += cost
 
     async def _control(self, call) -> Any:
         """One control call (upload, create, poll, download), retried on transient errors."""

@@ -3,6 +3,10 @@
 SQLite in the run folder, one row per API call, written as soon as the answer
 arrives (WAL mode, one transaction per row), so a run killed mid-way keeps every
 answer it had already paid for.
+
+Beside each paid answer, in the same transaction, the `spend` table records what it cost (as the
+call path priced it): `spent_usd` is the run's spend so far over all its stages, cycles and
+re-runs, which the run-wide cap (`cycle.max_cost_usd`) is checked against while calls are in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ class ResponseCache:
         )
         # what the run learned about a server (its JSON mode): asked once per run, not once per process
         self._db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS spend (cost_usd REAL, created REAL)")
         self._db.commit()
+        self.spent_usd = float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM spend").fetchone()[0])
 
     def setting(self, key: str) -> Optional[str]:
         with self._lock:
@@ -50,14 +56,19 @@ class ResponseCache:
             return None
         return Completion(text=row[0], input_tokens=row[1], output_tokens=row[2], finish_reason=row[3] or "")
 
-    def put(self, key: str, backend: str, model: str, completion: Completion) -> None:
+    def put(self, key: str, backend: str, model: str, completion: Completion, cost_usd: float = 0.0) -> None:
+        """Store a paid answer and what it cost, together."""
         with self._lock:
+            now = time.time()
             self._db.execute(
                 "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?,?)",
                 (key, backend, model, completion.text, completion.input_tokens, completion.output_tokens,
-                 completion.finish_reason, time.time()),
+                 completion.finish_reason, now),
             )
+            if cost_usd:
+                self._db.execute("INSERT INTO spend VALUES (?,?)", (float(cost_usd), now))
             self._db.commit()
+            self.spent_usd += float(cost_usd)
 
     def __len__(self) -> int:
         with self._lock:

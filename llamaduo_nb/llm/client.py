@@ -11,8 +11,11 @@ of calls, tokens and cost.
 A circuit breaker guards the spend: permanent errors (bad key, unknown model, invalid
 request, no quota) are never retried; after `BREAKER_IN_A_ROW` failed requests in a row, or
 a failure share of `BREAKER_SHARE` over the last `BREAKER_WINDOW`, or when the next request
-could pass `max_cost_usd`, nothing more is sent and `run` raises `ServiceStopped` with the
-provider's own message. Until the first answer arrives requests go one at a time, so a bad
+could pass a spend cap, nothing more is sent and `run` raises `ServiceStopped` with the
+provider's own message. The caps, each checked before every request against the spend so far
+plus the worst case of the requests in flight: `service.max_cost_usd`, this service's calls in
+one stage; `run_max_cost_usd` (the params' `cycle.max_cost_usd`), the whole run, counting what
+earlier stages, cycles and runs paid (the response cache's spend ledger). Until the first answer arrives requests go one at a time, so a bad
 key or model costs `BREAKER_IN_A_ROW` requests, not `max_concurrency`. Otherwise every
 request ends `ok` or failed with a reason, and answers already received stay in the cache.
 """
@@ -160,9 +163,11 @@ class _Batcher:
 class ServiceLLM:
     """A service LLM (or the local stand-in) behind the one call path."""
 
-    def __init__(self, cfg, cache: ResponseCache, backend: Optional[Backend] = None, sleep=asyncio.sleep):
+    def __init__(self, cfg, cache: ResponseCache, backend: Optional[Backend] = None, sleep=asyncio.sleep,
+                 run_max_cost_usd: Optional[float] = None):
         self.cfg = cfg
         self.cache = cache
+        self.run_max_cost_usd = run_max_cost_usd
         self.backend = backend
         self.accounting = Accounting()
         self._sleep = sleep
@@ -212,7 +217,10 @@ class ServiceLLM:
         if getattr(cfg, "batch_api", False):  # the provider's batch API instead of live calls (llm/batch.py)
             from llamaduo_nb.llm.batch import run_batch_api
 
-            return await run_batch_api(self, requests, desc, progress)
+            results = await run_batch_api(self, requests, desc, progress)
+            if self.stopped:
+                raise ServiceStopped(self.stopped)
+            return results
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
         self._probe = asyncio.Lock()
         if cfg.tokens_per_minute:
@@ -313,15 +321,16 @@ class ServiceLLM:
                 self._outcome(False, f"{exc.status} {exc.provider_message}" if exc.status else exc.provider_message)
             raise _Failed(f"refused: {describe_error(exc)}") from None
         self._outcome(True)
+        cost = self._cost(completion.input_tokens, completion.output_tokens)
         try:
-            self.cache.put(key, cfg.backend, cfg.model, completion)
+            self.cache.put(key, cfg.backend, cfg.model, completion, cost_usd=cost)
         except Exception as exc:  # a full disk or a read-only cache: any further answer would be paid and lost
             self.stopped = self.stopped or f"the run's response cache could not be written ({exc})"
             raise
         acc = self.accounting
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
-        acc.cost_usd += self._cost(completion.input_tokens, completion.output_tokens)
+        acc.cost_usd += cost
         result.input_tokens += completion.input_tokens
         result.output_tokens += completion.output_tokens
         return completion
@@ -359,15 +368,26 @@ class ServiceLLM:
         if self.stopped:
             raise _NotSent()
         estimate = self._cost(request.estimated_tokens() - request.max_tokens, request.max_tokens)
-        cap = getattr(self.cfg, "max_cost_usd", None)
-        if cap is not None and self.accounting.cost_usd + self._inflight_cost + estimate > cap:
-            self.stopped = (
-                f"service '{self.cfg.label}' stopped: the next request could pass service.max_cost_usd = ${cap:g} "
-                f"(spent ${self.accounting.cost_usd:.4f}, ${self._inflight_cost:.4f} in flight, this one up to "
-                f"${estimate:.4f}); answers already received are kept in the run's response cache"
-            )
+        problem = self.over_cap(estimate)
+        if problem:
+            self.stopped = f"service '{self.cfg.label}' stopped: {problem}"
             raise _NotSent()
         return estimate
+
+    def over_cap(self, estimate: float) -> Optional[str]:
+        """Why spending up to `estimate` more (on top of what is in flight) could pass a cap, or None."""
+        in_flight = self._inflight_cost + estimate
+        kept = "answers already received are kept in the run's response cache, so a re-run with a higher cap resumes"
+        cap = getattr(self.cfg, "max_cost_usd", None)
+        if cap is not None and self.accounting.cost_usd + in_flight > cap:
+            return (f"the next request could pass service.max_cost_usd = ${cap:g} (spent ${self.accounting.cost_usd:.4f} "
+                    f"in this stage, ${self._inflight_cost:.4f} in flight, the next up to ${estimate:.4f}); {kept}")
+        run_cap = self.run_max_cost_usd
+        if run_cap is not None and self.cache.spent_usd + in_flight > run_cap:
+            return (f"the next request could pass cycle.max_cost_usd = ${run_cap:g}, the run's cap (spent "
+                    f"${self.cache.spent_usd:.4f} in this run so far, ${self._inflight_cost:.4f} in flight, the next up "
+                    f"to ${estimate:.4f}); {kept}")
+        return None
 
     # -- one HTTP request ----------------------------------------------------
     async def _attempt(self, request: ChatRequest) -> Completion:

@@ -72,7 +72,7 @@ class ServiceParams(Strict):
     price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million input tokens (editable price table)
     price_output_per_mtok: float = Field(0.0, ge=0)
     batch_size: PositiveInt = 8  # local backend: prompts generated together
-    batch_api: bool = False  # openai/anthropic: send requests through the provider's batch API (half price, answers within 24 h; llm/batch.py)
+    batch_api: bool = False  # openai/anthropic/gemini: send requests through the provider's batch API (half price, answers within 24 h; llm/batch.py)
 
     @property
     def label(self) -> str:

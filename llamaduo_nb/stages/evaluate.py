@@ -45,9 +45,8 @@ import pandas as pd
 
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
-from llamaduo_nb.llm import cache_for
+from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.methods import agreement, pairwise, reference_metrics
 from llamaduo_nb.methods.metrics import SERVICE_VOLUME, aggregate, answer_scores, is_service, service_name
 from llamaduo_nb.pipeline.cycle import publish
@@ -129,7 +128,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     labelled = labelled_answers(labels, references, responses, labels_path(params), cycle_of(run_dir)) if labels else None
     for judge in params.judges:
         jobs = build_requests(params, judge, responses, references, run_dir)
-        service = ServiceLLM(judge, cache_for(run_dir))
+        service = service_llm(judge, params, run_dir)
         results = service.run([req for _, req in jobs], desc=f"judge ×{params.evaluate.m}")
         rows = [judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
         if rows and not any(r["valid"] for r in rows):  # nothing to report: never DONE, and a re-run resumes from the cache
@@ -220,7 +219,7 @@ def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> 
         unit = service_answers_unit(params, run_dir, task, prompts)
         if not unit.current():
             unit.discard()
-            service = service or ServiceLLM(params.service, cache_for(run_dir))
+            service = service or service_llm(params.service, params, run_dir)
             jobs = service_answer_requests(params, prompts)
             results = service.run([req for _, req in jobs], desc=f"service answers {task} ×{params.infer.k}")
             rows = [dict(meta, task=task, local_model=name, volume=SERVICE_VOLUME, response=res.text if res.ok else None,
@@ -312,7 +311,7 @@ def check_judges_against_people(params: Params, run_dir: Path | str, labelled: p
                                 make_service=None) -> tuple[pd.DataFrame, dict]:
     """Every judge scores each labelled answer (`labelled_answers`; M times, cached); writes evaluate/human_labels/.
     Returns (items, accounting)."""
-    make_service = make_service or (lambda judge: ServiceLLM(judge, cache_for(run_dir)))
+    make_service = make_service or (lambda judge: service_llm(judge, params, run_dir))
     answers = labelled.drop_duplicates("item").reset_index(drop=True)
     to_judge = pd.DataFrame({"task": answers["task"], "local_model": "human-labelled", "volume": 0, "prompt_id": answers["prompt_id"],
                              "k": answers.index, "response": answers["answer"]})
@@ -370,7 +369,7 @@ def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, r
 
     `make_service(judge)` gives a judge's ServiceLLM (default: one on the run's response cache)."""
     pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
-    make_service = make_service or (lambda judge: ServiceLLM(judge, cache_for(run_dir)))
+    make_service = make_service or (lambda judge: service_llm(judge, params, run_dir))
     local = responses[~is_service(responses["local_model"]).to_numpy()] if len(responses) else responses
     rows, accounting = [], {}
     for judge in params.judges:

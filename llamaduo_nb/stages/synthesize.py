@@ -27,9 +27,8 @@ import pandas as pd
 
 from llamaduo_nb.stages import coverage
 from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
-from llamaduo_nb.llm import cache_for
+from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.pipeline.params import Params
 from llamaduo_nb.prompts import Prompt, load_prompt
@@ -85,7 +84,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     if schema:
         schema["properties"]["contents"]["maxItems"] = cfg.pairs_per_call
     seeds = {task: [r for r in train if r["task"] == task] for task in params.tasks}
-    service = ServiceLLM(params.service, cache_for(run_dir))
+    service = service_llm(params.service, params, run_dir)
     pairs: dict = {task: [] for task in params.tasks}
     calls: list[dict] = []
     made = {task: 0 for task in params.tasks}
