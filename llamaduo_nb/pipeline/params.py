@@ -296,7 +296,7 @@ class CycleParams(Strict):
     target: CycleTarget = Field(default_factory=CycleTarget)
     max_cycles: PositiveInt = 1  # 1: no cycling
     step: Optional[PositiveInt] = None  # new valid pairs per task per cycle; default synthesize.samples_per_task
-    max_cost_usd: Optional[float] = Field(None, gt=0)  # stop before a new cycle once the estimated service cost exceeds this
+    max_cost_usd: Optional[float] = Field(None, gt=0)  # the whole run's service-LLM spend (USD): held while calls are in flight, and no new cycle past it
 
 
 class Params(Strict):
