@@ -20,7 +20,7 @@ from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
-from llamaduo_nb.pipeline import runner
+from llamaduo_nb.pipeline import cycle, runner
 from llamaduo_nb.pipeline.params import ServiceParams
 from tests.test_service_pipeline import service_reply
 
@@ -116,6 +116,7 @@ def test_llamaduo_run_stops_at_the_run_cap_and_resumes_with_a_higher_one(emulato
     # every answer is paid, the worst case of each is 128 tokens: at least cap / worst of them fit, and never more than the cap
     assert 0 < spent <= 0.3 and math.floor(0.3 / (128 * PRICE_OUT / 1e6)) <= sent < 10
     assert not (run_dir / "synthesize" / "DONE.json").exists()
+    assert cycle.run_spend(run_dir) == pytest.approx(spent)  # the stop rule between cycles weighs the same spend
 
     assert cli.main(args + ["--set", "cycle.max_cost_usd=50"]) == 0
     calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")

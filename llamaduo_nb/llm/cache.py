@@ -20,6 +20,19 @@ from typing import Optional
 from llamaduo_nb.llm.base import Completion
 
 
+def recorded_spend(path: str | Path) -> float:
+    """The spend ledger's total of the cache at `path` (0 when there is none), read afresh from disk."""
+    path = Path(path)
+    if not path.exists():
+        return 0.0
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        has_ledger = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='spend'").fetchone()
+        return float(db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM spend").fetchone()[0]) if has_ledger else 0.0
+    finally:
+        db.close()
+
+
 class ResponseCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)

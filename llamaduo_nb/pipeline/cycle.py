@@ -163,6 +163,17 @@ def cycle_cost(folder: Path | str) -> float:
     return float((read_json(path).get("llm_totals") or {}).get("cost_usd") or 0.0)
 
 
+def run_spend(run_dir: Path | str) -> float:
+    """What the run has paid the service LLMs so far, as the stop rule weighs it against cycle.max_cost_usd: the
+    response cache's spend ledger (every paid answer, whichever stage, cycle or re-run paid it, including a stage
+    stopped at a cap), or the stages' recorded costs for a run folder from before the ledger."""
+    from llamaduo_nb.llm.cache import recorded_spend
+
+    root = root_of(run_dir)
+    recorded = sum(cycle_cost(folder) for _, folder in cycle_folders(root))
+    return max(recorded, recorded_spend(root / "cache" / "llm.sqlite"))
+
+
 def pair_counts(folder: Path | str) -> dict:
     """New pairs kept by this cycle's deduplication, per task."""
     done = read_done(folder, "deduplicate")

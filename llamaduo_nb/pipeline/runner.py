@@ -178,7 +178,7 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
     while True:
         folder = cycle_folder(run_dir, t)
         metrics = pd.read_csv(run_dir / "metrics.csv")
-        cost = sum(cyc.cycle_cost(cycle_folder(run_dir, c)) for c in range(1, t + 1))
+        cost = cyc.run_spend(run_dir)
         decision = cyc.decide(params, t, metrics, cost, cyc.pair_counts(folder) if t > 1 else None)
         decisions.append((t, decision))
         log(f"[cycle {t}] {decision.reason}")
