@@ -108,8 +108,11 @@ def params_file(tmp_path_factory):
 
 
 # -- each provider: synthesis through its emulator; a re-run asks nothing ------------------------------
-@pytest.mark.parametrize("provider,batch_api", [("openai", False), ("anthropic", False), ("gemini", False), ("openai", True)],
-                         ids=["openai", "anthropic", "gemini", "openai-batch-api"])
+@pytest.mark.parametrize("provider,batch_api", [
+    pytest.param("openai", False, id="openai"), pytest.param("anthropic", False, id="anthropic"),
+    pytest.param("gemini", False, id="gemini"), pytest.param("openai", True, id="openai-batch-api"),
+    pytest.param("gemini", True, id="gemini-batch-api", marks=pytest.mark.long),  # 18 s: make test-long
+])
 def test_synthesis_through_each_provider(provider, batch_api, params_file, tmp_path, emulator_factory):
     emu = emulator_factory(provider, reply=service_reply, api_key=KEY, batch_polls=2)
     run_dir = tmp_path / "run"
