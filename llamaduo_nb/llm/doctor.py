@@ -81,7 +81,9 @@ def _ping(cfg) -> list[str]:
     if tok and tok.get("limit"):
         print(f"  provider's limit: {tok['limit']:g} tokens/min; params say {cfg.tokens_per_minute or 'no limit'}")
     if not limits:
-        print("  provider's limits: no rate-limit headers in the answer")
+        why = " (Gemini sends none: a 429's retryDelay is honoured)" if cfg.backend == "gemini" else ""
+        pace = f"{cfg.requests_per_minute:g}/min (requests_per_minute)" if cfg.requests_per_minute else "unpaced (requests_per_minute is not set)"
+        print(f"  provider's limits: no rate-limit headers in the answer{why}; {pace}")
     return []
 
 
