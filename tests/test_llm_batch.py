@@ -339,3 +339,18 @@ def test_a_batch_takes_only_what_the_run_cap_allows(provider, emulator_factory, 
     assert emu.stats.total == 3 and emu.control["batches.create"] == 1
     assert f"cycle.max_cost_usd = ${3.5 * worst:g}, the run's cap" in str(info.value)
     assert llm.accounting.not_sent == 7 and 0 < llm.cache.spent_usd <= 3.5 * worst
+
+
+def test_gemini_job_that_fails_as_a_whole_fails_its_items(emulator_factory, tmp_path):
+    emu = emulator_factory("gemini", reply=good_reply)
+
+    def fail(state):  # the job fails as a whole: no answers, nothing ran
+        state["object"]["metadata"]["state"] = "BATCH_STATE_FAILED"
+        state["object"]["done"] = True
+
+    emu._run_batch = fail
+    llm = service(params("gemini", emu), tmp_path / "cache.sqlite")
+    results = llm.run([request("v0"), request("v1")], progress=False)
+    assert all(not r.ok and "failed: no reason given" in r.error for r in results)
+    assert emu.stats.total == 0 and emu.control["batches.create"] == 1  # not resubmitted
+    assert list(llm.backend.batch_progress.values()) == ["JOB_STATE_FAILED"]
