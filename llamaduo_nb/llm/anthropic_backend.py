@@ -143,11 +143,6 @@ class AnthropicBackend(SDKClientBackend):
         self.batch_progress[batch_id] = f"{batch.processing_status}" + (f" ({', '.join(parts)})" if parts else "")
         return str(batch.processing_status) == "ended", None
 
-    @property
-    def batch_progress(self) -> dict:
-        """batch id -> the provider's own status, as last polled (shown while waiting)."""
-        return self.__dict__.setdefault("_batch_progress", {})
-
     async def batch_results(self, batch_id: str):
         """[(custom_id, Completion | TransientError | PermanentError)] for every request of the batch."""
 

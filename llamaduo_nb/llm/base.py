@@ -116,5 +116,10 @@ class Backend:
     def complete_batch(self, requests: list[ChatRequest]) -> list[Completion]:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def batch_progress(self) -> dict:
+        """batch id -> the provider's own status of a batch (its batch API), as last polled: shown while waiting."""
+        return self.__dict__.setdefault("_batch_progress", {})
+
     async def aclose(self) -> None:
         return None

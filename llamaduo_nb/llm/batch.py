@@ -368,7 +368,7 @@ class _BatchRun:
                 return {k: _Final(f"batch {batch_id}: status refused ({describe_error(exc)}); {kept}") for k in keys}
             except TransientError as exc:
                 return {k: _Final(f"batch {batch_id}: status unknown ({describe_error(exc)}); {kept}") for k in keys}
-            shown = getattr(self.backend, "batch_progress", {}).get(batch_id)
+            shown = self.backend.batch_progress.get(batch_id)
             if shown and self.bar is not None:
                 self.bar.set_postfix_str(f"{batch_id}: {shown}", refresh=True)
             if ended:

@@ -225,11 +225,6 @@ class GeminiBackend(Backend):
         return True, None
 
     @property
-    def batch_progress(self) -> dict:
-        """batch id -> the provider's own state, as last polled (shown while waiting)."""
-        return self.__dict__.setdefault("_batch_progress", {})
-
-    @property
     def _batch_answers(self) -> dict:
         return self.__dict__.setdefault("_batch_inlined", {})
 

@@ -180,11 +180,6 @@ class OpenAIBackend(SDKClientBackend):
         return True, None
 
     @property
-    def batch_progress(self) -> dict:
-        """batch id -> the provider's own status, as last polled (shown while waiting)."""
-        return self.__dict__.setdefault("_batch_progress", {})
-
-    @property
     def _batch_files(self) -> dict:
         return self.__dict__.setdefault("_batch_file_ids", {})
 
