@@ -20,6 +20,9 @@ from typing import Optional
 from llamaduo_nb.llm.base import Completion
 
 
+_SPENT = "SELECT COALESCE(SUM(cost_usd), 0) FROM spend"
+
+
 def recorded_spend(path: str | Path) -> float:
     """The spend ledger's total of the cache at `path` (0 when there is none), read afresh from disk."""
     path = Path(path)
@@ -28,7 +31,7 @@ def recorded_spend(path: str | Path) -> float:
     db = sqlite3.connect(path, timeout=30)
     try:
         has_ledger = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='spend'").fetchone()
-        return float(db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM spend").fetchone()[0]) if has_ledger else 0.0
+        return float(db.execute(_SPENT).fetchone()[0]) if has_ledger else 0.0
     finally:
         db.close()
 
@@ -48,7 +51,7 @@ class ResponseCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
         self._db.execute("CREATE TABLE IF NOT EXISTS spend (cost_usd REAL, created REAL)")
         self._db.commit()
-        self.spent_usd = float(self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM spend").fetchone()[0])
+        self.spent_usd = float(self._db.execute(_SPENT).fetchone()[0])
 
     def setting(self, key: str) -> Optional[str]:
         with self._lock:

@@ -15,9 +15,11 @@ could pass a spend cap, nothing more is sent and `run` raises `ServiceStopped` w
 provider's own message. The caps, each checked before every request against the spend so far
 plus the worst case of the requests in flight: `service.max_cost_usd`, this service's calls in
 one stage; `run_max_cost_usd` (the params' `cycle.max_cost_usd`), the whole run, counting what
-earlier stages, cycles and runs paid (the response cache's spend ledger). Until the first answer arrives requests go one at a time, so a bad
-key or model costs `BREAKER_IN_A_ROW` requests, not `max_concurrency`. Otherwise every
-request ends `ok` or failed with a reason, and answers already received stay in the cache.
+earlier stages, cycles and runs paid (the response cache's spend ledger).
+
+Until the first answer arrives requests go one at a time, so a bad key or model costs
+`BREAKER_IN_A_ROW` requests, not `max_concurrency`. Otherwise every request ends `ok` or
+failed with a reason, and answers already received stay in the cache.
 """
 
 from __future__ import annotations
