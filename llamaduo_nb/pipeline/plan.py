@@ -109,6 +109,10 @@ def describe(family: Params | list[Params]) -> str:
     caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})
     if caps:
         lines.append(f"Cost caps per stage (service.max_cost_usd, enforced while calls are in flight): {', '.join(caps)}")
+    run_caps = sorted({p.cycle.max_cost_usd for p in family if p.cycle.max_cost_usd})
+    if run_caps:
+        lines.append(f"Run-wide cost cap (cycle.max_cost_usd, enforced while calls are in flight, counting every stage and cycle): "
+                     f"{', '.join(f'${c:g}' for c in run_caps)}")
     return "\n".join(lines)
 
 
