@@ -12,6 +12,7 @@ layout are then known right); the parity check in the deploy stage tests the res
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -44,7 +45,7 @@ def merge_adapter(model_ref: str, adapter_dir: Path | str, chat_template: Option
     base = load_model.__wrapped__(model_ref, "none")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.eval()
-    return merged, load_tokenizer(model_ref, chat_template)
+    return merged, copy.deepcopy(load_tokenizer(model_ref, chat_template))  # a copy: the caller may set another template
 
 
 def save_merged(model, tokenizer, folder: Path | str, dtype: str) -> Path:
@@ -53,8 +54,11 @@ def save_merged(model, tokenizer, folder: Path | str, dtype: str) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
-    model.to(torch.float32)  # the GGUF is written from full precision, not from the saved copy
+    # a cast copy of the weights: the model in memory stays in full precision for the GGUF
+    state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    model.config.torch_dtype = dtype
+    model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -133,7 +137,7 @@ def write_gguf(base_gguf: Path | str, model, target: Path | str, quantization: s
             writer.add_tensor(tensor.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     if largest_untouched_change > 1e-3:
         writer.close()
-        partial.unlink()
+        partial.unlink(missing_ok=True)
         raise UserError(f"deploy: tensors LoRA did not train differ from the base GGUF's by up to {largest_untouched_change:.3g}; "
                         "the export's tensor layout is wrong for this model, nothing was written")
     writer.write_header_to_file()

@@ -497,3 +497,37 @@ def judge_vs_human(items: pd.DataFrame, agreement: pd.DataFrame):
     fig.suptitle("Judges checked against people: each human-labelled answer", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def served_vs_adapter(parity: pd.DataFrame, statistic: str = "mean"):
+    """The deploy stage's parity check: per exported cell (a row of panels per metric), the adapter's score
+    as evaluated and the served GGUF's, each with its 95 % CI, and the paired difference in the title."""
+    metrics = [m for m in ("similarity", "precision") if m in set(parity["metric"])]
+    cells = parity.drop_duplicates(["task", "local_model", "volume", "cycle", "judge"])
+    fig, axes = _panels(len(metrics), width=max(3.6, 1.6 * len(cells) + 1.6), height=3.4, sharey=True)
+    labels = [f"{r.task}\n{r.local_model}\nvolume {r.volume}" + (f" (c{r.cycle})" if r.cycle > 1 else "")
+              + (f"\n{r.judge}" if parity["judge"].nunique() > 1 else "") for r in cells.itertuples()]
+    x = np.arange(len(cells))
+    for ax, metric in zip(axes, metrics):
+        sub = parity[parity["metric"] == metric].set_index(["task", "local_model", "volume", "cycle", "judge"])
+        keys = [(r.task, r.local_model, r.volume, r.cycle, r.judge) for r in cells.itertuples()]
+        for offset, form, colour in ((-0.12, "adapter", "#1f77b4"), (0.12, "served", "#d62728")):
+            values = np.array([sub.loc[k, f"{form}_{statistic}"] for k in keys], dtype=float)
+            low = np.array([sub.loc[k, f"{form}_{statistic}_ci_low"] for k in keys], dtype=float)
+            high = np.array([sub.loc[k, f"{form}_{statistic}_ci_high"] for k in keys], dtype=float)
+            ax.errorbar(x + offset, values, yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)], fmt="o",
+                        color=colour, capsize=4, label="adapter (as evaluated)" if form == "adapter" else "served GGUF (llama.cpp)")
+        diffs = [sub.loc[k] for k in keys]
+        ax.set_title(f"{metric}: served − adapter " + ", ".join(f"{d['difference']:+.1f} [{d['difference_ci_low']:+.1f}, "
+                                                                f"{d['difference_ci_high']:+.1f}]" for d in diffs), fontsize=8)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_xlim(-0.6, len(cells) - 0.4)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"{metric} {statistic} (0-100)")
+        ax.grid(axis="y", alpha=0.3)
+    bottom = _figure_legend(fig, axes[:1], "", ncol=2)
+    fig.suptitle("Is the served model the evaluated one? (95% CIs; greedy answers identical: "
+                 + ", ".join(f"{v:.0%}" for v in cells["identical_greedy"]) + "; words agreeing from the start: "
+                 + ", ".join(f"{v:.0%}" for v in cells["greedy_agreement"]) + ")", fontsize=9)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig

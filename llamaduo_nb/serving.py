@@ -11,6 +11,7 @@ runs the stock `llama_cpp.server` module unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -63,10 +64,13 @@ class LlamaServer:
 
     # one thread: ggml's threads spin at a barrier after every operation, and on a machine whose cores are
     # busy (the test process, a notebook kernel) two threads ran 20-50x slower than one (0.5 vs 11-30 tokens/s)
-    def __init__(self, log: Path, n_ctx: int = 4096, threads: int = 1, model: Path | str | None = None, alias: str | None = None):
+    def __init__(self, log: Path, n_ctx: int = 4096, threads: int = 1, model: Path | str | None = None, alias: str | None = None,
+                 models: list | None = None):
         self.log = Path(log)
         self.model = Path(model) if model else packaged_gguf()
         self.alias = alias
+        # several GGUFs behind one server, each under its alias: [(path, alias), ...] (loaded on first request)
+        self.models = models
         self.port = free_port()
         self.n_ctx = n_ctx
         self.threads = threads
@@ -81,6 +85,12 @@ class LlamaServer:
                "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
         if self.alias:
             cmd += ["--model_alias", self.alias]
+        if self.models:  # llama_cpp.server reads several models only from a config file (which then holds every setting)
+            config = self.log.with_suffix(".models.json")
+            config.write_text(json.dumps({"host": "127.0.0.1", "port": self.port, "models": [
+                {"model": str(path), "model_alias": alias, "n_ctx": self.n_ctx, "n_threads": self.threads,
+                 "n_threads_batch": self.threads} for path, alias in self.models]}))
+            cmd = [sys.executable, "-c", LAUNCHER, "--config_file", str(config)]
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
         deadline = time.monotonic() + 120

@@ -11,7 +11,7 @@ BOOKS = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
 
 def test_one_notebook_per_stage_in_order():
     assert [p.name for p in BOOKS] == sorted(NOTEBOOKS.values())
-    assert [p.name[:2] for p in BOOKS] == [f"{i:02d}" for i in range(1, 8)]
+    assert [p.name[:2] for p in BOOKS] == [f"{i:02d}" for i in range(1, 9)]
 
 
 @pytest.mark.parametrize("path", BOOKS, ids=lambda p: p.name)

@@ -159,8 +159,9 @@ def test_only_service_settings_are_operational(tmp_path):
 def test_force_of_a_stage_reaches_every_stage_that_depends_on_it():
     from llamaduo_nb.pipeline.runner import downstream
 
-    assert downstream(["finetune"]) == ["finetune", "infer", "evaluate", "report"]
-    assert downstream(["coverage"]) == ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report"]
+    assert downstream(["finetune"]) == ["finetune", "infer", "evaluate", "deploy", "report"]
+    assert downstream(["coverage"]) == ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "deploy", "report"]
+    assert downstream(["deploy"]) == ["deploy", "report"]  # the report shows what was deployed
     assert downstream(["report"]) == ["report"]
 
 

@@ -3,7 +3,8 @@
 A run folder remembers its resolved params (`params.yaml`). Running it again with params that would
 change its outputs is refused with the fields that differ, unless `--force` accepts them; then only
 the units whose fingerprints changed are redone (see `units.py`). Operational settings (rate limits,
-concurrency, prices, key names), the run name and the cycle budget may change freely.
+concurrency, prices, key names), the run name, the cycle budget and how to deploy (`deploy.*`: the
+deploy stage redoes its exports when they change; the experiment's results stay as they are) may change freely.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ def refuse_changed_params(run_dir: Path, params: Params, accepted: bool) -> None
 
 
 def params_differences(old: dict, new: dict) -> list[str]:
-    """Dotted fields whose values differ; operational service settings, the run name and the cycle budget left out."""
+    """Dotted fields whose values differ; operational service settings, the run name, the cycle settings and
+    the deploy settings left out."""
     out: list[str] = []
     old, new = without_operational(old), without_operational(new)
 
     def walk(a, b, prefix):
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                if not prefix and key in ("run_name", "cycle"):
+                if not prefix and key in ("run_name", "cycle", "deploy"):
                     continue
                 walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(isinstance(x, dict) for x in a + b):

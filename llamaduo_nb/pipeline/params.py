@@ -175,7 +175,37 @@ class InferParams(Strict):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     batch_size: PositiveInt = 16  # prompts per generate call (each with k sequences)
-    base_url: Optional[str] = None  # engine: openai
+    # engine: openai — the server's URL, the NAME of its key variable (most local servers need none) and
+    # the requests in flight; it must list `<model>` and `<model>-<task>-<volume>` in GET /v1/models
+    base_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    max_concurrency: PositiveInt = 4
+
+
+# LoRA ranks vLLM's engine can be built for (`max_lora_rank`, `MaxLoRARanks` in vllm/config/lora.py); an adapter
+# of rank r is served by an engine built for the smallest of them that is ≥ r.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int, allowed: tuple[int, ...] = VLLM_MAX_LORA_RANKS) -> int:
+    """The `max_lora_rank` to build vLLM's engine with for adapters of rank r."""
+    fitting = [rank for rank in sorted(allowed) if rank >= r]
+    if not fitting:
+        raise ValueError(f"finetune.lora.r: {r} is above the largest LoRA rank vLLM serves ({max(allowed)}); "
+                         f"lower it or use infer.engine: transformers")
+    return fitting[0]
+
+
+class ExecutionParams(Strict):
+    """Where the grid's independent units run: one after another in this process (`local`), or as Ray tasks
+    (`ray`), as many at once as the cluster fits. Changes no output: units and their records are the same."""
+
+    backend: Literal["local", "ray"] = "local"
+    # ray: the cluster to join ("auto", "ray://head:10001"); default: RAY_ADDRESS, else a Ray instance on this machine
+    address: Optional[str] = None
+    gpus_per_unit: Optional[float] = Field(None, ge=0)  # ray: GPUs per adapter / per base model's answers; default 1 where the cluster has GPUs, else 0
+    cpus_per_unit: float = Field(1.0, gt=0)  # ray: CPU cores per unit (also its torch threads)
+    max_retries: int = Field(1, ge=0)  # ray: times a unit whose worker died is started again
 
 
 class EvaluateParams(Strict):
@@ -299,6 +329,44 @@ class CycleParams(Strict):
     max_cost_usd: Optional[float] = Field(None, gt=0)  # the whole run's service-LLM spend (USD): held while calls are in flight, and no new cycle past it
 
 
+CELL_PATTERN = re.compile(r"^([A-Za-z_]+)/([A-Za-z0-9._-]+)/(\d+)(?:@(\d+))?$")
+GGUF_QUANTIZATIONS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16", "f32")
+
+
+class DeployParams(Strict):
+    """Stage 08: which cells to export and how, and the parity check of the served model."""
+
+    # `llamaduo run` ends with this stage (params/quickstart.yaml and paper.yaml turn it on); run by name
+    # (`--stages deploy`, notebook 08) it runs either way
+    enabled: bool = False
+    # `task/model/volume` or `task/model/volume@cycle` (default: the latest cycle that trained it);
+    # empty: per task and local model, the smallest volume that meets cycle.target, else the best
+    cells: list[str] = Field(default_factory=list)
+    quantization: str = "q8_0"  # the GGUF's type (q8_0: near-lossless, loads in llama.cpp on any CPU)
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the merged safetensors model
+    # the chat template written into the exports; default the one the adapter was trained with
+    chat_template: Optional[str] = None
+    parity: bool = True  # serve the GGUF in llama.cpp's server and compare its judged answers with the adapter's
+    # how much the greedy answers of the served model and the adapter must agree: the mean share of words
+    # they have in common from the start (quantisation changes late words; a wrong template the first)
+    min_greedy_agreement: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("cells")
+    @classmethod
+    def _cell_names(cls, value):
+        for cell in value:
+            if not CELL_PATTERN.match(cell):
+                raise ValueError(f"'{cell}': expected task/model/volume or task/model/volume@cycle, e.g. closed_qa/smollm2-135m-instruct/16")
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, value):
+        if value not in GGUF_QUANTIZATIONS:
+            raise ValueError(f"'{value}' is not one of {', '.join(GGUF_QUANTIZATIONS)}")
+        return value
+
+
 class Params(Strict):
     run_name: str = "paper"
     seed: int = 42
@@ -311,6 +379,14 @@ class Params(Strict):
     infer: InferParams = Field(default_factory=InferParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     cycle: CycleParams = Field(default_factory=CycleParams)
+    deploy: DeployParams = Field(default_factory=DeployParams)
+    execution: ExecutionParams = Field(default_factory=ExecutionParams)
+
+    @model_validator(mode="after")
+    def _lora_rank_served_by_vllm(self):
+        if self.infer.engine == "vllm":
+            vllm_max_lora_rank(self.finetune.lora.r)
+        return self
 
     @model_validator(mode="after")
     def _target_is_reported(self):

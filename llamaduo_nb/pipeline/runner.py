@@ -30,9 +30,10 @@ from llamaduo_nb.pipeline.grid import parse_only, redo_cells
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, Params
 from llamaduo_nb.pipeline.params_file import service_slug
 from llamaduo_nb.pipeline.params_file import load_family
-from llamaduo_nb.pipeline.units import NOTEBOOKS, STAGES, UPSTREAM, check_layout, cycle_folder, is_done, update_manifest
+from llamaduo_nb.pipeline.units import NOTEBOOKS, OPTIONAL_UPSTREAM, STAGES, UPSTREAM, check_layout, cycle_folder, is_done, update_manifest
 
 CYCLE_STAGES = ["synthesize", "deduplicate", "finetune", "infer", "evaluate"]
+AFTER_CYCLES = ("deploy", "report")  # once, over every cycle's results
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -68,7 +69,7 @@ def downstream(stages: list[str]) -> list[str]:
     """The stages and every stage that depends on them, in order."""
     out = set(stages)
     for stage in STAGES:  # STAGES is in dependency order
-        if any(up in out for up in UPSTREAM[stage]):
+        if any(up in out for up in UPSTREAM[stage] + OPTIONAL_UPSTREAM.get(stage, [])):
             out.add(stage)
     return [s for s in STAGES if s in out]
 
@@ -95,8 +96,11 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
         raise UserError("; ".join(problems) + " (llamaduo doctor PARAMS checks everything a run needs)")
     check_notebooks()
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(family[0])
+    def stages_for(params: Params) -> list[str]:  # deploy by name, or at the end of a whole run when enabled
+        return chosen if stages or params.deploy.enabled else [s for s in chosen if s != "deploy"]
+
     if len(family) == 1:
-        return _run_one(family[0], run_dir, chosen, forced, bool(force), log, only, execute)
+        return _run_one(family[0], run_dir, stages_for(family[0]), forced, bool(force), log, only, execute)
     members = {service_slug(p): p for p in family}
     for slug, params in members.items():  # refuse before any member runs
         refuse_changed_params(run_dir / slug, params, bool(force))
@@ -106,7 +110,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
                                         "folders": list(members)})
     for slug, params in members.items():
         log(f"=== service LLM {params.service.label}: {run_dir / slug}")
-        _run_one(params, run_dir / slug, chosen, forced, True, log, only, execute)  # params already checked above
+        _run_one(params, run_dir / slug, stages_for(params), forced, True, log, only, execute)  # params already checked above
     finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
     if len(finished) > 1 and "report" in chosen:
         from llamaduo_nb.stages.report import compare_runs
@@ -133,11 +137,13 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
         redo_cells(run_dir, cells, log)
     os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
     executed_now = []
-    for stage in [s for s in chosen if s != "report"]:
+    for stage in [s for s in chosen if s not in AFTER_CYCLES]:
         if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
             executed_now.append(stage)
     if "evaluate" in chosen and (run_dir / "metrics.csv").exists():
         executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log, execute)
+    if "deploy" in chosen and _run_stage("deploy", params, resolved, run_dir, "deploy" in forced, log, execute=execute):
+        executed_now.append("deploy")
     if "report" in chosen and _run_stage("report", params, resolved, run_dir, "report" in forced, log, execute=execute):
         executed_now.append("report")
     report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]

@@ -39,8 +39,11 @@ from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, PROJECT_ROOT, Params, 
 
 # One word per stage: notebook 0N_<stage>.ipynb, module llamaduo_nb.stages.<stage>, folder <run>/<stage>/,
 # the CLI's --stages/--force word, DONE.json's "stage" and the runner's log lines.
-STAGES = ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report"]
-NOTEBOOKS = {stage: f"{i:02d}_{stage}.ipynb" for i, stage in enumerate(STAGES, start=1)}
+# STAGES is in dependency order: deploy runs before the report, which shows what was deployed (notebook 08
+# comes after 07 because a researcher reads the report first and then deploys; `llamaduo run` does both).
+STAGES = ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "deploy", "report"]
+NOTEBOOK_ORDER = ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report", "deploy"]
+NOTEBOOKS = {stage: f"{i:02d}_{stage}.ipynb" for i, stage in enumerate(NOTEBOOK_ORDER, start=1)}
 UPSTREAM = {
     "coverage": [],
     "synthesize": ["coverage"],
@@ -48,8 +51,11 @@ UPSTREAM = {
     "finetune": ["deduplicate"],
     "infer": ["coverage", "finetune"],
     "evaluate": ["coverage", "infer"],
+    "deploy": ["coverage", "finetune", "evaluate"],
     "report": ["deduplicate", "finetune", "infer", "evaluate"],
 }
+# inputs a stage reads when they exist (the report shows the deploy stage's exports once it has run)
+OPTIONAL_UPSTREAM = {"report": ["deploy"]}
 # Params each stage's outputs depend on (dotted paths into the params); operational settings are left out.
 DEPENDS_ON = {
     "coverage": ["seed", "tasks", "coverage"],
@@ -58,6 +64,9 @@ DEPENDS_ON = {
     "finetune": ["seed", "tasks", "finetune"],
     "infer": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer"],
     "evaluate": ["seed", "tasks", "evaluate", "service"],
+    "deploy": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer", "evaluate", "service", "cycle.target",
+               "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity",
+               "deploy.min_greedy_agreement"],
     "report": ["evaluate.zetas", "cycle.target"],
 }
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
@@ -80,7 +89,7 @@ def _get(tree: dict, dotted: str) -> Any:
 
 
 def without_operational(dumped: dict) -> dict:
-    """The dumped params without the operational service settings (of `service` and of every judge)."""
+    """The dumped params without the operational settings: of `service`, of every judge, and `execution`."""
 
     def strip(service):
         if isinstance(service, dict):
@@ -90,6 +99,7 @@ def without_operational(dumped: dict) -> dict:
         return service
 
     out = dict(dumped)
+    out.pop("execution", None)  # where units run (local, Ray) changes none of them
     if "service" in out:
         out["service"] = strip(out["service"])
     if isinstance(out.get("evaluate"), dict) and out["evaluate"].get("judges") is not None:
@@ -291,14 +301,16 @@ def stage_fingerprint(stage: str, params: Params, run_dir: Path | str) -> str:
             parts["service_answers"] = depends_on(params, ["infer.k", "infer.temperature", "infer.top_p", "infer.max_new_tokens"])
     if stage == "coverage":
         parts["source"] = coverage_source_fingerprint(params)
-    parts["inputs"] = {up: output_content(run_dir, up) for up in UPSTREAM[stage]}
+    parts["inputs"] = {up: output_content(run_dir, up) for up in UPSTREAM[stage] + OPTIONAL_UPSTREAM.get(stage, [])}
     cycle = cycle_of(run_dir)
     if cycle > 1 and stage in ("deduplicate", "finetune"):  # both read every earlier cycle's kept pairs
         parts["earlier_cycles"] = [output_content(cycle_folder(run_dir, c), "deduplicate") for c in range(1, cycle)]
     if stage == "synthesize":
         parts["cycle"] = cycle  # a later cycle sends new requests
-    if stage == "report":  # the report covers every cycle
+    if stage in ("report", "deploy"):  # both cover every cycle (deploy picks among every cycle's adapters)
         parts["cycles"] = [output_content(folder, "evaluate") for _, folder in cycle_folders(run_dir)[1:]]
+        if stage == "deploy":
+            parts["cycle_adapters"] = [output_content(folder, "finetune") for _, folder in cycle_folders(run_dir)[1:]]
         cycles_json = root_of(run_dir) / "cycles.json"
         parts["cycles.json"] = file_fingerprint(cycles_json) if cycles_json.exists() else None
     return fingerprint(parts)
@@ -433,6 +445,8 @@ def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = 
     stages = manifest.setdefault("stages", {})
     if stage and done:
         stages[stage] = {k: done[k] for k in ("fingerprint", "content", "completion_id", "finished_at", "seconds", "counts", "units", "llm")}
+        if done.get("warnings"):  # e.g. the deploy stage's parity check: the served model is not the evaluated one
+            stages[stage]["warnings"] = done["warnings"]
     totals: dict = {}
     for record in stages.values():
         for acc in (record.get("llm") or {}).values():

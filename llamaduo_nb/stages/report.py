@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
-                                 score_across_cycles, score_vs_volume)
+                                 score_across_cycles, score_vs_volume, served_vs_adapter)
 from llamaduo_nb.io import read_json, save_figure, write_csv, write_text
 from llamaduo_nb.methods import comparison
 from llamaduo_nb.methods.metrics import answer_scores, is_service
@@ -33,7 +33,7 @@ from llamaduo_nb.pipeline import cycle as _cycle
 from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.pipeline.params import Params
 from llamaduo_nb.pipeline.units import STAGES, StageResult, StageRun, cycle_folders, root_of, stage_dir
-from llamaduo_nb.stages import evaluate, finetune
+from llamaduo_nb.stages import deploy, evaluate, finetune
 
 NOT_THE_PAPER = (
     "Offline stand-in: the judge is the local model itself, scoring by likelihood. "
@@ -180,6 +180,9 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     human = evaluate.load_human_check(root_of(run_dir))
     if not human["items"].empty:
         written += save_figure(judge_vs_human(human["items"], human["agreement"]), out / "judge_vs_human")
+    parity = deploy.load_parity(root_of(run_dir))
+    if not parity.empty:
+        written += save_figure(served_vs_adapter(parity), out / "served_vs_adapter")
     plt.close("all")
     write_csv(out / "metrics_table.csv", metrics_table(metrics, zetas))
     compared = service_comparison(params, run_dir)

@@ -14,6 +14,8 @@ server, which refuses `json_schema` with a 500 carrying pydantic's validation er
 `object_schema` (whether `json_object` may carry a `schema`), and `rate_limit_headers`
 (`x-ratelimit-*` on every answer: from the `enforce_rpm` bucket, or a fixed dict).
 
+`GET /v1/models` lists `models`; `honours_n=False` answers one choice whatever `n` asks (llama.cpp's server).
+
 Also the Batch API on top of the Files API: `POST /v1/files` (multipart, purpose
 `batch`), `GET /v1/files/{id}` and `/v1/files/{id}/content`, `POST /v1/batches`
 (endpoint `/v1/chat/completions`, window `24h`) and `GET /v1/batches/{id}`. A batch
@@ -49,8 +51,9 @@ class OpenAIEmulator(ProviderEmulator):
     url_suffix = "/v1"
 
     def __init__(self, *args, models=None, reasoning_models=(), json_types=("text", "json_object", "json_schema"),
-                 object_schema=True, rate_limit_headers=None, **kwargs):
+                 object_schema=True, rate_limit_headers=None, honours_n=True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.honours_n = honours_n  # False: one choice whatever `n` says, as llama.cpp's server does
         self.models = set(models) if models is not None else None
         self.reasoning_models = set(reasoning_models)
         self.json_types = tuple(json_types)
@@ -162,13 +165,14 @@ class OpenAIEmulator(ProviderEmulator):
         }
 
     def ok_body(self, ctx, text, input_tokens, output_tokens) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
+        n = int(ctx.body.get("n") or 1) if self.honours_n else 1
+        choices = [{
+            "index": i,
+            "message": {"role": "assistant", "content": text if i == 0 else f"{text} (choice {i})", "refusal": None},
             "logprobs": None,
             "finish_reason": "stop",
-        }
-        return self._envelope(ctx, [choice], input_tokens, output_tokens)
+        } for i in range(n)]
+        return self._envelope(ctx, choices, input_tokens, output_tokens * n)
 
     def empty_body(self, ctx, input_tokens) -> dict:
         return self._envelope(ctx, [], input_tokens, 0)
@@ -186,6 +190,11 @@ class OpenAIEmulator(ProviderEmulator):
     # -- Files + Batch API ------------------------------------------------------------
     def route(self, handler, method, path, raw) -> bool:
         parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["v1", "models"] and method == "GET" and len(parts) == 2:
+            names = sorted(self.models) if self.models is not None else ["gpt-4o", "gpt-4o-mini"]
+            self._send(handler, 200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "emulator"}
+                                                                   for m in names]})
+            return True
         if len(parts) < 2 or parts[0] != "v1" or parts[1] not in ("files", "batches"):
             return False
         if parts[1] == "files" and method == "POST" and len(parts) == 2:
