@@ -31,8 +31,10 @@ demo-cycle: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not long"
 
-# kill -9 at random points of synthesis, judging and training, then resume (CI runs it after `make test`)
+# kill -9 at random points of synthesis, judging and training, then resume; the grid on a local Ray cluster
+# (installs the ray extra when missing: ~80 MB, no torch of its own). CI runs it after `make test`.
 test-long: $(STAMP)
+	$(PY) -c "import ray" 2>/dev/null || $(PY) -m pip install -q -e ".[ray]"
 	$(PY) -m pytest -q -m long
 
 # a real llama.cpp server as the service LLM; the first install builds llama.cpp (~10 min on 2 cores),

@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--only", metavar="CELLS", help="redo single grid cells of an existing run, e.g. task=coding,volume=4096 "
                                                      "(keys task, model, volume; several values with |)")
     r.add_argument("--dry-run", action="store_true", help="print the grid, the service-LLM calls and the estimated cost; run nothing")
+    r.add_argument("--gpus", type=int, metavar="N", help="with --dry-run: how many units run at once on N GPUs, and the wall-hours")
     v = sub.add_parser("validate", help="check a params file")
     v.add_argument("params")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -131,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if args.command == "report":
             return report(args.runs, args.out)
+        if args.command == "run" and args.gpus is not None and not args.dry_run:
+            raise UserError("--gpus goes with --dry-run (a run uses the GPUs its Ray cluster or machine has)")
         if args.command == "run" and args.dry_run:
             from llamaduo_nb.pipeline.params_file import load_family
             from llamaduo_nb.pipeline.plan import describe
 
-            print(describe(load_family(args.params, args.overrides)))
+            if args.gpus is not None and args.gpus < 1:
+                raise UserError(f"--gpus: {args.gpus} is not a number of GPUs (1 or more)")
+            print(describe(load_family(args.params, args.overrides), gpus=args.gpus))
             return 0
         if args.command == "run":
             from llamaduo_nb.pipeline.runner import StageFailed, run

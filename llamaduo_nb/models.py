@@ -89,7 +89,8 @@ def resolve(ref: str) -> ModelSource:
 def torch_threads() -> None:
     import torch
 
-    n = os.cpu_count() or 1
+    given = os.environ.get("OMP_NUM_THREADS", "")  # a Ray unit (or a user) given fewer cores says so here
+    n = int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
@@ -110,18 +111,22 @@ def load_tokenizer(ref: str, chat_template: Optional[str] = None):
     return tok
 
 
-@functools.lru_cache(maxsize=2)
-def load_model(ref: str, quantization: str = "none"):
-    """Load a causal LM for inference or training (float32 on CPU; bf16 / 4-bit NF4 on CUDA)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def process_device():
+    """This process's device: under `accelerate launch` (or torchrun) each rank's own GPU, `cuda:<local rank>`;
+    one process on a GPU machine (or a Ray unit, which sees only the GPUs Ray gave it) `cuda:0`; else the CPU."""
+    from accelerate import PartialState
 
-    torch_threads()
-    src = resolve(ref)
-    kwargs: dict = {}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
-    cuda = torch.cuda.is_available()
+    return PartialState().device
+
+
+def placement(quantization: str) -> dict:
+    """from_pretrained's placement and dtype for this process: the whole model on this rank's own device
+    (`device_map={"": local_rank}`), bf16 on CUDA, float32 on a CPU; 4-bit NF4 (QLoRA) needs CUDA."""
+    import torch
+
+    device = process_device()
+    cuda = device.type == "cuda"
+    kwargs: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if quantization == "nf4":
         if not cuda:
             raise UserError("finetune.quantization: nf4 (QLoRA) needs a CUDA GPU; use quantization: none on a CPU")
@@ -131,8 +136,21 @@ def load_model(ref: str, quantization: str = "none"):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": 0}
-    kwargs["dtype"] = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        kwargs["device_map"] = {"": device.index if device.index is not None else 0}
+    return kwargs
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(ref: str, quantization: str = "none"):
+    """Load a causal LM for inference or training (float32 on CPU; bf16 / 4-bit NF4 on this rank's GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_threads()
+    src = resolve(ref)
+    kwargs = placement(quantization)
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
     model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
     if src.gguf_file:
         # GGUF weights are de-quantized to full precision on load; only the quantizer marker remains,
@@ -141,10 +159,19 @@ def load_model(ref: str, quantization: str = "none"):
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if cuda and quantization != "nf4":
-        model = model.to("cuda")
     model.eval()
     return model
+
+
+def load_training_base(ref: str, quantization: str):
+    """A base model to inject one adapter's LoRA layers into (in place). On a GPU a fresh copy per adapter: each
+    rank then holds one bf16 copy of the base, never the cached one and a duplicate. On a CPU a deep copy of the
+    cached base, which is faster than reading a GGUF again."""
+    import copy
+
+    if quantization == "nf4" or process_device().type == "cuda":
+        return load_model.__wrapped__(ref, quantization)
+    return copy.deepcopy(load_model(ref, quantization))
 
 
 def available() -> dict:
@@ -164,12 +191,18 @@ class Generation:
     finish_reason: str  # "stop" or "length"
 
 
+def chat_texts(tokenizer, conversations: list) -> list[str]:
+    """The prompts as the model sees them: the run's chat template (tokenizer.chat_template), the assistant turn opened.
+    Every engine gets these exact texts, tokenized without adding special tokens again."""
+    return [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
 def generate_chat(model, tokenizer, conversations: list, *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                   num_return_sequences: int = 1, logits_processor=None, seed: int = 0) -> list[list[Generation]]:
     """Answer a batch of chat conversations; `num_return_sequences` answers each (left-padded, one generate call)."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in conversations]
+    texts = chat_texts(tokenizer, conversations)
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     torch.manual_seed(seed)

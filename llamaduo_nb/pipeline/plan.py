@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from llamaduo_nb.pipeline import execution
 from llamaduo_nb.pipeline.params import Params
 
 # Assumptions for the estimate (printed with it): tokens per synthesis request and reply, per judge
@@ -30,8 +31,9 @@ def test_prompts_per_task(params: Params) -> int | None:
     return max(1, round(len(test) / len(params.tasks)))
 
 
-def describe(family: Params | list[Params]) -> str:
-    """The grid, the calls and the cost a params file implies (a list: a sweep over service LLMs)."""
+def describe(family: Params | list[Params], gpus: int | None = None) -> str:
+    """The grid, the calls and the cost a params file implies (a list: a sweep over service LLMs); with `gpus`,
+    how many fine-tuning units run at once on that many GPUs and the wall time it implies."""
     family = family if isinstance(family, list) else [family]
     params = family[0]
     ft, syn, inf, ev, cyc = params.finetune, params.synthesize, params.infer, params.evaluate, params.cycle
@@ -101,9 +103,19 @@ def describe(family: Params | list[Params]) -> str:
         later_judge = len(tasks) * len(models) * inf.k * ev.m * len(judges)  # one new adapter per (task, model); the base is cached
         judged = f"{later_judge * n_test:,} judge calls" if n_test else f"{later_judge:,} judge calls per test prompt per task"
         lines.append(f"  each later cycle: ~{later_synth:,} synthesis + {judged} per service LLM (at most {cyc.max_cycles - 1} later cycles)")
+    if params.deploy.enabled:  # one exported cell per (task, local model) unless named; its served answers judged again
+        exported = len(params.deploy.cells) or len(tasks) * len(models)
+        per_judge = exported * inf.k * ev.m * n_test if (params.deploy.parity and n_test) else 0
+        parity_cost = sum(_cost(j, per_judge * JUDGE_INPUT_TOKENS, per_judge * JUDGE_OUTPUT_TOKENS) for j in judges)
+        lines.append(f"  deploy: {exported} cell(s) exported (merged model + {params.deploy.quantization} GGUF)"
+                     + (f"; parity check: {per_judge:,} calls per judge (${parity_cost:,.2f})" if per_judge else ""))
+        total_calls += per_judge * len(judges)
+        total_cost += parity_cost
     samples = sum(volumes) * ft.num_train_epochs * len(tasks) * len(models) * len(services)
     lines.append(f"Fine-tuning: {samples:,.0f} training samples in all ≈ {samples / GPU_SAMPLES_PER_SECOND / 3600:,.1f} GPU-hours "
                  f"(assuming {GPU_SAMPLES_PER_SECOND} samples/s per GPU)")
+    unit_hours = [v * ft.num_train_epochs / GPU_SAMPLES_PER_SECOND / 3600 for v in volumes] * (len(tasks) * len(models) * len(services))
+    lines += execution.describe(params.execution, unit_hours, gpus)
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
     caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})

@@ -16,7 +16,6 @@ moved to `orphaned/`.
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import shutil
@@ -27,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 
 from llamaduo_nb.io import fingerprint, read_json, write_csv, write_json
-from llamaduo_nb.models import load_model, load_tokenizer, short_name
+from llamaduo_nb.errors import UserError
+from llamaduo_nb.models import load_tokenizer, load_training_base, short_name
+from llamaduo_nb.pipeline.execution import UnitJob, run_units
 from llamaduo_nb.pipeline.params import FinetuneParams, Params
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_of, set_aside, stage_dir
 
@@ -166,6 +167,7 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
                force: bool = False) -> dict:
     """Train one adapter, or return the record of the current one."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import SFTTrainer
 
     cfg = params.finetune
@@ -180,14 +182,15 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     if out.exists() and (force or previous.get("fingerprint") != unit.fingerprint):
         shutil.rmtree(out)  # params or data changed (or a forced redo): nothing of the old adapter is reused
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / ".training.json", {"fingerprint": unit.fingerprint})  # lets a killed run resume its checkpoints
+    # lets a killed run resume its checkpoints, and says which process trains the adapter
+    write_json(out / ".training.json", {"fingerprint": unit.fingerprint, "pid": os.getpid()})
     quant = effective_quantization(cfg)
     tokenizer = load_tokenizer(model_ref, cfg.chat_template)
-    if quant == "nf4":
-        model = load_model.__wrapped__(model_ref, "nf4")  # fresh 4-bit base for each adapter
-    else:
-        model = copy.deepcopy(load_model(model_ref, "none"))  # LoRA is injected in place: keep the cached base clean
+    model = load_training_base(model_ref, quant)
     args = sft_config(cfg, checkpoints, params.seed, len(pairs))
+    # LoRA's initial weights are drawn when the trainer wraps the model, before it seeds anything: seeded here,
+    # an adapter is the same whatever this process trained before (a Ray worker, an --only redo)
+    set_seed(params.seed)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
@@ -195,7 +198,8 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     resume = last_complete_checkpoint(checkpoints)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = round(time.time() - started, 2)
+    finished = time.time()
+    seconds = round(finished - started, 2)
     if not trainer.is_world_process_zero():
         return {"task": task, "volume": volume, "skipped": False, "n_train": len(pairs)}  # rank 0 writes the outputs
     log = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
@@ -210,7 +214,7 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
         task=task, local_model=short_name(model_ref), base_model=model_ref, volume=volume, n_train=len(pairs),
         steps=trainer.state.global_step, train_loss=round(float(result.training_loss), 4), seconds=seconds,
         quantization=quant, trainable_params=int(trainable), resumed=str(resume) if resume else None,
-        adapter=str(out.relative_to(Path(run_dir))),
+        adapter=str(out.relative_to(Path(run_dir))), training_started=round(started, 3), training_finished=round(finished, 3),
     )
     (out / ".training.json").unlink(missing_ok=True)
     del trainer, model
@@ -247,10 +251,11 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     folder = stage_dir(run_dir, "finetune")
     present = {p.parent for p in folder.glob("*/*/*/UNIT.json")} | {p.parent for p in folder.glob("*/*/*/.training.json")}
     set_aside(run_dir, "finetune", sorted(present - wanted), "task, local model or volume dropped from the params")
-    records = []
-    for task, model_ref, volume, pairs in cells:
-        print(f"finetune {task} · {short_name(model_ref)} · volume {volume} ({len(pairs)} pairs)", flush=True)
-        records.append(train_unit(params, run_dir, task, model_ref, volume, pairs, force=force))
+    if params.execution.backend == "ray" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("execution.backend: ray schedules whole units; run `accelerate launch` with execution.backend: local")
+    jobs = [UnitJob(f"{task}/{short_name(model_ref)}/{volume}", train_unit, (params, run_dir, task, model_ref, volume, pairs),
+                    {"force": force}) for task, model_ref, volume, pairs in cells]
+    records = run_units("finetune", folder, jobs, params.execution, log=lambda line: print(line, flush=True))
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, only the main process writes
         return StageResult("finetune", Path(run_dir), False, counts={"adapters": len(records)})
     columns = ["task", "local_model", "base_model", "volume", "n_train", "steps", "train_loss", "seconds", "quantization",

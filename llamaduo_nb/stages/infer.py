@@ -4,7 +4,9 @@ Reads: `coverage/test.jsonl`, `finetune/runs.csv` and the adapters. Writes:
 `infer/<task>/<model>/<volume>.jsonl` (prompt_id, volume, k, response, tokens, latency) with its
 unit record `<volume>.jsonl.unit.json`, `infer/summary.csv`, DONE.json. Volume 0 is the base model
 without an adapter, the baseline every volume is compared with. `infer.engine` picks transformers
-(default), vLLM's offline engine (CUDA) or any OpenAI-compatible server.
+(default), vLLM's offline engine (CUDA) or any OpenAI-compatible server (`infer.base_url`) that lists
+each cell's model name (`served_name`) in GET /v1/models; a server that does not is refused, because
+it would answer with another model.
 
 Units: one answer file per (task, model, volume), made from `infer.*` (K, sampling, batch size:
 the generation seed is per batch), the seed, the base model and chat template, the task's test
@@ -14,8 +16,10 @@ answered again; files of cells no longer in the grid are moved to `orphaned/`.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from llamaduo_nb.progress import tqdm
@@ -25,9 +29,14 @@ from llamaduo_nb.stages import coverage
 from llamaduo_nb.stages import finetune
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
-from llamaduo_nb.models import generate_chat, load_model, load_tokenizer, short_name
-from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.models import chat_texts, generate_chat, load_model, load_tokenizer, short_name
+from llamaduo_nb.pipeline.execution import UnitJob, run_units
+from llamaduo_nb.pipeline.params import Params, vllm_max_lora_rank
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_folder, cycle_of, read_done, set_aside, stage_dir
+
+
+# how answers are fetched from a server, not what they are
+INFER_OPERATIONAL = {"api_key_env", "max_concurrency"}
 
 
 def unit_path(run_dir: Path | str, task: str, model: str, volume: int) -> Path:
@@ -58,7 +67,7 @@ def _answer_transformers(model, tokenizer, prompts: list[dict], params: Params, 
 
 def _check_engine(params: Params) -> None:
     engine = params.infer.engine
-    if engine == "vllm":
+    if engine == "vllm" and params.execution.backend == "local":  # on Ray, the workers need vLLM and a GPU, not this process
         import importlib.util
 
         import torch
@@ -69,58 +78,146 @@ def _check_engine(params: Params) -> None:
         raise UserError("infer.engine: openai needs infer.base_url (an OpenAI-compatible server serving the adapters)")
 
 
-def _answer_vllm(params: Params, run_dir: Path, task: str, model_ref: str, units: list[dict], prompts: list[dict]) -> dict:
-    """vLLM offline engine with one LoRARequest per volume (CUDA only)."""
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+def answer_seed(params: Params, task: str, volume: int) -> int:
+    """The generation seed of one answer file (each batch of prompts adds its offset), the same on every engine."""
+    return int(fingerprint([params.seed, task, volume])[:6], 16)
 
-    from llamaduo_nb.models import resolve
 
-    cfg = params.infer
+def vllm_engine_args(params: Params, model_ref: str) -> dict:
+    """vLLM `LLM(...)` arguments for one base model: LoRA on, the smallest `max_lora_rank` vLLM accepts that
+    holds finetune.lora.r, the run's seed."""
+    from llamaduo_nb.models import PACKAGED_MODELS, resolve
+
     src = resolve(model_ref)
-    location = str(Path(src.location) / src.gguf_file) if src.gguf_file else src.location
-    llm = LLM(model=location, enable_lora=True, max_lora_rank=max(64, params.finetune.lora.r), seed=params.seed)
-    tokenizer = llm.get_tokenizer()
-    texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in _conversations(prompts)]
-    sampling = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=params.seed)
-    out = {}
-    for i, unit in enumerate(units):
-        lora = LoRARequest(f"v{unit['volume']}", i + 1, str(Path(run_dir) / unit["adapter"])) if unit["volume"] else None
-        began = time.time()
-        results = llm.generate(texts, sampling, lora_request=lora)
-        latency = (time.time() - began) / max(1, len(prompts))
-        rows = []
-        for prompt, res in zip(prompts, results):
-            for k, o in enumerate(res.outputs):
-                rows.append({"prompt_id": prompt["prompt_id"], "k": k, "response": o.text.strip(), "output_tokens": len(o.token_ids),
-                             "input_tokens": len(res.prompt_token_ids), "finish_reason": o.finish_reason, "latency_s": round(latency, 3)})
-        out[unit["volume"]] = rows
-    return out
+    args = {"model": str(Path(src.location) / src.gguf_file) if src.gguf_file else src.location, "enable_lora": True,
+            "max_lora_rank": vllm_max_lora_rank(params.finetune.lora.r, _vllm_ranks()), "max_loras": 1, "seed": params.seed}
+    if src.gguf_file and model_ref in PACKAGED_MODELS:
+        args["tokenizer"] = PACKAGED_MODELS[model_ref]["hub"]  # vLLM reads a GGUF's tokenizer from its Hub model
+    return args
 
 
-def _answer_openai(params: Params, task: str, model_name: str, volume: int, prompts: list[dict]) -> list[dict]:
-    """Any OpenAI-compatible server that serves the adapter under the name `<model>-<task>-<volume>`."""
-    from openai import OpenAI
+def _vllm_ranks() -> tuple[int, ...]:
+    """The ranks the installed vLLM accepts for max_lora_rank (its MaxLoRARanks), else those of the schema."""
+    import typing
 
+    from llamaduo_nb.pipeline.params import VLLM_MAX_LORA_RANKS
+
+    try:
+        from vllm.config.lora import MaxLoRARanks
+
+        return tuple(typing.get_args(MaxLoRARanks)) or VLLM_MAX_LORA_RANKS
+    except (ImportError, AttributeError):
+        return VLLM_MAX_LORA_RANKS
+
+
+def vllm_sampling_args(params: Params, seed: int) -> dict:
+    """vLLM `SamplingParams(...)` for one batch: K answers and the sampling transformers uses (temperature 0: greedy)."""
     cfg = params.infer
-    client = OpenAI(base_url=cfg.base_url, api_key="not-needed")
-    name = model_name if volume == 0 else f"{model_name}-{task}-{volume}"
-    rows = []
-    for prompt in tqdm(prompts, desc=f"{task} v{volume}", leave=False):
-        began = time.time()
-        resp = client.chat.completions.create(model=name, messages=list(_conversations([prompt])[0]), n=cfg.k,
-                                              temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
-        for k, choice in enumerate(resp.choices):
-            rows.append({"prompt_id": prompt["prompt_id"], "k": k, "response": (choice.message.content or "").strip(),
-                         "output_tokens": None, "input_tokens": None, "finish_reason": choice.finish_reason,
-                         "latency_s": round(time.time() - began, 3)})
-    return rows
+    greedy = cfg.temperature == 0
+    return {"n": cfg.k, "temperature": cfg.temperature, "top_p": 1.0 if greedy else cfg.top_p, "max_tokens": cfg.max_new_tokens,
+            "seed": seed}
+
+
+class VllmEngine:
+    """vLLM's offline engine for one base model, reused for all its tasks and volumes (one LoRARequest per
+    adapter, ids unique for the engine's life) and torn down by `close()` so the next base model has the GPU."""
+
+    def __init__(self, params: Params, model_ref: str):
+        from vllm import LLM
+
+        self.params = params
+        # the run's chat template: prompts are rendered by the same tokenizer as with transformers, passed as token ids
+        self.tokenizer = load_tokenizer(model_ref, params.finetune.chat_template)
+        self.llm = LLM(**vllm_engine_args(params, model_ref))
+        self.adapters = 0
+
+    def answer(self, run_dir: Path, task: str, cells: list[dict], prompts: list[dict]) -> dict:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        cfg = self.params.infer
+        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in chat_texts(self.tokenizer, _conversations(prompts))]
+        out = {}
+        for cell in cells:
+            lora = None
+            if cell["volume"]:
+                self.adapters += 1
+                lora = LoRARequest(f"{task}-v{cell['volume']}", self.adapters, str(Path(run_dir) / cell["adapter"]))
+            seed = answer_seed(self.params, task, cell["volume"])
+            sampling = [SamplingParams(**vllm_sampling_args(self.params, seed + (i // cfg.batch_size) * cfg.batch_size))
+                        for i in range(len(prompts))]
+            began = time.time()
+            results = self.llm.generate([{"prompt_token_ids": p} for p in ids], sampling, lora_request=lora)
+            latency = (time.time() - began) / max(1, len(prompts))
+            rows = []
+            for prompt, res in zip(prompts, results):
+                for k, o in enumerate(res.outputs):
+                    rows.append({"prompt_id": prompt["prompt_id"], "k": k, "response": o.text.strip(), "output_tokens": len(o.token_ids),
+                                 "input_tokens": len(res.prompt_token_ids), "finish_reason": o.finish_reason, "latency_s": round(latency, 3)})
+            out[cell["volume"]] = rows
+        return out
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+        try:
+            from vllm.distributed import cleanup_dist_env_and_memory
+        except ImportError:
+            import torch
+
+            torch.cuda.empty_cache()
+        else:
+            cleanup_dist_env_and_memory()
+
+
+def served_name(model_name: str, task: str, volume: int) -> str:
+    """The model name a server must list for a cell: the base model's short name, an adapter's `<model>-<task>-<volume>`."""
+    return model_name if volume == 0 else f"{model_name}-{task}-{volume}"
+
+
+def volume_seed(params: Params, task: str, volume: int) -> int:
+    return int(fingerprint([params.seed, task, volume])[:6], 16)
+
+
+class _Server:
+    """infer.engine: openai — the server checked once per stage: that it serves every cell's name, and whether it honours n."""
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.use_n: Optional[bool] = None
+
+    def config(self, name: str):
+        from llamaduo_nb.llm.served import server_config
+
+        cfg = self.params.infer
+        return server_config(cfg.base_url, name, cfg.api_key_env, cfg.max_concurrency)
+
+    def check(self, names: list[str]) -> None:
+        from llamaduo_nb.llm.served import check_served, honours_n
+
+        check_served(self.config(names[0]), sorted(set(names)))
+        cfg = self.params.infer
+        if self.use_n is None:
+            self.use_n = cfg.k > 1 and honours_n(self.config(names[0]))
+            print(f"infer: {cfg.base_url} " + ("returns K answers per request (n)" if self.use_n
+                                                 else f"ignores n: {cfg.k} seeded requests per prompt"), flush=True)
+
+    def answer_cells(self, run_dir: Path, task: str, model_name: str, cells: list[dict], prompts: list[dict]) -> dict:
+        from llamaduo_nb.llm import cache_for
+        from llamaduo_nb.llm.served import answer
+
+        cfg = self.params.infer
+        names = {c["volume"]: served_name(model_name, task, c["volume"]) for c in cells}
+        return {c["volume"]: answer(self.config(names[c["volume"]]), cache_for(run_dir), prompts, cfg.k, cfg.temperature, cfg.top_p,
+                                    cfg.max_new_tokens, volume_seed(self.params, task, c["volume"]), self.use_n,
+                                    desc=f"infer {task} · {names[c['volume']]}")
+                for c in cells}
 
 
 def answer_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, prompts: list[dict],
                 adapter_content: str | None) -> Unit:
     made_from = {
-        "infer": params.infer.model_dump(mode="json"), "seed": params.seed, "base_model": model_ref,
+        "infer": params.infer.model_dump(mode="json", exclude=INFER_OPERATIONAL), "seed": params.seed, "base_model": model_ref,
         "chat_template": params.finetune.chat_template, "volume": volume, "adapter": adapter_content,
         "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts]),
     }
@@ -135,8 +232,9 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     stage.begin()
     test = coverage.load(run_dir, "test")
     runs = finetune.load_runs(run_dir)
-    summary, redone, outputs = [], [], []
+    summary, outputs, planned = [], [], []
     wanted = set()
+    work: dict[str, list] = {}  # base model → (task, cells to answer, prompts): one engine per base model
     for task in params.tasks:
         prompts = [p for p in test if p["task"] == task]
         for model_ref in params.finetune.base_models:
@@ -151,27 +249,21 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
                 todo = [c for c in todo if c["volume"] != 0]  # the base model is the same in every cycle
             for c in todo:
                 units[c["volume"]].discard()
-            answers: dict = {}
-            if todo and params.infer.engine == "vllm":
-                answers = _answer_vllm(params, Path(run_dir), task, model_ref, todo, prompts)
-            elif todo and params.infer.engine == "openai":
-                answers = {c["volume"]: _answer_openai(params, task, model_name, c["volume"], prompts) for c in todo}
-            elif todo:
-                answers = _answer_all_volumes(params, Path(run_dir), task, model_ref, todo, prompts)
-            for cell in cells:
-                unit = units[cell["volume"]]
-                path = unit.outputs[0]
-                if cell["volume"] in answers:
-                    rows = [dict(r, task=task, local_model=model_name, volume=cell["volume"]) for r in answers[cell["volume"]]]
-                    write_jsonl(path, rows)  # one file per volume: a crash loses at most the volume in progress
-                    unit.commit(task=task, local_model=model_name, volume=cell["volume"], answers=len(rows))
-                    redone.append(f"{task}/{model_name}/{cell['volume']}")
-                rows = read_jsonl(path)
-                outputs.append(str(path.relative_to(stage_dir(run_dir, "infer"))))
-                summary.append({"task": task, "local_model": model_name, "volume": cell["volume"], "answers": len(rows),
-                                "mean_output_tokens": round(sum(r["output_tokens"] or 0 for r in rows) / max(1, len(rows)), 1),
-                                "truncated": sum(r["finish_reason"] == "length" for r in rows),
-                                "mean_latency_s": round(sum(r["latency_s"] for r in rows) / max(1, len(rows)), 3)})
+            planned.append((task, model_name, cells, units))
+            if todo:
+                work.setdefault(model_ref, []).append((task, [dict(c, unit=units[c["volume"]]) for c in todo], prompts))
+    jobs = [UnitJob(short_name(model_ref), answer_base_model, (params, Path(run_dir), model_ref, items)) for model_ref, items in work.items()]
+    redone = [key for keys in run_units("infer", stage_dir(run_dir, "infer"), jobs, params.execution, log=lambda line: print(line, flush=True))
+              for key in keys]
+    for task, model_name, cells, units in planned:
+        for cell in cells:
+            path = units[cell["volume"]].outputs[0]
+            rows = read_jsonl(path)
+            outputs.append(str(path.relative_to(stage_dir(run_dir, "infer"))))
+            summary.append({"task": task, "local_model": model_name, "volume": cell["volume"], "answers": len(rows),
+                            "mean_output_tokens": round(sum(r["output_tokens"] or 0 for r in rows) / max(1, len(rows)), 1),
+                            "truncated": sum(r["finish_reason"] == "length" for r in rows),
+                            "mean_latency_s": round(sum(r["latency_s"] for r in rows) / max(1, len(rows)), 3)})
     present = set(stage_dir(run_dir, "infer").glob("*/*/*.jsonl"))
     set_aside(run_dir, "infer", sorted(present - wanted), "task, local model or volume dropped from the params")
     frame = pd.DataFrame(summary)
@@ -179,6 +271,35 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     return stage.finish({"units": len(summary), "answered": len(redone), "reused": len(summary) - len(redone),
                          "answers": int(frame["answers"].sum()) if len(frame) else 0},
                         outputs=outputs, units={"redone": redone})
+
+
+def answer_base_model(params: Params, run_dir: Path, model_ref: str, work: list[tuple[str, list[dict], list[dict]]]) -> list[str]:
+    """Answer every due file of one base model, one engine for all its tasks and volumes; each (task, model) is
+    written and recorded as soon as it is answered, so a process that dies loses only what it had not written.
+    `work`: (task, cells with their `unit`, test prompts). Returns the files answered, as task/model/volume."""
+    model_name = short_name(model_ref)
+    engine = VllmEngine(params, model_ref) if params.infer.engine == "vllm" else None
+    server = _Server(params) if params.infer.engine == "openai" else None
+    if server is not None:  # every cell's name checked before the first answer is asked for
+        server.check([served_name(model_name, task, c["volume"]) for task, cells, _ in work for c in cells])
+    answered = []
+    try:
+        for task, cells, prompts in work:
+            if engine is not None:
+                answers = engine.answer(run_dir, task, cells, prompts)
+            elif params.infer.engine == "openai":
+                answers = server.answer_cells(run_dir, task, model_name, cells, prompts)
+            else:
+                answers = _answer_all_volumes(params, run_dir, task, model_ref, cells, prompts)
+            for cell in cells:
+                rows = [dict(r, task=task, local_model=model_name, volume=cell["volume"]) for r in answers[cell["volume"]]]
+                write_jsonl(cell["unit"].outputs[0], rows)  # one file per volume
+                cell["unit"].commit(task=task, local_model=model_name, volume=cell["volume"], answers=len(rows))
+                answered.append(f"{task}/{model_name}/{cell['volume']}")
+    finally:
+        if engine is not None:
+            engine.close()
+    return answered
 
 
 def _reuse_base_answers(params: Params, run_dir: Path | str, unit: Unit, force: bool) -> bool:
@@ -200,7 +321,7 @@ def _answer_all_volumes(params: Params, run_dir: Path, task: str, model_ref: str
     out = {}
     peft_model = None
     for unit in units:
-        seed = int(fingerprint([params.seed, task, unit["volume"]])[:6], 16)
+        seed = answer_seed(params, task, unit["volume"])
         desc = f"infer {task} · {short_name(model_ref)} · volume {unit['volume']}"
         if unit["volume"] == 0:
             model = peft_model if peft_model is not None else base
