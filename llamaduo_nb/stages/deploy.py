@@ -133,6 +133,8 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     if stage.up_to_date():
         return stage.skipped()
     run_dir = Path(run_dir)
+    if not (run_dir / "metrics.csv").exists():
+        raise UserError(f"stage 'deploy' needs stage 'evaluate' to have finished in {run_dir} first")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     cells = choose_cells(metrics, params)  # a bad deploy.cells fails before anything is written
     stage.begin()
