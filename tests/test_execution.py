@@ -22,6 +22,7 @@ from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import read_json, write_jsonl
 from llamaduo_nb.pipeline.execution import UnitsFailed, unit_needs, units_at_once, wall_hours
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, ExecutionParams
+from tests.test_change_matrix import emulator  # noqa: F401 - the OpenAI emulator answering like the change matrix's
 
 
 # -- arithmetic (fast) ----------------------------------------------------------------------------------------
@@ -76,16 +77,6 @@ def ray_cluster():
     ray.init(num_cpus=2)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    from tests.emulators.openai_emulator import OpenAIEmulator
-    from tests.test_change_matrix import service_reply
-
-    emu = OpenAIEmulator(reply=service_reply).start()
-    yield emu
-    emu.stop()
 
 
 @pytest.fixture(scope="module")
