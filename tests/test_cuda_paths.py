@@ -226,3 +226,9 @@ def test_vllm_and_transformers_sample_with_the_same_seed_k_and_settings(fake_vll
 def test_greedy_means_top_p_one_on_vllm_as_transformers_ignores_it():
     params = load_params(QUICKSTART, ["infer.temperature=0"])
     assert infer.vllm_sampling_args(params, 5) == {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 5}
+
+
+def test_a_vllm_engine_sharing_a_gpu_with_other_units_takes_only_its_share():
+    params = load_params(QUICKSTART, ["infer.engine=vllm", "execution.backend=ray", "execution.gpus_per_unit=0.5"])
+    assert infer.vllm_engine_args(params, "smollm2-135m-instruct")["gpu_memory_utilization"] == 0.45
+    assert "gpu_memory_utilization" not in infer.vllm_engine_args(load_params(QUICKSTART, ["infer.engine=vllm"]), "smollm2-135m-instruct")

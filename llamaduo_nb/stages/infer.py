@@ -93,6 +93,9 @@ def vllm_engine_args(params: Params, model_ref: str) -> dict:
             "max_lora_rank": vllm_max_lora_rank(params.finetune.lora.r, _vllm_ranks()), "max_loras": 1, "seed": params.seed}
     if src.gguf_file and model_ref in PACKAGED_MODELS:
         args["tokenizer"] = PACKAGED_MODELS[model_ref]["hub"]  # vLLM reads a GGUF's tokenizer from its Hub model
+    share = params.execution.gpus_per_unit
+    if params.execution.backend == "ray" and share is not None and 0 < share < 1:
+        args["gpu_memory_utilization"] = round(0.9 * share, 3)  # units sharing a GPU: each engine takes its share
     return args
 
 
