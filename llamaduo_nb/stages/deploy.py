@@ -38,7 +38,7 @@ from llamaduo_nb.methods import comparison
 from llamaduo_nb.methods.metrics import aggregate, answer_scores, is_service
 from llamaduo_nb.models import PACKAGED_MODELS, resolve, short_name
 from llamaduo_nb.pipeline.cycle import with_cycle
-from llamaduo_nb.pipeline.params import CELL_PATTERN, Params
+from llamaduo_nb.pipeline.params import CELL_PATTERN, Params, vllm_max_lora_rank
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, content_fingerprint, cycle_folder, stage_dir
 from llamaduo_nb.stages import coverage, evaluate, finetune
 from llamaduo_nb.stages.infer import volume_seed
@@ -214,16 +214,25 @@ def _export(params: Params, cell: dict, folder: Path, model_ref: str, adapter_di
     gguf_name, note, checks = None, "", {}
     if source.gguf_file:
         gguf_name = f"model.{cfg.quantization}.gguf"
-        checks = export.write_gguf(Path(source.location) / source.gguf_file, merged, target / gguf_name, cfg.quantization,
-                                   template, export_name(cell))
+        try:
+            checks = export.write_gguf(Path(source.location) / source.gguf_file, merged, target / gguf_name, cfg.quantization,
+                                       template, export_name(cell))
+        except UserError as exc:  # an architecture the writer does not invert: the merged model is still served by vLLM
+            gguf_name, note = None, str(exc).removeprefix("deploy: ")
+            print(f"deploy: {export_name(cell)}: no GGUF: {note}", flush=True)
+    if gguf_name:
         (target / "Modelfile").write_text(export.modelfile(gguf_name, template, params.infer.temperature, params.infer.top_p,
                                                            params.infer.max_new_tokens))
-    else:
+    elif not source.gguf_file:
         note = ("the base model is not a GGUF: convert merged/ with llama.cpp's convert_hf_to_gguf.py "
                 f"(python convert_hf_to_gguf.py {target / 'merged'} --outtype {cfg.quantization})")
     hub = PACKAGED_MODELS.get(model_ref, {}).get("hub") or (model_ref if source.kind == "hub" else None)
+    try:  # vLLM builds its engine for one of a few ranks: the smallest that holds the adapter's
+        lora_rank = vllm_max_lora_rank(params.finetune.lora.r)
+    except ValueError:
+        lora_rank = params.finetune.lora.r
     write_json(target / "commands.json", export.serve_commands(export_name(cell), target, gguf_name, model_ref, adapter_dir,
-                                                              params.finetune.lora.r, hub))
+                                                              lora_rank, hub))
     del merged
     record = unit.commit(gguf=gguf_name and f"export/{gguf_name}", gguf_note=note, checks=checks,
                          gguf_mb=round(export.folder_size(target / gguf_name) / 2**20, 1) if gguf_name else None,
