@@ -157,3 +157,14 @@ def test_a_worker_killed_mid_unit_loses_only_its_unit_and_a_rerun_redoes_only_th
     after = adapter_records(run_dir)
     assert {k for k in after if before.get(k, {}).get("unit_id") != after[k]["unit_id"]} == {killed["unit"]}
     assert (run_dir / "metrics.csv").read_text() == (local_dir / "metrics.csv").read_text()
+
+
+def test_ray_without_the_ray_package_is_refused_before_anything_runs(monkeypatch):
+    import importlib.util
+
+    from llamaduo_nb.pipeline.params_file import load_params
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(UserError, match=r"execution.backend: ray needs the ray package \(pip install -e '.\[ray\]'\)"):
+        load_params(PROJECT_ROOT / "params" / "quickstart.yaml", ["execution.backend=ray"])

@@ -96,6 +96,17 @@ def run_marked(marker: str, threads: int, fn: Callable, args: tuple, kwargs: dic
 def _run_on_ray(stage: str, folder: Path, jobs: list[UnitJob], execution: ExecutionParams, log) -> list[Any]:
     import ray
 
+    joined = ray.is_initialized()  # a cluster this process joined before (a test, a notebook) stays; one started here stops
+    try:
+        return _schedule(stage, folder, jobs, execution, log)
+    finally:
+        if not joined and ray.is_initialized():
+            ray.shutdown()
+
+
+def _schedule(stage: str, folder: Path, jobs: list[UnitJob], execution: ExecutionParams, log) -> list[Any]:
+    import ray
+
     needs = unit_needs(execution, connect(execution))
     running = folder / RUNNING_FOLDER
     shutil.rmtree(running, ignore_errors=True)  # marks left by workers of an earlier, killed run
