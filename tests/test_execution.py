@@ -159,12 +159,13 @@ def test_a_worker_killed_mid_unit_loses_only_its_unit_and_a_rerun_redoes_only_th
     assert (run_dir / "metrics.csv").read_text() == (local_dir / "metrics.csv").read_text()
 
 
-def test_ray_without_the_ray_package_is_refused_before_anything_runs(monkeypatch):
+def test_ray_without_the_ray_package_is_refused_before_anything_runs(monkeypatch, tmp_path):
     import importlib.util
 
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.pipeline import runner
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(UserError, match=r"execution.backend: ray needs the ray package \(pip install -e '.\[ray\]'\)"):
-        load_params(PROJECT_ROOT / "params" / "quickstart.yaml", ["execution.backend=ray"])
+        runner.run(PROJECT_ROOT / "params" / "quickstart.yaml", tmp_path / "run", ["execution.backend=ray"])
+    assert not (tmp_path / "run").exists()

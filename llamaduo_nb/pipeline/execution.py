@@ -54,6 +54,14 @@ def run_units(stage: str, folder: Path, jobs: list[UnitJob], execution: Executio
     return results
 
 
+def check_backend(execution: ExecutionParams) -> None:
+    """Refuse, before anything runs, a backend whose package is missing (the dry run needs none)."""
+    import importlib.util
+
+    if execution.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise UserError("execution.backend: ray needs the ray package (pip install -e '.[ray]')")
+
+
 # -- Ray ------------------------------------------------------------------------------------------------------
 def connect(execution: ExecutionParams) -> dict:
     """Join (or start) the Ray cluster once per process; its total resources."""

@@ -6,7 +6,6 @@ An unknown key, a wrong type or a missing file is refused with one line naming t
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -141,8 +140,6 @@ def _validate(raw: dict, where: str, path) -> Params:
             resolve_prompt(name)
         except FileNotFoundError as exc:
             raise UserError(f"{where}: {field}: {exc}") from None
-    if params.execution.backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise UserError(f"{where}: execution.backend: ray needs the ray package (pip install -e '.[ray]')")
     from llamaduo_nb.models import resolve  # cheap: finds files and packages, loads nothing
 
     local_models = [("finetune.base_models", m) for m in params.finetune.base_models]

@@ -26,6 +26,7 @@ from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import write_json, write_yaml
 from llamaduo_nb.llm.common import check_keys
 from llamaduo_nb.pipeline.changes import refuse_changed_params
+from llamaduo_nb.pipeline.execution import check_backend
 from llamaduo_nb.pipeline.grid import parse_only, redo_cells
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, Params
 from llamaduo_nb.pipeline.params_file import service_slug
@@ -89,6 +90,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     execute = execute or _execute
     for params in family:
         check_keys([params.service] + params.judges)
+        check_backend(params.execution)
     from llamaduo_nb.llm.doctor import before_paying
 
     problems = before_paying(family)
