@@ -219,7 +219,7 @@ def test_vllm_and_transformers_sample_with_the_same_seed_k_and_settings(fake_vll
     per_prompt_vllm = [s for volume in vllm_settings for s in (volume[0], volume[2])]  # the first prompt of each batch
     assert per_prompt_vllm == hf_settings
     assert hf_settings[0] == {"n": 3, "temperature": 0.6, "top_p": 0.8, "max_tokens": 17,
-                              "seed": infer.answer_seed(params, "closed_qa", 0)}
+                              "seed": infer.volume_seed(params, "closed_qa", 0)}
     assert hf_settings[1]["seed"] == hf_settings[0]["seed"] + 2
 
 

@@ -78,11 +78,6 @@ def _check_engine(params: Params) -> None:
         raise UserError("infer.engine: openai needs infer.base_url (an OpenAI-compatible server serving the adapters)")
 
 
-def answer_seed(params: Params, task: str, volume: int) -> int:
-    """The generation seed of one answer file (each batch of prompts adds its offset), the same on every engine."""
-    return int(fingerprint([params.seed, task, volume])[:6], 16)
-
-
 def vllm_engine_args(params: Params, model_ref: str) -> dict:
     """vLLM `LLM(...)` arguments for one base model: LoRA on, the smallest `max_lora_rank` vLLM accepts that
     holds finetune.lora.r, the run's seed."""
@@ -146,7 +141,7 @@ class VllmEngine:
             if cell["volume"]:
                 self.adapters += 1
                 lora = LoRARequest(f"{task}-v{cell['volume']}", self.adapters, str(Path(run_dir) / cell["adapter"]))
-            seed = answer_seed(self.params, task, cell["volume"])
+            seed = volume_seed(self.params, task, cell["volume"])
             sampling = [SamplingParams(**vllm_sampling_args(self.params, seed + (i // cfg.batch_size) * cfg.batch_size))
                         for i in range(len(prompts))]
             began = time.time()
@@ -179,6 +174,7 @@ def served_name(model_name: str, task: str, volume: int) -> str:
 
 
 def volume_seed(params: Params, task: str, volume: int) -> int:
+    """The generation seed of one answer file (each batch of prompts adds its offset), the same on every engine."""
     return int(fingerprint([params.seed, task, volume])[:6], 16)
 
 
@@ -324,7 +320,7 @@ def _answer_all_volumes(params: Params, run_dir: Path, task: str, model_ref: str
     out = {}
     peft_model = None
     for unit in units:
-        seed = answer_seed(params, task, unit["volume"])
+        seed = volume_seed(params, task, unit["volume"])
         desc = f"infer {task} · {short_name(model_ref)} · volume {unit['volume']}"
         if unit["volume"] == 0:
             model = peft_model if peft_model is not None else base
