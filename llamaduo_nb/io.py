@@ -91,6 +91,13 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_csv_or_empty(path: str | os.PathLike):
+    """A table a stage wrote, or an empty one when that stage has not written it (yet)."""
+    import pandas as pd
+
+    return pd.read_csv(path) if Path(path).exists() else pd.DataFrame()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as fh:

@@ -28,13 +28,9 @@ from llamaduo_nb.pipeline.params import PROJECT_ROOT
 from llamaduo_nb.stages import deploy
 from tests.emulators.openai_emulator import OpenAIEmulator
 from tests.test_change_matrix import service_reply
+from tests.tiers import REAL_SERVER
 
-pytestmark = [
-    pytest.mark.real_server,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LLAMADUO_REAL_SERVER") != "1", reason="the real-server tier: make test-real-server"),
-    pytest.mark.skipif(not serving.available(), reason="llama-cpp-python[server] is not installed (make test-real-server installs it)"),
-]
+pytestmark = REAL_SERVER
 
 SMOL = "smollm2-135m-instruct"
 WRONG_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # no roles, no assistant turn

@@ -28,13 +28,9 @@ from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
 from llamaduo_nb.pipeline.params import PROJECT_ROOT, ServiceParams
 from llamaduo_nb import serving as real_server
+from tests.tiers import REAL_SERVER
 
-pytestmark = [
-    pytest.mark.real_server,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("LLAMADUO_REAL_SERVER") != "1", reason="the real-server tier: make test-real-server"),
-    pytest.mark.skipif(not real_server.available(), reason="llama-cpp-python[server] is not installed (make test-real-server installs it)"),
-]
+pytestmark = REAL_SERVER
 
 MODEL = "smollm2-135m-instruct"
 

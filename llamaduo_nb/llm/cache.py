@@ -28,7 +28,9 @@ def recorded_spend(path: str | Path) -> float:
     path = Path(path)
     if not path.exists():
         return 0.0
-    db = sqlite3.connect(path, timeout=30)
+    # read-only: closing a read-write connection would checkpoint the WAL into the file and delete it, changing
+    # a finished run's cache bytes just by asking what it spent
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
     try:
         has_ledger = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='spend'").fetchone()
         return float(db.execute(_SPENT).fetchone()[0]) if has_ledger else 0.0

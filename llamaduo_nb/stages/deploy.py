@@ -33,7 +33,7 @@ import pandas as pd
 
 from llamaduo_nb import export, serving
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_json, read_jsonl, write_csv, write_json, write_jsonl
+from llamaduo_nb.io import fingerprint, read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
 from llamaduo_nb.methods import comparison
 from llamaduo_nb.methods.metrics import aggregate, answer_scores, is_service
 from llamaduo_nb.models import PACKAGED_MODELS, resolve, short_name
@@ -383,13 +383,11 @@ def _warning(table: pd.DataFrame, agreement: float, min_agreement: float) -> str
 
 # -- what notebooks and the report read ------------------------------------------------------------------------
 def load_cells(run_dir: Path | str) -> pd.DataFrame:
-    path = stage_dir(run_dir, "deploy") / CELLS_CSV
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    return read_csv_or_empty(stage_dir(run_dir, "deploy") / CELLS_CSV)
 
 
 def load_parity(run_dir: Path | str) -> pd.DataFrame:
-    path = stage_dir(run_dir, "deploy") / PARITY_CSV
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    return read_csv_or_empty(stage_dir(run_dir, "deploy") / PARITY_CSV)
 
 
 def load_greedy(run_dir: Path | str) -> pd.DataFrame:

@@ -44,7 +44,7 @@ from typing import Optional
 import pandas as pd
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.io import fingerprint, read_csv_or_empty, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.methods import agreement, pairwise, reference_metrics
@@ -402,13 +402,11 @@ def load_verdicts(run_dir: Path | str) -> pd.DataFrame:
 
 
 def load_reference_metrics(run_dir: Path | str) -> pd.DataFrame:
-    path = stage_dir(run_dir, "evaluate") / REFERENCE_METRICS_CSV
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    return read_csv_or_empty(stage_dir(run_dir, "evaluate") / REFERENCE_METRICS_CSV)
 
 
 def load_correlations(run_dir: Path | str) -> pd.DataFrame:
-    path = stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    return read_csv_or_empty(stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV)
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:
