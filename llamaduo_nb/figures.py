@@ -527,7 +527,7 @@ def served_vs_adapter(parity: pd.DataFrame, statistic: str = "mean"):
         ax.grid(axis="y", alpha=0.3)
     bottom = _figure_legend(fig, axes[:1], "", ncol=2)
     fig.suptitle("Is the served model the evaluated one? (95% CIs; greedy answers identical: "
-                 + ", ".join(f"{v:.0%}" for v in cells["identical_greedy"]) + "; words agreeing from the start: "
+                 + ", ".join(f"{v:.0%}" for v in cells["identical_greedy"]) + "; first 5 words agreeing: "
                  + ", ".join(f"{v:.0%}" for v in cells["greedy_agreement"]) + ")", fontsize=9)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig

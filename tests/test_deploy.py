@@ -105,12 +105,12 @@ def test_serve_commands_name_the_export_and_the_adapter(tmp_path):
 
 # -- parity rules ---------------------------------------------------------------------------------------------
 def test_greedy_agreement_tells_a_late_word_from_a_wrong_start():
-    adapter = {"a": "Paris is the capital of France and its largest city", "b": "Yes"}
+    adapter = {"a": "Paris is the capital of France and its largest city", "b": "Yes", "c": "It rains in spring and in May"}
     same = [{"prompt_id": "a", "response": "Paris is the capital of France and its largest city"}, {"prompt_id": "b", "response": "Yes"}]
     assert deploy.greedy_agreement(same, adapter) == (1.0, 1.0)
-    late = [{"prompt_id": "a", "response": "Paris is the capital of France and its biggest city"}, {"prompt_id": "b", "response": "Yes"}]
-    identical, agreement = deploy.greedy_agreement(late, adapter)
-    assert identical == 0.5 and agreement == pytest.approx((8 / 10 + 1) / 2, abs=1e-3)
+    late = [{"prompt_id": "a", "response": "Paris is the capital of France and its biggest city"}, {"prompt_id": "b", "response": "Yes"},
+            {"prompt_id": "c", "response": "It rains a lot"}]  # parted at the 3rd word
+    assert deploy.greedy_agreement(late, adapter) == (round(1 / 3, 3), round(2 / 3, 3))
     wrong = [{"prompt_id": "a", "response": "A: Paris"}, {"prompt_id": "b", "response": "No"}]
     assert deploy.greedy_agreement(wrong, adapter) == (0.0, 0.0)
 
@@ -125,7 +125,7 @@ def test_a_gap_beyond_the_ci_or_early_parting_greedy_answers_warn():
     gap = deploy._warning(parity_rows(-30.0, -4.0), 0.9, 0.5)
     assert "precision by local:smollm2-135m-instruct: served − adapter -17.0 [95% CI -30.0, -4.0] over 6 prompts" in gap
     parted = deploy._warning(parity_rows(-8.0, 3.0), 0.1, 0.5)
-    assert "greedy answers agree on 10% of their words" in parted and "chat template" in parted
+    assert "the greedy answers agree on their first 5 words for 10% of the test prompts" in parted and "chat template" in parted
 
 
 # -- the GGUF writer ------------------------------------------------------------------------------------------

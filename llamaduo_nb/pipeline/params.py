@@ -347,8 +347,8 @@ class DeployParams(Strict):
     # the chat template written into the exports; default the one the adapter was trained with
     chat_template: Optional[str] = None
     parity: bool = True  # serve the GGUF in llama.cpp's server and compare its judged answers with the adapter's
-    # how much the greedy answers of the served model and the adapter must agree: the mean share of words
-    # they have in common from the start (quantisation changes late words; a wrong template the first)
+    # the share of test prompts whose greedy answers (served model, adapter) must agree on their first 5 words
+    # (quantisation changes a word somewhere later; a wrong chat template or a broken merge the first ones)
     min_greedy_agreement: float = Field(0.5, ge=0, le=1)
 
     @field_validator("cells")
