@@ -49,6 +49,12 @@ def test_the_smallest_volume_meeting_the_target_is_chosen_else_the_best():
     assert "no volume meets" in cells["summarization"]["why"]
 
 
+def test_a_target_statistic_that_is_not_reported_picks_the_best_mean():
+    metrics = metrics_frame([(1, "closed_qa", SMOL, 4, 60, 40), (1, "closed_qa", SMOL, 16, 75, 60)]).drop(columns=["coverage_50"])
+    (cell,) = deploy.choose_cells(metrics, params())
+    assert (cell["volume"], cell["met"]) == (16, False) and "the target's statistic is not reported" in cell["why"]
+
+
 def test_a_later_cycle_and_a_relative_target_count():
     metrics = metrics_frame([
         (1, "closed_qa", SMOL, 16, 60, 50), (2, "closed_qa", SMOL, 40, 80, 72),

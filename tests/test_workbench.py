@@ -1,4 +1,4 @@
-"""End to end: `llamaduo run` executes the seven notebooks with papermill on tiny params.
+"""End to end: `llamaduo run` executes the eight notebooks with papermill on tiny params.
 
 One run (module-scoped) is shared by the checks; it takes a few minutes on a 2-core CPU.
 """
@@ -32,6 +32,7 @@ finetune:
   gradient_accumulation_steps: 1
 infer: {k: 2, max_new_tokens: 16, batch_size: 2}
 evaluate: {m: 2}
+deploy: {enabled: true}  # parity measured where llama-cpp-python[server] is installed (make test-real-server), else noted
 """
 
 
@@ -63,6 +64,9 @@ def test_every_stage_wrote_its_outputs_and_done(run):
     assert (run_dir / "params.yaml").exists()
     assert (run_dir / "finetune" / "closed_qa" / "smollm2-135m-instruct" / "4" / "adapter_config.json").exists()
     assert (run_dir / "infer" / "closed_qa" / "smollm2-135m-instruct" / "0.jsonl").exists()
+    cells = pd.read_csv(run_dir / "deploy" / "cells.csv")
+    assert len(cells) == 1 and cells["task"].tolist() == ["closed_qa"]
+    assert list((run_dir / "deploy" / "closed_qa" / "smollm2-135m-instruct").glob("*@c1/export/model.q8_0.gguf"))
 
 
 def test_metrics_csv(run):

@@ -64,22 +64,25 @@ def choose_cells(metrics: pd.DataFrame, params: Params) -> list[dict]:
     data = data[data["judge"] == judge]
     service = with_cycle(metrics)
     service = service[is_service(service["local_model"]).to_numpy() & (service["metric"] == target.metric) & (service["judge"] == judge)]
+    statistic = target.statistic if target.statistic in data.columns else "mean"  # e.g. coverage_50 with zetas [40, 70]
     if params.deploy.cells:
-        return [_named_cell(cell, data, params) for cell in params.deploy.cells]
+        return [_named_cell(cell, data, statistic) for cell in params.deploy.cells]
     chosen = []
     for (task, model), rows in data.groupby(["task", "local_model"], sort=True):
-        rows = rows.assign(value=rows[target.statistic].astype(float))
-        required = target.required(_service_value(service, task, target.statistic) if target.versus_service else None)
-        low_column = f"{target.statistic}_ci_low"
+        rows = rows.assign(value=rows[statistic].astype(float))
+        required = target.required(_service_value(service, task, statistic) if target.versus_service else None)
+        low_column = f"{statistic}_ci_low"
         lower = rows[low_column].astype(float).fillna(rows["value"]) if target.versus_service and low_column in rows else rows["value"]
-        rows = rows.assign(met=(lower >= required).to_numpy() if required == required else False)
+        reported = statistic == target.statistic and required == required
+        rows = rows.assign(met=(lower >= required).to_numpy() if reported else False)
         met = rows[rows["met"]]
         if len(met):
             best = met.sort_values(["volume", "value", "cycle"], ascending=[True, False, False]).iloc[0]
-            why = f"the smallest volume that meets the target {target} ({target.statistic} {best['value']:g})"
+            why = f"the smallest volume that meets the target {target} ({statistic} {best['value']:g})"
         else:
             best = rows.sort_values(["value", "volume", "cycle"], ascending=[False, True, False]).iloc[0]
-            why = f"no volume meets the target {target}: the best {target.statistic} ({best['value']:g})"
+            missing = "no volume meets the target" if statistic == target.statistic else "the target's statistic is not reported"
+            why = f"{missing} {target}: the best {statistic} ({best['value']:g})"
         chosen.append({"task": task, "local_model": model, "volume": int(best["volume"]), "cycle": int(best["cycle"]),
                        "value": float(best["value"]), "met": bool(best["met"]), "why": why})
     return chosen
@@ -90,7 +93,7 @@ def _service_value(service: pd.DataFrame, task: str, statistic: str):
     return float(rows[statistic].iloc[0]) if len(rows) else None
 
 
-def _named_cell(cell: str, data: pd.DataFrame, params: Params) -> dict:
+def _named_cell(cell: str, data: pd.DataFrame, statistic: str) -> dict:
     task, model, volume, cycle = CELL_PATTERN.match(cell).groups()
     rows = data[(data["task"] == task) & (data["local_model"] == model) & (data["volume"] == int(volume))]
     if cycle:
@@ -100,7 +103,7 @@ def _named_cell(cell: str, data: pd.DataFrame, params: Params) -> dict:
         raise UserError(f"deploy.cells: '{cell}' was not trained and evaluated in this run (cells: {known})")
     best = rows.sort_values("cycle").iloc[-1]
     return {"task": task, "local_model": model, "volume": int(volume), "cycle": int(best["cycle"]),
-            "value": float(best[params.cycle.target.statistic]), "met": False, "why": "it is named in deploy.cells"}
+            "value": float(best[statistic]), "met": False, "why": "it is named in deploy.cells"}
 
 
 def cell_folder(run_dir: Path | str, cell: dict) -> Path:
