@@ -37,7 +37,7 @@ test-long: $(STAMP)
 	$(PY) -c "import ray" 2>/dev/null || $(PY) -m pip install -q -e ".[ray]"
 	$(PY) -m pytest -q -m long
 
-# a real llama.cpp server as the service LLM; the first install builds llama.cpp (~10 min on 2 cores),
+# a real llama.cpp server as the service LLM and serving the deploy stage's GGUFs; the first install builds llama.cpp (~10 min on 2 cores),
 # later ones reuse pip's wheel cache. Without LLAMADUO_REAL_SERVER=1 (as in `make test`) the tier is skipped.
 test-real-server: $(STAMP)
 	$(PY) -c "import llama_cpp.server.app, uvicorn" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
