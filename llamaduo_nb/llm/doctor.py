@@ -118,6 +118,11 @@ def check_params(params_file, overrides=None, offline: bool = False) -> int:
             continue
         problems += _ping(cfg)
     problems += _local_needs(family)
+    if any(p.deploy.enabled and p.deploy.parity for p in family):  # not a problem: the exports are written either way
+        from llamaduo_nb import serving
+
+        print("deploy: parity check " + ("with llama.cpp's server" if serving.available() else
+                                         "not measured: llama.cpp's server is not installed (pip install -e '.[serve]')"))
     for line in problems:
         print(f"problem: {line}")
     if problems:
