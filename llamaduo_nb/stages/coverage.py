@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, TASK_CATEGORIES, Params
 from llamaduo_nb.pipeline.units import StageResult, StageRun, stage_dir
 
@@ -163,3 +163,8 @@ def counts_frame(train: list[dict], test: list[dict]) -> pd.DataFrame:
 
 def load(run_dir: Path | str, split: str) -> list[dict]:
     return read_jsonl(stage_dir(run_dir, "coverage") / f"{split}.jsonl")
+
+
+def prompts_fingerprint(prompts: list[dict]) -> str:
+    """What a unit answering or judging these test prompts was made from: their ids and instructions."""
+    return fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts])

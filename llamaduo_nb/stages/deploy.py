@@ -34,7 +34,7 @@ import pandas as pd
 
 from llamaduo_nb import export, serving
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
+from llamaduo_nb.io import read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
 from llamaduo_nb.methods import comparison
 from llamaduo_nb.methods.metrics import aggregate, answer_scores, is_service
 from llamaduo_nb.models import PACKAGED_MODELS, resolve, short_name
@@ -42,7 +42,7 @@ from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.pipeline.params import CELL_PATTERN, Params, vllm_max_lora_rank
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, content_fingerprint, cycle_folder, stage_dir
 from llamaduo_nb.stages import coverage, evaluate, finetune
-from llamaduo_nb.stages.infer import volume_seed
+from llamaduo_nb.stages.infer import served_name, volume_seed
 
 CELLS_CSV = "cells.csv"
 PARITY_CSV = "parity.csv"
@@ -111,8 +111,9 @@ def cell_folder(run_dir: Path | str, cell: dict) -> Path:
 
 
 def export_name(cell: dict) -> str:
-    """The model name an export is served under (a server's --alias / --served-model-name)."""
-    return f"{cell['local_model']}-{cell['task']}-{cell['volume']}"
+    """The model name an export is served under (a server's --alias / --served-model-name): the name
+    `infer.engine: openai` asks a server for, so a server of the exports answers every volume."""
+    return served_name(cell["local_model"], cell["task"], cell["volume"])
 
 
 def _model_ref(params: Params, model_name: str) -> str:
@@ -252,7 +253,7 @@ def _parity(params: Params, run_dir: Path, cell: dict, folder: Path, model_ref: 
     gguf = folder / "export" / f"model.{params.deploy.quantization}.gguf"
     out = folder / "parity"
     made_from = {"gguf": content_fingerprint(gguf), "infer": params.infer.model_dump(mode="json", include={"k", "temperature", "top_p", "max_new_tokens"}),
-                 "seed": params.seed, "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts]),
+                 "seed": params.seed, "prompts": coverage.prompts_fingerprint(prompts),
                  "judges": [j.model_dump(mode="json", include={"backend", "model", "base_url"}) for j in params.judges],
                  "evaluate": params.evaluate.model_dump(mode="json", include={"m", "temperature", "max_new_tokens", "prompt", "zetas"}),
                  "adapter_judgements": content_fingerprint(stage_dir(cycle_folder(run_dir, cell["cycle"]), "evaluate")),

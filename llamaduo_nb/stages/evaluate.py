@@ -44,7 +44,7 @@ from typing import Optional
 import pandas as pd
 
 from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_csv_or_empty, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.io import read_csv_or_empty, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.methods import agreement, pairwise, reference_metrics
@@ -202,7 +202,7 @@ def service_answer_requests(params: Params, prompts: list[dict]) -> list[tuple[d
 def service_answers_unit(params: Params, run_dir: Path | str, task: str, prompts: list[dict]) -> Unit:
     service = {k: v for k, v in params.service.model_dump(mode="json").items() if k not in SERVICE_OPERATIONAL}
     made_from = {"service": service, "infer": {k: getattr(params.infer, k) for k in ("k", "temperature", "top_p", "max_new_tokens")},
-                 "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts])}
+                 "prompts": coverage.prompts_fingerprint(prompts)}
     return Unit.file(service_answers_file(run_dir, task), made_from)
 
 

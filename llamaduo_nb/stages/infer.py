@@ -218,7 +218,7 @@ def answer_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, 
     made_from = {
         "infer": params.infer.model_dump(mode="json", exclude=INFER_OPERATIONAL), "seed": params.seed, "base_model": model_ref,
         "chat_template": params.finetune.chat_template, "volume": volume, "adapter": adapter_content,
-        "prompts": fingerprint([[p["prompt_id"], p["instruction"]] for p in prompts]),
+        "prompts": coverage.prompts_fingerprint(prompts),
     }
     return Unit.file(unit_path(run_dir, task, short_name(model_ref), volume), made_from)
 
