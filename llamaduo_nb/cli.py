@@ -111,6 +111,21 @@ def report(runs: list[str], out: str | None) -> int:
     return 0
 
 
+def _pilot(params, run_dir: str | None) -> dict:
+    """The planner's pilot: the spread of the verdicts of an earlier run of these params, when its report exists."""
+    from pathlib import Path
+
+    from llamaduo_nb.methods.planning import pooled_sd
+    from llamaduo_nb.pipeline.runner import default_run_dir
+    from llamaduo_nb.stages.report import load_verdicts
+
+    folder = Path(run_dir) if run_dir else default_run_dir(params)
+    verdicts = load_verdicts(folder) if folder.exists() else None
+    if verdicts is None or verdicts.empty:
+        return {}
+    return {"pilot_sd": pooled_sd(verdicts["sd"]), "pilot_source": f"the run in {folder}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.gpus is not None and args.gpus < 1:
                 raise UserError(f"--gpus: {args.gpus} is not a number of GPUs (1 or more)")
-            print(describe(load_family(args.params, args.overrides), gpus=args.gpus))
+            family = load_family(args.params, args.overrides)
+            print(describe(family, gpus=args.gpus, **_pilot(family[0], args.run_dir)))
             return 0
         if args.command == "run":
             from llamaduo_nb.pipeline.runner import StageFailed, run

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.metrics import is_service
 from llamaduo_nb.pipeline import cycle as _cycle
 from llamaduo_nb.pipeline.cycle import with_cycle
@@ -231,67 +232,134 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
     return fig
 
 
-def _target(target) -> CycleTarget:
-    if isinstance(target, CycleTarget):
-        return target
-    return CycleTarget.model_validate(target)
+def _rule(rule, judge: str | None = None) -> verdict.Rule:
+    """A `verdict.Rule` from a rule, a `CycleTarget`, its text or its mapping."""
+    if isinstance(rule, verdict.Rule):
+        return rule
+    target = rule if isinstance(rule, CycleTarget) else CycleTarget.model_validate(rule)
+    return verdict.Rule.from_target(target, verdict.ALPHA, judge)
 
 
-def cycle_scores(metrics: pd.DataFrame, target, judge: str | None = None) -> pd.DataFrame:
-    """`cycle.cycle_scores` (what the stop rule reads) for a target given as text, a mapping or a CycleTarget."""
-    return _cycle.cycle_scores(metrics, _target(target), judge)
+def _verdict_axis_label(rule: verdict.Rule) -> str:
+    if rule.versus_service:
+        who = "local − service" if rule.scale == 1 else f"local − {rule.scale:g} × service"
+        return f"{who}, {rule.metric} {rule.statistic.replace('coverage_', 'coverage@')} (points)"
+    return stat_label(rule.metric, rule.statistic)
 
 
-def score_across_cycles(metrics: pd.DataFrame, target, judge: str | None = None, stop_reason: str | None = None):
-    """The target statistic of the target metric at each cycle's largest volume, a panel per task, a
-    line per local model, the 95 % CI shaded, the threshold dashed; filled points met the target.
-    Works for one cycle (one point per line)."""
-    target = _target(target)
-    best = cycle_scores(metrics, target, judge)
-    tasks = list(dict.fromkeys(best["task"])) if not best.empty else []
-    cycles = int(best["cycle"].max()) if not best.empty else 1
+def _bound_label(rule: verdict.Rule) -> str:
+    if rule.versus_service:
+        return f"margin: −δ = {rule.bound:g}" if rule.scale == 1 else f"bound {rule.bound:g}"
+    return f"threshold {rule.threshold:g}"
+
+
+def _verdict_points(ax, x, rows: pd.DataFrame, color, label: str | None) -> None:
+    """Estimates with their interval; filled: passed in the fixed sequence, open: tested and not passed, grey:
+    not reached; a cross where no interval could be given (too few prompts)."""
+    est = rows["estimate"].astype(float).to_numpy()
+    low, high = rows["low"].astype(float).to_numpy(), rows["high"].astype(float).to_numpy()
+    ok = np.isfinite(low) & np.isfinite(high)
+    x = np.asarray(x, dtype=float)
+    ax.plot(x, est, color=color, lw=1, zorder=2, label=label)
+    if ok.any():
+        ax.errorbar(x[ok], est[ok], yerr=[est[ok] - low[ok], high[ok] - est[ok]], fmt="none", ecolor=color, elinewidth=1.2,
+                    capsize=3, zorder=3)
+    status = rows["sequence"].to_numpy() if "sequence" in rows else np.array([""] * len(rows))
+    for xi, yi, st, has in zip(x, est, status, ok):
+        if not np.isfinite(yi):
+            continue
+        if not has:
+            ax.plot(xi, yi, marker="x", ms=7, color=color, zorder=4)
+        elif st == verdict.PASSED:
+            ax.plot(xi, yi, marker="o", ms=7, color=color, zorder=4)
+        elif st == verdict.NOT_REACHED:
+            ax.plot(xi, yi, marker="o", ms=6, mfc="white", mec="0.6", zorder=4)
+        else:
+            ax.plot(xi, yi, marker="o", ms=7, mfc="white", mec=color, mew=1.5, zorder=4)
+
+
+def _verdict_legend(rule: verdict.Rule) -> list:
+    return [Line2D([], [], ls="none", marker="o", color="0.3", label="passed (fixed sequence)"),
+            Line2D([], [], ls="none", marker="o", mfc="white", mec="0.3", mew=1.5, label="tested, not shown"),
+            Line2D([], [], ls="none", marker="o", mfc="white", mec="0.6", label="not reached (sequence stopped)"),
+            Line2D([], [], ls="none", marker="x", color="0.3", label="too few prompts to decide"),
+            Line2D([], [], ls="--", color="0.25", label=_bound_label(rule))]
+
+
+def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None):
+    """The verdict per volume: the estimate (local − service, or the statistic for an absolute target) with its
+    (1 − 2α) interval, the bound it must clear dashed, a panel per task, a line per local model; the chosen
+    (smallest passed) volume ringed. The base model at the left, at "0"."""
+    rule = _rule(rule, judge)
+    tasks = list(dict.fromkeys(verdicts["task"])) if len(verdicts) else []
+    fig, axes = _panels(max(1, len(tasks)), sharey=False)
+    colours = _colours(verdicts["local_model"]) if len(verdicts) else {}
+    for ax, task in zip(axes, tasks):
+        sub = verdicts[verdicts["task"] == task]
+        volumes = sorted(set(sub["volume"].astype(int)))
+        position = {v: i for i, v in enumerate(volumes)}  # evenly spaced: volumes double, and the base model is 0
+        for model, line in sub.groupby("local_model", sort=False):
+            line = line.sort_values(["volume", "cycle"])
+            _verdict_points(ax, [position[int(v)] for v in line["volume"]], line, colours[model], str(model))
+            chosen = line[line["chosen"].astype(bool)]
+            for r in chosen.itertuples():
+                ax.plot(position[int(r.volume)], r.estimate, marker="o", ms=14, mfc="none", mec=colours[model], mew=1.2, zorder=5)
+                ax.annotate("chosen", (position[int(r.volume)], r.estimate), textcoords="offset points", xytext=(0, 11),
+                            ha="center", fontsize=7, color=colours[model])
+        ax.axhline(rule.bound, ls="--", lw=1.2, color="0.25", zorder=1)
+        if rule.versus_service and rule.bound != 0:
+            ax.axhline(0, ls=":", lw=0.8, color="0.5", zorder=1)
+        labels = [("base" if v == 0 else f"{v:g}") + (f"\nc{c}" if c > 1 else "")
+                  for v, c in [(v, int(sub.loc[sub["volume"] == v, "cycle"].max())) for v in volumes]]
+        ax.set_xticks(range(len(volumes)), labels, fontsize=8)
+        ax.set_xlim(-0.5, len(volumes) - 0.5)
+        ax.set_title(task.replace("_", " "))
+        ax.set_xlabel("training samples")
+        ax.grid(alpha=0.3)
+        if not rule.versus_service:
+            ax.set_ylim(0, 103)
+    if not tasks:
+        axes[0].text(0.5, 0.5, "no verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
+    axes[0].set_ylabel(_verdict_axis_label(rule))
+    title = f"bars: {100 * rule.level:g}% CI ({rule.method}); α = {rule.alpha:g} one-sided"
+    bottom = _figure_legend(fig, axes, title, _verdict_legend(rule), ncol=3)
+    heading = "Not worse than the service LLM?" if rule.versus_service else f"Meets {rule.what()} ≥ {rule.threshold:g}?"
+    fig.suptitle(f"{heading} Volumes tested largest first", fontsize=10)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, stop_reason: str | None = None):
+    """The verdict at each cycle's largest volume (what the stop rule reads), a panel per task, a line per local
+    model, with its interval and the bound dashed; filled points passed. Works for one cycle (one point per line)."""
+    rule = _rule(rule, judge)
+    best = _cycle.cycle_verdicts(verdicts) if len(verdicts) else verdicts
+    tasks = list(dict.fromkeys(best["task"])) if len(best) else []
+    cycles = int(best["cycle"].max()) if len(best) else 1
     width = max(4.2, 2.6 + 0.5 * cycles)
     reason = textwrap.fill(f"stopped: {stop_reason}", max(60, int(width * max(1, len(tasks)) * 15))) if stop_reason else ""
-    fig, axes = _panels(max(1, len(tasks)), width=width, height=3.4 + 0.17 * (reason.count("\n") + bool(reason)))
-    colours = _colours(best["local_model"]) if not best.empty else {}
-    shaded = False
+    fig, axes = _panels(max(1, len(tasks)), width=width, height=3.4 + 0.17 * (reason.count("\n") + bool(reason)), sharey=False)
+    colours = _colours(best["local_model"]) if len(best) else {}
     for ax, task in zip(axes, tasks):
         for model, line in best[best["task"] == task].groupby("local_model", sort=False):
-            color = colours[model]
-            ax.plot(line["cycle"], line["value"], marker="o", ms=6, mfc="white", zorder=3, color=color, label=str(model))
-            hit = line[line["met"]]
-            ax.plot(hit["cycle"], hit["value"], ls="none", marker="o", ms=6, color=color, zorder=4)
-            if _has_ci(line, target.statistic):
-                shaded = True
-                if len(line) > 1:
-                    _shade(ax, line["cycle"], line, target.statistic, color)
-                else:  # one cycle: a band has no width, so an error bar
-                    low, high = (float(line[c].iloc[0]) for c in ci_columns(target.statistic))
-                    value = float(line["value"].iloc[0])
-                    ax.errorbar(line["cycle"], line["value"], yerr=[[max(0.0, value - low)], [max(0.0, high - value)]],
-                                fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
-        if target.versus_service:
-            required = best.loc[best["task"] == task, "required"].dropna()
-            if len(required):  # the service LLM answers alike in every cycle: one required value per task
-                ax.axhline(float(required.iloc[0]), ls="--", lw=1.2, color="0.25", zorder=2,
-                           label=f"target: {target} (met: CI lower bound reaches it)")
-        else:
-            ax.axhline(target.threshold, ls="--", lw=1.2, color="0.25", zorder=2, label=f"target: {target}")
+            line = line.assign(sequence=np.where(line["passed"].astype(bool), verdict.PASSED, verdict.FAILED))
+            _verdict_points(ax, line["cycle"], line, colours[model], str(model))
+        ax.axhline(rule.bound, ls="--", lw=1.2, color="0.25", zorder=1)
         volumes = best[best["task"] == task].groupby("cycle")["volume"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
         ax.set_xticks(range(1, cycles + 1), [f"{c}\nn={volumes[c]}" if c in volumes.index else str(c) for c in range(1, cycles + 1)])
         ax.set_xlim(0.6, cycles + 0.4)
         ax.set_title(task.replace("_", " "))
         ax.set_xlabel("cycle (training samples)")
         ax.grid(alpha=0.3)
+        if not rule.versus_service:
+            ax.set_ylim(0, 103)
     if best.empty:
-        axes[0].text(0.5, 0.5, f"no {target.metric} {target.statistic} scores\n(is ζ in evaluate.zetas?)", ha="center",
-                     va="center", transform=axes[0].transAxes, color="0.4")
-    axes[0].set_ylabel(stat_label(target.metric, target.statistic))
-    axes[0].set_ylim(0, 103)
-    title = "n: training samples at the cycle's largest volume; filled: target met" + (
-        ("; shaded: 95% CI" if cycles > 1 else "; bars: 95% CI") if shaded else "")
-    bottom = _figure_legend(fig, axes, title)
-    heading = f"{stat_label(target.metric, target.statistic).split(' (')[0].capitalize()} across cycles"
+        axes[0].text(0.5, 0.5, f"no {rule.metric} verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
+    axes[0].set_ylabel(_verdict_axis_label(rule))
+    legend = [h for h in _verdict_legend(rule) if "reached" not in h.get_label()]
+    title = f"n: training samples at the cycle's largest volume; bars: {100 * rule.level:g}% CI"
+    bottom = _figure_legend(fig, axes, title, legend, ncol=2)
+    heading = f"{rule.what().capitalize()} across cycles"
     fig.suptitle(heading + ("\n" + reason if reason else ""), fontsize=10)  # the reason wrapped to the figure's width
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
@@ -518,15 +586,16 @@ def served_vs_adapter(parity: pd.DataFrame, statistic: str = "mean"):
             ax.errorbar(x + offset, values, yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)], fmt="o",
                         color=colour, capsize=4, label="adapter (as evaluated)" if form == "adapter" else "served GGUF (llama.cpp)")
         diffs = [sub.loc[k] for k in keys]
-        ax.set_title(f"{metric}: served − adapter " + ", ".join(f"{d['difference']:+.1f} [{d['difference_ci_low']:+.1f}, "
-                                                                f"{d['difference_ci_high']:+.1f}]" for d in diffs), fontsize=8)
+        ax.set_title(f"{metric}: served − adapter " + ", ".join(
+            f"{d['difference']:+.1f} [{d['difference_ci_low']:+.1f}, {d['difference_ci_high']:+.1f}]"
+            + (f"\n{d['equivalence']} (margin ±{d['margin']:g})" if "equivalence" in d else "") for d in diffs), fontsize=8)
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_xlim(-0.6, len(cells) - 0.4)
         ax.set_ylim(0, 100)
         ax.set_ylabel(f"{metric} {statistic} (0-100)")
         ax.grid(axis="y", alpha=0.3)
     bottom = _figure_legend(fig, axes[:1], "", ncol=2)
-    fig.suptitle("Is the served model the evaluated one? (95% CIs; greedy answers identical: "
+    fig.suptitle("Is the served model the evaluated one? (CIs at 1 − 2α; greedy answers identical: "
                  + ", ".join(f"{v:.0%}" for v in cells["identical_greedy"]) + "; first 5 words agreeing: "
                  + ", ".join(f"{v:.0%}" for v in cells["greedy_agreement"]) + ")", fontsize=9)
     fig.tight_layout(rect=(0, bottom, 1, 1))

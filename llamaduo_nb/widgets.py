@@ -3,7 +3,7 @@
 Each explorer reads every cycle of a run (cycle 1 is the run folder, cycle t ≥ 2 is
 `<run>/cycle-<t>/`) and has a plain function behind it that tests use directly:
 `synthetic_pairs` / `filter_pairs` (pair browser), `answer_table` (answer browser),
-`coverage_table` (ζ slider).
+`coverage_table` (ζ slider), `verdict_sentences` (verdict explorer).
 
 Every explorer also carries a static fallback (`text/html` beside the widget view): what a page
 without a live kernel shows in its place (report.html is exported with these fallbacks, so it reads
@@ -25,6 +25,7 @@ from llamaduo_nb.stages import evaluate
 from llamaduo_nb.stages import infer
 from llamaduo_nb.pipeline.cycle import with_cycle
 from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.metrics import answer_scores, coverage_at, is_service
 from llamaduo_nb.pipeline.units import cycle_folders, root_of, stage_dir
 
@@ -426,3 +427,46 @@ def zeta_slider(run_dir: Path | str, metric: str = "precision", zetas=(50, 70)):
         judge=w.Dropdown(options=judges, description="judge"),
     )
     return _explorer("ζ slider", [live], static_coverage_tables(scores, zetas))
+
+
+def verdict_sentences(scores: pd.DataFrame, rule, params) -> tuple[list[str], pd.DataFrame]:
+    """The verdict's sentences and table for `rule` (`methods/verdict.py`, as the report computes them)."""
+    table = verdict.verdict_table(scores, rule, params.infer.k, params.evaluate.m, params.service.label)
+    lines = [verdict.rule_line(rule)] + [verdict.sentence(r, rule, params.service.label) for r in verdict.summary(table).to_dict("records")]
+    return lines, table
+
+
+def verdict_explorer(params, run_dir: Path | str):
+    """The verdict recomputed for another margin δ (a target relative to the service LLM) or threshold (an absolute
+    one) and another α, from the run's answer scores: how sure is the answer, and how much does it hang on δ.
+    Its static form holds the run's own verdict."""
+    import dataclasses
+
+    import ipywidgets as w
+    from IPython.display import Markdown, display
+
+    from llamaduo_nb.pipeline.cycle import verdict_rule
+
+    scores = evaluate.load_answer_scores(run_dir)
+    base = verdict_rule(params)
+    columns = ["task", "local_model", "volume", "cycle", "outcome", "sequence", "chosen", "estimate", "low", "high", "prompts"]
+
+    def show(bound_value, alpha):
+        if base.versus_service:
+            rule = dataclasses.replace(base, offset=-float(bound_value), alpha=float(alpha))
+        else:
+            rule = dataclasses.replace(base, threshold=float(bound_value), alpha=float(alpha))
+        lines, table = verdict_sentences(scores, rule, params)
+        display(Markdown("\n".join("- " + line for line in lines)))
+        display(table[columns].round(2))
+
+    if base.versus_service:
+        bound = w.FloatSlider(value=base.margin, min=0, max=30, step=0.5, description="margin δ", continuous_update=False)
+    else:
+        bound = w.FloatSlider(value=base.threshold, min=0, max=100, step=1, description="threshold", continuous_update=False)
+    alpha = w.Dropdown(options=[0.005, 0.0125, 0.025, 0.05, 0.1], value=base.alpha if base.alpha in (0.005, 0.0125, 0.025, 0.05, 0.1) else 0.025,
+                       description="α (one-sided)")
+    live = w.interactive(show, bound_value=bound, alpha=alpha)
+    lines, _ = verdict_sentences(scores, base, params)
+    static = "<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in lines) + "</ul>"
+    return _explorer("verdict explorer", [live], static)

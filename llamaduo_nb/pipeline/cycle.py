@@ -1,7 +1,8 @@
 """The LlamaDuo cycle: after each cycle's evaluation, is the local model good enough yet?
 
-Cycle 1 is the run folder itself. While the target (`cycle.target`, e.g. `precision coverage_50 >= 70`)
-is not met by every (task, local model) at the largest volume the cycle trained, and the budget
+Cycle 1 is the run folder itself. While the target (`cycle.target`, e.g. `precision mean >= service - 5`)
+is not met by every (task, local model) at the largest volume trained so far (the verdict of
+`methods/verdict.py`, the one the report and deploy use), and the budget
 (`cycle.max_cycles`, optionally `cycle.max_cost_usd`) is not spent, the runner runs stages 02→06
 again in `cycle-<t>/`: `cycle.step` new pairs per task are synthesised (new requests, never a
 repeat of an earlier cycle's), deduplicated against everything kept by earlier cycles, and one
@@ -21,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from llamaduo_nb.io import read_json, read_jsonl, write_csv, write_json
-from llamaduo_nb.methods.metrics import is_service
-from llamaduo_nb.pipeline.params import CycleTarget, Params
+from llamaduo_nb.methods import verdict
+from llamaduo_nb.pipeline.params import Params
 from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
 
 CYCLES_JSON = "cycles.json"
@@ -75,49 +76,38 @@ def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(cycle=1)
 
 
-def cycle_scores(metrics: pd.DataFrame, target: CycleTarget, judge: str | None = None) -> pd.DataFrame:
-    """Per (cycle, task, local model): the metrics row of the target's metric at the cycle's largest volume,
-    for the target's judge (else `judge`, else the first in metrics.csv), with `value` (the target's
-    statistic), `required` (the threshold, or for a target relative to the service LLM: scale × the
-    service LLM's value on that task + offset), `service` (the service LLM's value, NaN for an absolute
-    target) and `met`. The service LLM's own rows are never a local model's line. The stop rule and the
-    across-cycles figure both read it.
+def verdict_rule(params: Params) -> verdict.Rule:
+    """The run's one rule (`methods/verdict.py`): the cycle target at `cycle.alpha`, with the first judge by default."""
+    return verdict.Rule.from_target(params.cycle.target, params.cycle.alpha, params.judges[0].label)
 
-    An absolute target is met when the value reaches the threshold; a relative one when the lower bound
-    of the value's 95 % CI does (the value itself for the median, which has no CI), so a local model is
-    not declared as good as the service LLM on a difference the test prompts cannot resolve."""
-    columns = ["cycle", "task", "local_model", "judge", "volume", "value", "required", "service", "met"]
-    if target.statistic not in metrics.columns:  # e.g. coverage_50 with evaluate.zetas [40, 70]: nothing to score
-        return pd.DataFrame(columns=columns)
-    data = with_cycle(metrics[metrics["metric"] == target.metric])
-    service_mask = is_service(data["local_model"]).to_numpy()
-    judge = target.judge or judge or (data.loc[~service_mask, "judge"].iloc[0] if (~service_mask).any() else None)
-    on_judge = (data["judge"] == judge).to_numpy()
-    service_rows, data = data[service_mask & on_judge], data[~service_mask & on_judge]
-    data = data[(data["volume"] > 0) | ~data.groupby("cycle")["volume"].transform("max").gt(0)]  # the base model only where nothing was trained
-    if data.empty:
-        return data.assign(value=[], required=[], service=[], met=[])
+
+def cycle_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (cycle, task, local model): the verdict row of the cycle's largest volume (the first the fixed sequence
+    tests once the cycle is done; the base model only where the cycle trained nothing). The across-cycles figure
+    and cycles.json read it."""
+    if table.empty:
+        return table
+    data = with_cycle(table)
+    trained = data.groupby("cycle")["volume"].transform("max").gt(0)
+    data = data[(data["volume"] > 0) | ~trained]
     idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
-    best = data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable")
-    value = best[target.statistic].astype(float)
-    if not target.versus_service:
-        return best.assign(value=value, required=target.threshold, service=float("nan"),
-                           met=value >= target.threshold).reset_index(drop=True)
-    first = service_rows.sort_values("cycle", kind="stable").drop_duplicates("task")  # answered alike in every cycle
-    service = best["task"].map(first.set_index("task")[target.statistic]).astype(float)
-    required = target.service_scale * service + target.service_offset
-    low_column = f"{target.statistic}_ci_low"
-    lower = best[low_column].astype(float).fillna(value) if low_column in best.columns else value
-    return best.assign(value=value, required=required, service=service, met=(lower >= required) & required.notna()).reset_index(drop=True)
+    return data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable").reset_index(drop=True)
 
 
-def target_scores(metrics: pd.DataFrame, params: Params, cycle: int) -> pd.DataFrame:
-    """The target statistic per (task, local model) at the largest volume cycle `cycle` trained."""
-    columns = ["task", "local_model", "judge", "volume", "value", "required", "met"]
-    best = cycle_scores(metrics, params.cycle.target, params.judges[0].label)
-    best = best[(best["cycle"] == cycle) & (best["volume"] > 0)]
-    return best.assign(volume=best["volume"].astype(int), value=best["value"].astype(float).round(2),
-                       required=best["required"].astype(float).round(2), met=best["met"].astype(bool))[columns].reset_index(drop=True)
+SCORE_FIELDS = ["cycle", "task", "local_model", "judge", "volume", "outcome", "passed", "estimate", "low", "high", "bound", "prompts",
+                "failed_local", "failed_service"]
+
+
+def _record(row: dict) -> dict:
+    out = {}
+    for key in SCORE_FIELDS:
+        value = row.get(key)
+        if isinstance(value, float):
+            value = None if value != value else round(value, 3)
+        elif hasattr(value, "item"):
+            value = value.item()
+        out[key] = value
+    return out
 
 
 def no_new_pairs(cycle: int, new_pairs: dict | None) -> str | None:
@@ -127,32 +117,32 @@ def no_new_pairs(cycle: int, new_pairs: dict | None) -> str | None:
     return None
 
 
-def decide(params: Params, cycle: int, metrics: pd.DataFrame, cost_usd: float = 0.0, new_pairs: dict | None = None) -> Decision:
-    """Stop after cycle `cycle`, or go on? The reason is a sentence a researcher can put in a log."""
+def decide(params: Params, cycle: int, verdicts: pd.DataFrame, cost_usd: float = 0.0, new_pairs: dict | None = None) -> Decision:
+    """Stop after cycle `cycle`, or go on? `verdicts`: `verdict.verdict_table` of the cells of cycles ≤ `cycle`. The
+    target is met when, for every (task, local model), the fixed sequence finds a volume (its largest passes). The
+    reason is the verdict's own sentences, a researcher can put them in a log."""
     cfg = params.cycle
-    scores = target_scores(metrics, params, cycle)
-    records = scores.to_dict("records")
-    versus = cfg.target.versus_service
-    shown = ", ".join(f"{r['task']}/{r['local_model']} {r['value']:g} at {r['volume']}"
-                      + (f" (needs CI lower bound ≥ {r['required']:g})" if versus else "") for r in records)
-    if scores.empty and cfg.target.statistic not in metrics.columns:
-        return Decision(True, f"the target's statistic {cfg.target.statistic} is not reported (evaluate.zetas); no further cycles", records)
-    if versus and not scores.empty and scores["required"].isna().all():
+    rule = verdict_rule(params)
+    table = with_cycle(verdicts)[lambda f: f["cycle"] <= cycle] if len(verdicts) else verdicts
+    records = [_record(r) for r in cycle_verdicts(table).to_dict("records") if r["cycle"] == cycle] if len(table) else []
+    if table.empty:
+        return Decision(True, f"cycle {cycle} has no {cfg.target.metric} scores to decide the target {cfg.target}", records)
+    found = verdict.summary(table)
+    shown = " ".join(verdict.sentence(r, rule, params.service.label) for r in found.to_dict("records"))
+    if rule.versus_service and (found["outcome"] == verdict.UNDECIDED).all() and found["reason"].astype(str).str.contains("service").all():
         return Decision(True, f"the target {cfg.target} needs the service LLM's own judged answers, and cycle {cycle} has none; "
                               "no further cycles", records)
-    if scores.empty:
-        return Decision(True, f"cycle {cycle} has no {cfg.target.metric} scores to compare with the target {cfg.target}", records)
-    if bool(scores["met"].all()):
-        return Decision(True, f"target met in cycle {cycle}: {cfg.target} ({shown})", records, met=True)
-    missing = f"target {cfg.target} not met in cycle {cycle} ({shown})"
+    if bool(found["found"].all()):
+        return Decision(True, f"target met in cycle {cycle}: {shown}", records, met=True)
+    missing = f"target {cfg.target} not met in cycle {cycle}: {shown}"
     if stalled := no_new_pairs(cycle, new_pairs):
-        return Decision(True, f"{missing}; {stalled}, so another cycle would not help", records)
+        return Decision(True, f"{missing} {stalled}, so another cycle would not help", records)
     if cycle >= cfg.max_cycles:
-        return Decision(True, f"{missing}; cycle budget spent (cycle.max_cycles = {cfg.max_cycles})", records)
+        return Decision(True, f"{missing} Cycle budget spent (cycle.max_cycles = {cfg.max_cycles})", records)
     if cfg.max_cost_usd is not None and cost_usd >= cfg.max_cost_usd:
-        return Decision(True, f"{missing}; cost budget spent (${cost_usd:,.2f} of cycle.max_cost_usd ${cfg.max_cost_usd:,.2f})", records)
+        return Decision(True, f"{missing} Cost budget spent (${cost_usd:,.2f} of cycle.max_cost_usd ${cfg.max_cost_usd:,.2f})", records)
     step = cfg.step or params.synthesize.samples_per_task
-    return Decision(False, f"{missing}; cycle {cycle + 1} synthesises {step} more pairs per task", records)
+    return Decision(False, f"{missing} Cycle {cycle + 1} synthesises {step} more pairs per task", records)
 
 
 # -- bookkeeping -------------------------------------------------------------------------------------
@@ -197,7 +187,8 @@ def record(params: Params, run_dir: Path | str, decisions: list[tuple[int, Decis
                        "new_pairs": new, "kept_pairs_total": dict(sorted(totals.items())), "cost_usd": round(cost, 6)})
     last = decisions[-1][1] if decisions else None
     body = {
-        "target": str(params.cycle.target), "target_fields": params.cycle.target.model_dump(), "max_cycles": params.cycle.max_cycles,
+        "target": str(params.cycle.target), "target_fields": params.cycle.target.model_dump(), "rule": verdict.rule_line(verdict_rule(params)),
+        "max_cycles": params.cycle.max_cycles,
         "step": params.cycle.step or params.synthesize.samples_per_task, "cycles": cycles, "cost_usd": round(spent, 6),
         "stopped": stopped, "stop_reason": last.reason if (last and stopped) else None,
         "next": None if (stopped or not last) else last.reason,

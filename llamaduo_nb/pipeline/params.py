@@ -215,7 +215,9 @@ class EvaluateParams(Strict):
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: PositiveInt = 512
     judges: Optional[list[ServiceParams]] = None  # default: the synthesising service LLM
-    bootstrap: int = Field(1000, ge=0)  # resamples (of test prompts) for the 95% CIs of mean and coverage@ζ; 0: none
+    # resamples (of test prompts) for the intervals of judge–human agreement (rank correlations have no closed-form
+    # interval); 0: none. Scores and verdicts use t-intervals over prompts (methods/verdict.py), not resampling.
+    bootstrap: int = Field(1000, ge=0)
     pairwise: bool = False  # also judge each tuned answer against the base model's (volume 0), in both orders
     pairwise_prompt: str = "pairwise"  # params/prompts/<pairwise_prompt>.yaml or a path
     pairwise_temperature: float = Field(0.0, ge=0)  # one greedy verdict per order, as MT-Bench
@@ -264,15 +266,15 @@ class CycleTarget(Strict):
     """The score the local model must reach: `<metric> <statistic> >= <threshold>`, or relative to the
     service LLM's own judged answers: `>= service`, `>= service - 5`, `>= 0.95 * service`.
 
-    Checked per (task, local model) at the largest volume a cycle trained, with the first judge
-    unless `judge` names another. Written in a params file as a mapping or as one string,
-    e.g. `target: precision coverage_50 >= 70`. A relative target is met when the lower bound of the
-    local model's 95 % CI reaches `service_scale × (the service LLM's value) + service_offset`
-    (the service LLM's value on the same task, judge and statistic).
+    Written in a params file as a mapping or as one string, e.g. `target: precision coverage_50 >= 70`.
+    Decided by `methods/verdict.py` for every (task, local model, volume), with the first judge unless
+    `judge` names another: a relative target is a one-sided non-inferiority test of the paired per-prompt
+    difference local − service_scale × service against service_offset (`>= service - 5`: margin δ = 5),
+    an absolute one a one-sided test of the statistic against the threshold, both at `cycle.alpha`.
     """
 
     metric: Literal["similarity", "precision"] = "precision"
-    statistic: str = "coverage_50"  # mean | median | coverage_<ζ> for a ζ in evaluate.zetas
+    statistic: str = "coverage_50"  # mean | coverage_<ζ> for a ζ in evaluate.zetas
     threshold: float = Field(70.0, ge=0, le=100)  # an absolute target; unused when relative to the service LLM
     judge: Optional[str] = None  # a judge label; default the first judge
     versus_service: bool = False  # relative to the service LLM's own judged answers
@@ -303,6 +305,16 @@ class CycleTarget(Strict):
             return fields
         return value
 
+    @field_validator("statistic")
+    @classmethod
+    def _testable(cls, value):
+        if value == "median":
+            raise ValueError("'median': a verdict is a test on the mean of per-prompt values, which a median is not; use mean, "
+                             "or coverage_<t> >= 50 for 'median >= t' (half the answers score at least t)")
+        if value != "mean" and not re.fullmatch(r"coverage_\d+", value):
+            raise ValueError(f"'{value}': expected mean or coverage_<ζ> (e.g. coverage_50)")
+        return value
+
     def required(self, service_value: float | None = None) -> float:
         """The value to reach: the threshold, or scale × the service LLM's value + offset."""
         if not self.versus_service:
@@ -327,6 +339,8 @@ class CycleParams(Strict):
     max_cycles: PositiveInt = 1  # 1: no cycling
     step: Optional[PositiveInt] = None  # new valid pairs per task per cycle; default synthesize.samples_per_task
     max_cost_usd: Optional[float] = Field(None, gt=0)  # the whole run's service-LLM spend (USD): held while calls are in flight, and no new cycle past it
+    # one-sided error of every verdict (target, volume choice, deploy's parity): intervals are two-sided 1 − 2α (0.025: 95 %)
+    alpha: float = Field(0.025, gt=0, lt=0.5)
 
 
 CELL_PATTERN = re.compile(r"^([A-Za-z_]+)/([A-Za-z0-9._-]+)/(\d+)(?:@(\d+))?$")
@@ -350,6 +364,9 @@ class DeployParams(Strict):
     # the share of test prompts whose greedy answers (served model, adapter) must agree on their first 5 words
     # (quantisation changes a word somewhere later; a wrong chat template or a broken merge the first ones)
     min_greedy_agreement: float = Field(0.5, ge=0, le=1)
+    # points (0–100 score): the served model is "equivalent" to the adapter when the (1 − 2·cycle.alpha) interval of
+    # served − adapter, paired over test prompts, lies within ±parity_margin (two one-sided tests, TOST)
+    parity_margin: float = Field(5.0, gt=0, le=100)
 
     @field_validator("cells")
     @classmethod
@@ -390,9 +407,8 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _target_is_reported(self):
-        statistics = {"mean", "median"} | {f"coverage_{z}" for z in self.evaluate.zetas}
-        # only a run that cycles needs the target's statistic; otherwise cycles.json just says it is not reported
-        if self.cycle.max_cycles > 1 and self.cycle.target.statistic not in statistics:
+        statistics = {"mean"} | {f"coverage_{z}" for z in self.evaluate.zetas}
+        if self.cycle.target.statistic not in statistics:  # the verdict, the report and deploy all read it
             raise ValueError(f"cycle.target.statistic: '{self.cycle.target.statistic}' is not reported; choose one of {', '.join(sorted(statistics))}")
         if self.cycle.target.versus_service and not self.evaluate.service_answers:
             raise ValueError("cycle.target: a target relative to the service LLM needs evaluate.service_answers: true")

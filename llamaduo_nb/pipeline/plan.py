@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.pipeline import execution
 from llamaduo_nb.pipeline.params import Params
 
@@ -31,9 +32,10 @@ def test_prompts_per_task(params: Params) -> int | None:
     return max(1, round(len(test) / len(params.tasks)))
 
 
-def describe(family: Params | list[Params], gpus: int | None = None) -> str:
+def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: float | None = None, pilot_source: str = "") -> str:
     """The grid, the calls and the cost a params file implies (a list: a sweep over service LLMs); with `gpus`,
-    how many fine-tuning units run at once on that many GPUs and the wall time it implies."""
+    how many fine-tuning units run at once on that many GPUs and the wall time it implies. `pilot_sd`: the spread
+    of per-prompt differences of an earlier run of the same params, for the planner (else its stated default)."""
     family = family if isinstance(family, list) else [family]
     params = family[0]
     ft, syn, inf, ev, cyc = params.finetune, params.synthesize, params.infer, params.evaluate, params.cycle
@@ -111,6 +113,9 @@ def describe(family: Params | list[Params], gpus: int | None = None) -> str:
                      + (f"; parity check: {per_judge:,} calls per judge (${parity_cost:,.2f})" if per_judge else ""))
         total_calls += per_judge * len(judges)
         total_cost += parity_cost
+    rule = verdict.Rule.from_target(cyc.target, cyc.alpha, judges[0].label)
+    lines.append("Verdict: " + verdict.rule_line(rule))
+    lines.append("  " + planning.planner_line(rule, pilot_sd, n_test, pilot_source))
     samples = sum(volumes) * ft.num_train_epochs * len(tasks) * len(models) * len(services)
     lines.append(f"Fine-tuning: {samples:,.0f} training samples in all ≈ {samples / GPU_SAMPLES_PER_SECOND / 3600:,.1f} GPU-hours "
                  f"(assuming {GPU_SAMPLES_PER_SECOND} samples/s per GPU)")

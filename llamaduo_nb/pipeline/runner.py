@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import write_json, write_yaml
 from llamaduo_nb.llm.common import check_keys
@@ -181,13 +179,14 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
     Writes `cycles.json` after every decision, so an interrupted loop shows where it stood and
     `run` again picks it up (finished cycles are skipped stage by stage)."""
     from llamaduo_nb.pipeline import cycle as cyc
+    from llamaduo_nb.stages import evaluate
 
     executed, decisions, t = [], [], 1
     while True:
         folder = cycle_folder(run_dir, t)
-        metrics = pd.read_csv(run_dir / "metrics.csv")
+        verdicts = evaluate.run_verdicts(params, run_dir, up_to_cycle=t)
         cost = cyc.run_spend(run_dir)
-        decision = cyc.decide(params, t, metrics, cost, cyc.pair_counts(folder) if t > 1 else None)
+        decision = cyc.decide(params, t, verdicts, cost, cyc.pair_counts(folder) if t > 1 else None)
         decisions.append((t, decision))
         log(f"[cycle {t}] {decision.reason}")
         cyc.record(params, run_dir, decisions, decision.stop)

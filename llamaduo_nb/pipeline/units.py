@@ -65,9 +65,9 @@ DEPENDS_ON = {
     "infer": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer"],
     "evaluate": ["seed", "tasks", "evaluate", "service"],
     "deploy": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer", "evaluate", "service", "cycle.target",
-               "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity",
-               "deploy.min_greedy_agreement"],
-    "report": ["evaluate.zetas", "cycle.target"],
+               "cycle.alpha", "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity",
+               "deploy.min_greedy_agreement", "deploy.parity_margin"],
+    "report": ["evaluate.zetas", "cycle.target", "cycle.alpha", "infer.k", "evaluate.m"],
 }
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
 # cached by content, so a local service's batch_size (which prompts are generated together) changes

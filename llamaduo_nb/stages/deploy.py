@@ -9,11 +9,13 @@ For each chosen cell (`deploy.cells`; default per task and local model, the smal
   greedy answer per prompt), their judgements by the run's judges, and the adapter's greedy answers.
 
 The parity check compares, per judge and metric, the served model's scores with the adapter's (judged in
-evaluate on the same prompts): mean, coverage@ζ, their CIs, the paired difference over prompts with
-its CI, and how far the greedy answers agree (identical ones; ones whose first words agree). A difference
-whose CI excludes 0, or greedy answers agreeing less than `deploy.min_greedy_agreement`, is a warning on the
-console, in `deploy/cells.csv`, the report and `manifest.json`: merges, quantisation and chat-template
-mismatches show up there. Without `llama-cpp-python[server]` the exports are written and the parity
+evaluate on the same prompts): mean, coverage@ζ, their CIs, and an equivalence test (TOST) of the paired
+difference served − adapter over prompts (`methods/verdict.py`): "equivalent within ±deploy.parity_margin"
+when its (1 − 2·cycle.alpha) interval lies inside the margin, "different" when it excludes 0, else "not shown
+equivalent (too few prompts)": absence of evidence is never read as equivalence. Also how far the greedy
+answers agree (identical ones; ones whose first words agree). "different", or greedy answers agreeing less
+than `deploy.min_greedy_agreement`, is a warning on the console, in `deploy/cells.csv`, the report and
+`manifest.json`: merges, quantisation and chat-template mismatches show up there. Without `llama-cpp-python[server]` the exports are written and the parity
 check says it was not measured.
 
 Also `deploy/COMMANDS.md`: the commands that serve each export with llama.cpp's server, Ollama and vLLM
@@ -35,10 +37,10 @@ import pandas as pd
 from llamaduo_nb import export, serving
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
-from llamaduo_nb.methods import comparison
-from llamaduo_nb.methods.metrics import aggregate, answer_scores, is_service
+from llamaduo_nb.methods import verdict
+from llamaduo_nb.methods.metrics import aggregate, answer_scores
 from llamaduo_nb.models import PACKAGED_MODELS, resolve, short_name
-from llamaduo_nb.pipeline.cycle import with_cycle
+from llamaduo_nb.pipeline.cycle import verdict_rule, with_cycle
 from llamaduo_nb.pipeline.params import CELL_PATTERN, Params, vllm_max_lora_rank
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, content_fingerprint, cycle_folder, stage_dir
 from llamaduo_nb.stages import coverage, evaluate, finetune
@@ -51,59 +53,43 @@ SERVER_PIP = "pip install 'llama-cpp-python[server]==0.3.36'"
 
 
 # -- which cells ----------------------------------------------------------------------------------------------
-def choose_cells(metrics: pd.DataFrame, params: Params) -> list[dict]:
-    """The cells to export: `deploy.cells`, or per (task, local model) the smallest volume meeting the cycle
-    target (ties: the higher value, then the later cycle), else the best value (ties: the smaller volume).
+def choose_cells(verdicts: pd.DataFrame, params: Params) -> list[dict]:
+    """The cells to export: `deploy.cells`, or per (task, local model) the volume the verdict chose (the smallest
+    trained volume the fixed sequence passed: `methods/verdict.py`, as the report's headline), else the best
+    estimate (ties: the smaller volume).
 
-    Each: {task, local_model, volume, cycle, value, met, why}. Rows of the service LLM and the base model
-    (volume 0) are never chosen."""
-    target = params.cycle.target
-    data = with_cycle(metrics)
-    data = data[(data["metric"] == target.metric) & (data["volume"] > 0) & ~is_service(data["local_model"]).to_numpy()]
-    judge = target.judge or params.judges[0].label
-    data = data[data["judge"] == judge]
-    service = with_cycle(metrics)
-    service = service[is_service(service["local_model"]).to_numpy() & (service["metric"] == target.metric) & (service["judge"] == judge)]
-    statistic = target.statistic if target.statistic in data.columns else "mean"  # e.g. coverage_50 with zetas [40, 70]
+    `verdicts`: `evaluate.run_verdicts`. Each: {task, local_model, volume, cycle, value, met, why}. The base model
+    (volume 0) is never exported."""
+    rule = verdict_rule(params)
+    data = with_cycle(verdicts[verdicts["volume"] > 0]) if len(verdicts) else verdicts
     if params.deploy.cells:
-        return [_named_cell(cell, data, statistic) for cell in params.deploy.cells]
+        return [_named_cell(cell, data) for cell in params.deploy.cells]
     chosen = []
     for (task, model), rows in data.groupby(["task", "local_model"], sort=True):
-        rows = rows.assign(value=rows[statistic].astype(float))
-        required = target.required(_service_value(service, task, statistic) if target.versus_service else None)
-        low_column = f"{statistic}_ci_low"
-        lower = rows[low_column].astype(float).fillna(rows["value"]) if target.versus_service and low_column in rows else rows["value"]
-        reported = statistic == target.statistic and required == required
-        rows = rows.assign(met=(lower >= required).to_numpy() if reported else False)
-        met = rows[rows["met"]]
-        if len(met):
-            best = met.sort_values(["volume", "value", "cycle"], ascending=[True, False, False]).iloc[0]
-            why = f"the smallest volume that meets the target {target} ({statistic} {best['value']:g})"
+        passed = rows[rows["sequence"] == verdict.PASSED]
+        if len(passed):
+            best = passed.sort_values(["volume", "cycle"]).iloc[0]
+            why = f"the smallest volume the verdict passed ({rule.describe()})"
         else:
-            best = rows.sort_values(["value", "volume", "cycle"], ascending=[False, True, False]).iloc[0]
-            missing = "no volume meets the target" if statistic == target.statistic else "the target's statistic is not reported"
-            why = f"{missing} {target}: the best {statistic} ({best['value']:g})"
+            best = rows.assign(_e=rows["estimate"].astype(float).fillna(-1e9)).sort_values(
+                ["_e", "volume", "cycle"], ascending=[False, True, False]).iloc[0]
+            why = f"no volume passed ({rule.describe()}): the best estimate, {best['outcome']}"
         chosen.append({"task": task, "local_model": model, "volume": int(best["volume"]), "cycle": int(best["cycle"]),
-                       "value": float(best["value"]), "met": bool(best["met"]), "why": why})
+                       "value": float(best["estimate"]), "met": bool(len(passed)), "why": why})
     return chosen
 
 
-def _service_value(service: pd.DataFrame, task: str, statistic: str):
-    rows = service[service["task"] == task].sort_values("cycle")
-    return float(rows[statistic].iloc[0]) if len(rows) else None
-
-
-def _named_cell(cell: str, data: pd.DataFrame, statistic: str) -> dict:
+def _named_cell(cell: str, data: pd.DataFrame) -> dict:
     task, model, volume, cycle = CELL_PATTERN.match(cell).groups()
-    rows = data[(data["task"] == task) & (data["local_model"] == model) & (data["volume"] == int(volume))]
-    if cycle:
+    rows = data[(data["task"] == task) & (data["local_model"] == model) & (data["volume"] == int(volume))] if len(data) else data
+    if cycle and len(rows):
         rows = rows[rows["cycle"] == int(cycle)]
     if rows.empty:
         known = ", ".join(sorted({f"{r.task}/{r.local_model}/{int(r.volume)}" for r in data.itertuples()})) or "none"
         raise UserError(f"deploy.cells: '{cell}' was not trained and evaluated in this run (cells: {known})")
     best = rows.sort_values("cycle").iloc[-1]
     return {"task": task, "local_model": model, "volume": int(volume), "cycle": int(best["cycle"]),
-            "value": float(best[statistic]), "met": False, "why": "it is named in deploy.cells"}
+            "value": float(best["estimate"]), "met": best["sequence"] == verdict.PASSED, "why": "it is named in deploy.cells"}
 
 
 def cell_folder(run_dir: Path | str, cell: dict) -> Path:
@@ -140,8 +126,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.csv").exists():
         raise UserError(f"stage 'deploy' needs stage 'evaluate' to have finished in {run_dir} first")
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    cells = choose_cells(metrics, params)  # a bad deploy.cells fails before anything is written
+    cells = choose_cells(evaluate.run_verdicts(params, run_dir), params)  # a bad deploy.cells fails before anything is written
     stage.begin()
     test = coverage.load(run_dir, "test")
     rows, parity_frames, warnings, outputs, redone = [], [], [], [COMMANDS_MD, CELLS_CSV], []
@@ -170,8 +155,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         if row["warning"]:
             warnings.append(f"deploy {row['name']}: {row['warning']}")
             print(f"WARNING {warnings[-1]}", flush=True)
-        elif row["parity"].startswith("not measured"):
-            print(f"deploy {row['name']}: parity {row['parity']}", flush=True)
+        print(f"deploy {row['name']}: parity {row['parity']}", flush=True)
         rows.append(row)
     for stale in _stale_folders(run_dir, cells):  # exports of cells no longer chosen are not reported
         shutil.rmtree(stale)
@@ -257,7 +241,8 @@ def _parity(params: Params, run_dir: Path, cell: dict, folder: Path, model_ref: 
                  "judges": [j.model_dump(mode="json", include={"backend", "model", "base_url"}) for j in params.judges],
                  "evaluate": params.evaluate.model_dump(mode="json", include={"m", "temperature", "max_new_tokens", "prompt", "zetas"}),
                  "adapter_judgements": content_fingerprint(stage_dir(cycle_folder(run_dir, cell["cycle"]), "evaluate")),
-                 "min_greedy_agreement": params.deploy.min_greedy_agreement}
+                 "min_greedy_agreement": params.deploy.min_greedy_agreement, "parity_margin": params.deploy.parity_margin,
+                 "alpha": params.cycle.alpha}
     unit = Unit(out, out / "UNIT.json", made_from)
     record = unit.current(force)
     if record:
@@ -291,9 +276,9 @@ def _parity(params: Params, run_dir: Path, cell: dict, folder: Path, model_ref: 
     table = table.assign(identical_greedy=identical, greedy_agreement=agreement, tokens_per_s=tokens_per_s)
     write_csv(out / "parity.csv", table)
     warning = _warning(table, agreement, params.deploy.min_greedy_agreement)
-    verdict = "warning" if warning else "the served model matches the adapter"
-    unit.commit(tokens_per_s=tokens_per_s, identical_greedy=identical, greedy_agreement=agreement, verdict=verdict, warning=warning)
-    return {"table": table, "tokens_per_s": tokens_per_s, "verdict": verdict, "warning": warning}
+    outcome = parity_outcome(table)
+    unit.commit(tokens_per_s=tokens_per_s, identical_greedy=identical, greedy_agreement=agreement, verdict=outcome, warning=warning)
+    return {"table": table, "tokens_per_s": tokens_per_s, "verdict": outcome, "warning": warning}
 
 
 def _adapter_greedy(params: Params, model_ref: str, adapter_dir: Path, prompts: list[dict]) -> dict:
@@ -346,13 +331,14 @@ def _judge_and_compare(params: Params, run_dir: Path, cell: dict, out: Path, ser
         frames.append(pd.DataFrame(rows))
     judgements = pd.concat(frames, ignore_index=True)
     write_jsonl(out / "judgements.jsonl", judgements.to_dict("records"))
-    served_metrics = aggregate(judgements, params.evaluate.zetas, params.evaluate.bootstrap, params.seed)
+    alpha, margin = params.cycle.alpha, params.deploy.parity_margin
+    served_metrics = aggregate(judgements, params.evaluate.zetas, 1 - 2 * alpha)
     adapter_judgements = evaluate.load_judgements(evaluated)
     keys = {"task": cell["task"], "local_model": cell["local_model"], "volume": cell["volume"]}
     mask = np.logical_and.reduce([adapter_judgements[k] == v for k, v in keys.items()])
     adapter_judgements = adapter_judgements[mask]
-    adapter_metrics = aggregate(adapter_judgements, params.evaluate.zetas, params.evaluate.bootstrap, params.seed)
-    served_scores, adapter_scores = answer_scores(judgements), answer_scores(adapter_judgements)
+    adapter_metrics = aggregate(adapter_judgements, params.evaluate.zetas, 1 - 2 * alpha)
+    served_scores, adapter_scores = answer_scores(judgements, unscored=True), answer_scores(adapter_judgements, unscored=True)
     stats = ["mean"] + [f"coverage_{z}" for z in params.evaluate.zetas]
     rows = []
     for judge in params.judges:
@@ -364,21 +350,29 @@ def _judge_and_compare(params: Params, run_dir: Path, cell: dict, out: Path, ser
                     for suffix in ("", "_ci_low", "_ci_high"):
                         row[f"{form}_{stat}{suffix}"] = float(hit[f"{stat}{suffix}"].iloc[0]) if len(hit) else float("nan")
             pick = lambda s: s[(s["judge"] == judge.label) & (s["metric"] == metric)][["prompt_id", "score"]]  # noqa: E731
-            diff = comparison.paired_difference(pick(served_scores), pick(adapter_scores), "mean",
-                                                rng=np.random.default_rng(params.seed))
-            row.update(prompts=diff["prompts"], difference=diff["difference"], difference_ci_low=diff["ci_low"],
-                       difference_ci_high=diff["ci_high"])
+            test = verdict.equivalence(pick(served_scores), pick(adapter_scores), margin, alpha)
+            row.update(prompts=test.prompts, difference=test.estimate, difference_ci_low=test.low, difference_ci_high=test.high,
+                       margin=margin, equivalence=test.outcome, equivalence_text=f"{metric} by {judge.label}: {test.text()}")
             rows.append(row)
     return pd.DataFrame(rows)
 
 
+def parity_outcome(table: pd.DataFrame) -> str:
+    """The cell's parity in one line: "different" when any judge and metric is, "equivalent within ±m" when all are,
+    else "not shown equivalent" (too few prompts to tell), followed by each test."""
+    outcomes = set(table["equivalence"])
+    if verdict.DIFFERENT in outcomes:
+        head = verdict.DIFFERENT
+    elif outcomes == {verdict.EQUIVALENT}:
+        head = f"{verdict.EQUIVALENT} within ±{float(table['margin'].iloc[0]):g}"
+    else:
+        head = f"{verdict.NOT_SHOWN_EQUIVALENT} (too few prompts)"
+    return f"{head}: " + "; ".join(table["equivalence_text"])
+
+
 def _warning(table: pd.DataFrame, agreement: float, min_agreement: float) -> str:
-    """Why the served model does not look like the evaluated adapter ('' when it does)."""
-    reasons = []
-    apart = table[(table["difference_ci_low"] > 0) | (table["difference_ci_high"] < 0)]
-    for r in apart.itertuples():
-        reasons.append(f"{r.metric} by {r.judge}: served − adapter {r.difference:+.1f} "
-                       f"[95% CI {r.difference_ci_low:+.1f}, {r.difference_ci_high:+.1f}] over {r.prompts} prompts")
+    """Why the served model does not look like the evaluated adapter ('' when nothing shows it)."""
+    reasons = list(table.loc[table["equivalence"] == verdict.DIFFERENT, "equivalence_text"])
     if agreement == agreement and agreement < min_agreement:
         reasons.append(f"the greedy answers agree on their first {FIRST_WORDS} words for {agreement:.0%} of the test prompts "
                        f"(deploy.min_greedy_agreement {min_agreement:.0%})")
@@ -409,8 +403,8 @@ def commands_text(run_dir: Path | str) -> str:
 
 
 REPORT_CELL_COLUMNS = ["task", "local_model", "volume", "cycle", "why", "name", "quantization", "gguf_mb", "merged_mb", "tokens_per_s", "parity"]
-REPORT_PARITY_COLUMNS = ["task", "local_model", "volume", "judge", "metric", "adapter_mean", "served_mean", "difference",
-                         "difference_ci_low", "difference_ci_high", "identical_greedy", "greedy_agreement"]
+REPORT_PARITY_COLUMNS = ["task", "local_model", "volume", "judge", "metric", "equivalence", "adapter_mean", "served_mean", "difference",
+                         "difference_ci_low", "difference_ci_high", "margin", "prompts", "identical_greedy", "greedy_agreement"]
 
 
 def summary(run_dir: Path | str) -> dict:

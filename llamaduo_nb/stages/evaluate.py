@@ -20,7 +20,8 @@ in the judge files and metrics.csv.
 Judges checked against people (`evaluate.human_labels`): each judge scores the labelled answers
 (the same judge prompt, M times, cached; an answer the run already judged costs nothing);
 `evaluate/human_labels/items.csv` (judge and human score per answer and metric),
-`evaluate/human_labels/agreement.csv` (Spearman, Kendall, MAE with bootstrap CIs per judge) and
+`evaluate/human_labels/agreement.csv` (Spearman, Kendall, MAE with cluster-bootstrap CIs over prompts per
+judge; the reference answers apart) and
 `evaluate/human_labels/between_judges.csv` (`methods/agreement.py`).
 
 Optional, beside the paper:
@@ -47,11 +48,11 @@ from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import read_csv_or_empty, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.methods import agreement, pairwise, reference_metrics
+from llamaduo_nb.methods import agreement, pairwise, reference_metrics, verdict
 from llamaduo_nb.methods.metrics import SERVICE_VOLUME, aggregate, answer_scores, is_service, service_name
-from llamaduo_nb.pipeline.cycle import publish
+from llamaduo_nb.pipeline.cycle import publish, verdict_rule
 from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, Params, ServiceParams
-from llamaduo_nb.pipeline.units import SERVICE_OPERATIONAL, StageResult, StageRun, Unit, cycle_of, stage_dir
+from llamaduo_nb.pipeline.units import SERVICE_OPERATIONAL, StageResult, StageRun, Unit, cycle_folders, cycle_of, root_of, stage_dir
 from llamaduo_nb.prompts import load_prompt
 from llamaduo_nb.stages import coverage, infer
 
@@ -120,10 +121,12 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     accounting, frames, outputs, counts = {}, [], [], {}
     service_responses = pd.DataFrame()
     if params.evaluate.service_answers:
-        service_responses, service_accounting, service_outputs, failed = answer_as_service(params, run_dir, test)
+        service_responses, service_accounting, service_outputs, failed_service = answer_as_service(params, run_dir, test)
         accounting.update(service_accounting)
         outputs += service_outputs
-        counts.update(service_answers=len(service_responses), service_answer_errors=failed)
+        counts.update(service_answers=len(service_responses), service_answer_errors=len(failed_service))
+    else:
+        failed_service = pd.DataFrame()
     responses = pd.concat([local_responses, service_responses], ignore_index=True)
     labelled = labelled_answers(labels, references, responses, labels_path(params), cycle_of(run_dir)) if labels else None
     for judge in params.judges:
@@ -134,12 +137,13 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         if rows and not any(r["valid"] for r in rows):  # nothing to report: never DONE, and a re-run resumes from the cache
             raise UserError(f"evaluate: none of the {len(rows)} judgements by {judge.label} was valid "
                             f"(first reason: {rows[0]['error'] or 'invalid output'}); nothing was reported")
+        rows += unanswered_rows(params, judge, failed_service, run_dir)  # the verdict scores them 0, never drops them
         write_jsonl(judge_file(run_dir, judge), rows)
         accounting[judge.label] = service.accounting.as_dict()
         frames.append(pd.DataFrame(rows))
     judgements = pd.concat(frames, ignore_index=True)
     cfg = params.evaluate
-    metrics = aggregate(judgements, cfg.zetas, bootstrap=cfg.bootstrap, seed=params.seed)
+    metrics = aggregate(judgements, cfg.zetas)
     publish(run_dir, "metrics.csv", metrics)  # this cycle's rows, also merged into the run's metrics.csv
     counts.update(judgements=len(judgements), invalid=int((~judgements["valid"]).sum()), answers=len(responses), metric_rows=len(metrics))
     _remove_stale(run_dir, cfg, params.judges)
@@ -206,13 +210,14 @@ def service_answers_unit(params: Params, run_dir: Path | str, task: str, prompts
     return Unit.file(service_answers_file(run_dir, task), made_from)
 
 
-def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> tuple[pd.DataFrame, dict, list[str], int]:
+def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> tuple[pd.DataFrame, dict, list[str], pd.DataFrame]:
     """The service LLM answers every test prompt of every task K times; one answer file per task.
 
     Returns (the answers it gave, as infer's rows with local_model `service:<label>` and volume -1;
-    accounting; the files, relative to evaluate/; answers that failed, left out of judging)."""
+    accounting; the files, relative to evaluate/; the answers that failed, which are not judged but enter
+    the judge files as unjudged answers: `unanswered_rows`)."""
     name = service_name(params.service.label)
-    frames, outputs, failed, service = [], [], 0, None
+    frames, outputs, failed, service = [], [], [], None
     accounting = {}
     for task in params.tasks:
         prompts = [p for p in test if p["task"] == task]
@@ -230,7 +235,7 @@ def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> 
                 unit.commit(task=task, service=params.service.label, answers=len(rows))
         rows = read_jsonl(unit.outputs[0])
         answered = [r for r in rows if r.get("response") is not None]
-        failed += len(rows) - len(answered)
+        failed += [r for r in rows if r.get("response") is None]
         frames.append(pd.DataFrame(answered))
         outputs.append(str(unit.outputs[0].relative_to(stage_dir(run_dir, "evaluate"))))
     if service is not None:
@@ -241,7 +246,21 @@ def answer_as_service(params: Params, run_dir: Path | str, test: list[dict]) -> 
         with contextlib.suppress(FileNotFoundError):
             stale.with_name(stale.name + ".unit.json").unlink()
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return frame, accounting, outputs, failed
+    return frame, accounting, outputs, pd.DataFrame(failed)
+
+
+def unanswered_rows(params: Params, judge: ServiceParams, failed: pd.DataFrame, run_dir: Path | str) -> list[dict]:
+    """Judge-file rows for the service LLM's failed answers (M invalid judgements each, no call made): such an
+    answer has no valid judgement, so the paper's aggregates count it in `unscored_answers` and the verdict
+    scores it 0, as it does an answer the judge could not score."""
+    rows = []
+    for answer in failed.itertuples():
+        for m in range(params.evaluate.m):
+            rows.append({"cycle": cycle_of(run_dir), "task": answer.task, "local_model": answer.local_model, "judge": judge.label,
+                         "volume": int(answer.volume), "prompt_id": answer.prompt_id, "k": int(answer.k), "m": m,
+                         "prompt_version": None, "valid": False, "error": f"the service LLM gave no answer: {answer.error}",
+                         "similarity": None, "precision": None, "similarity_reason": None, "precision_reason": None, "raw": None})
+    return rows
 
 
 def load_service_answers(run_dir: Path | str) -> pd.DataFrame:
@@ -329,7 +348,10 @@ def check_judges_against_people(params: Params, run_dir: Path | str, labelled: p
                                                                                          raters=("human_score", "size"))
     items = human.merge(judge_scores.rename(columns={"score": "judge_score"})[["judge", "metric", "item", "judge_score"]],
                         on=["item", "metric"], how="inner")
-    items = items[["judge", "metric", "task", "prompt_id", "item", "human_score", "raters", "judge_score"]]
+    reference_text = {pid: str(ref.get("reference") or "").strip() for pid, ref in references.items()}
+    items = items.assign(reference=[str(a).strip() == reference_text.get(p) for a, p in
+                                    zip(items["item"].map(answers.set_index("item")["answer"]), items["prompt_id"])])
+    items = items[["judge", "metric", "task", "prompt_id", "item", "reference", "human_score", "raters", "judge_score"]]
     write_csv(folder / "items.csv", items)
     cfg = params.evaluate
     write_csv(folder / "agreement.csv", agreement.agreement_with_humans(items, cfg.bootstrap, params.seed))
@@ -407,6 +429,31 @@ def load_reference_metrics(run_dir: Path | str) -> pd.DataFrame:
 
 def load_correlations(run_dir: Path | str) -> pd.DataFrame:
     return read_csv_or_empty(stage_dir(run_dir, "evaluate") / CORRELATIONS_CSV)
+
+
+def load_all_judgements(run_dir: Path | str) -> pd.DataFrame:
+    """Every cycle's single-answer judgements (column `cycle`), from the run folder's top."""
+    frames = [load_judgements(folder).assign(cycle=cycle) for cycle, folder in cycle_folders(root_of(run_dir))]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+ANSWER_SCORE_COLUMNS = ["cycle", "task", "local_model", "judge", "volume", "prompt_id", "k", "score", "judge_std", "judgements", "metric"]
+
+
+def load_answer_scores(run_dir: Path | str) -> pd.DataFrame:
+    """Every answer's score (the mean of its valid judgements; NaN for an answer without one, which the verdict
+    scores 0) of every cycle."""
+    judgements = load_all_judgements(run_dir)
+    return answer_scores(judgements, unscored=True) if len(judgements) else pd.DataFrame(columns=ANSWER_SCORE_COLUMNS)
+
+
+def run_verdicts(params: Params, run_dir: Path | str, up_to_cycle: int | None = None) -> pd.DataFrame:
+    """The verdict of every (task, local model, cycle, volume) of the run (`methods/verdict.py`), cycles ≤ `up_to_cycle`."""
+    scores = load_answer_scores(run_dir)
+    if up_to_cycle is not None and len(scores):
+        scores = scores[scores["cycle"] <= up_to_cycle]
+    return verdict.verdict_table(scores, verdict_rule(params), params.infer.k, params.evaluate.m, params.service.label)
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:

@@ -3,8 +3,9 @@
 Reads: `metrics.csv` (at the run folder's top, every cycle), each cycle's judgements, `deduplicate/funnel.csv`,
 `finetune/` training logs and `manifest.json`, `evaluate/human_labels/`, and `cycles.json` when the run
 cycled. Writes `report/*.png` and `report/*.svg` (the figures of `figures.py`), `report/metrics_table.csv`,
-`report/service_comparison.csv` (every volume against the service LLM's own answers, paired over
-prompts: `methods/comparison.py`), DONE.json; the runner exports the executed notebook as `report.html`.
+`report/verdicts.csv` (every volume's verdict against the target, and its place in the fixed sequence:
+`methods/verdict.py`), `report/noise.csv` (where each verdict's variance comes from: `methods/planning.py`),
+DONE.json; the runner exports the executed notebook as `report.html`.
 
 One unit: the figure set, made from the content of every cycle's evaluation, `cycles.json`, the
 zetas and the cycle target. Everything it shows comes from the current grid (the earlier stages
@@ -25,12 +26,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
-                                 score_across_cycles, score_vs_volume, served_vs_adapter)
+                                 score_across_cycles, score_vs_volume, served_vs_adapter, verdict_by_volume)
 from llamaduo_nb.io import read_json, save_figure, write_csv, write_text
-from llamaduo_nb.methods import comparison
-from llamaduo_nb.methods.metrics import answer_scores, is_service
+from llamaduo_nb.methods import planning, verdict
+from llamaduo_nb.methods.metrics import is_service
 from llamaduo_nb.pipeline import cycle as _cycle
-from llamaduo_nb.pipeline.cycle import with_cycle
+from llamaduo_nb.pipeline.cycle import verdict_rule, with_cycle
 from llamaduo_nb.pipeline.params import Params
 from llamaduo_nb.pipeline.units import STAGES, StageResult, StageRun, cycle_folders, root_of, stage_dir
 from llamaduo_nb.stages import deploy, evaluate, finetune
@@ -50,43 +51,81 @@ def load_metrics(run_dir: Path | str) -> pd.DataFrame:
 
 
 
-def load_answer_scores(run_dir: Path | str) -> pd.DataFrame:
-    """Every answer's score (mean of its M judgements) of every cycle: `metrics.answer_scores` of all judge files."""
-    frames = [evaluate.load_judgements(folder).assign(cycle=cycle) for cycle, folder in cycle_folders(run_dir)]
-    frames = [f for f in frames if len(f)]
-    return answer_scores(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame(
-        columns=["cycle", "task", "local_model", "judge", "volume", "prompt_id", "k", "score", "judge_std", "judgements", "metric"])
+VERDICTS_CSV = "verdicts.csv"
+NOISE_CSV = "noise.csv"
 
 
-def comparison_settings(params: Params) -> dict:
-    """The metric, statistic, judge and (for a relative target) scale and offset the service comparison uses:
-    the cycle target's (the mean where its statistic is not one a prompt has)."""
-    target = params.cycle.target
-    statistic = target.statistic if target.statistic in ("mean", "median") or target.statistic.startswith("coverage_") else "mean"
-    return {"metric": target.metric, "statistic": statistic, "judge": target.judge or params.judges[0].label,
-            "scale": target.service_scale if target.versus_service else 1.0,
-            "offset": target.service_offset if target.versus_service else 0.0}
+def load_verdicts(run_dir: Path | str) -> pd.DataFrame:
+    """report/verdicts.csv: every cell's verdict and its place in the fixed sequence (empty before the report ran)."""
+    path = stage_dir(root_of(run_dir), "report") / VERDICTS_CSV
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
 
 
-def service_comparison(params: Params, run_dir: Path | str) -> pd.DataFrame:
-    """Every (task, local model, cycle, volume) against the service LLM (`methods/comparison.py`); empty without its answers."""
-    scores = load_answer_scores(run_dir)
-    if scores.empty or not is_service(scores["local_model"]).any():
-        return pd.DataFrame(columns=comparison.COLUMNS)
-    return comparison.compare_with_service(scores, **comparison_settings(params))
+def noise_table(params: Params, run_dir: Path | str) -> pd.DataFrame:
+    """Per cell: where the variance of its verdict comes from (prompts, K answers, M judgements) and the interval's
+    half-width with twice each (`methods/planning.py`), on the score scale of the target's metric."""
+    rule = verdict_rule(params)
+    judgements = evaluate.load_all_judgements(run_dir)
+    if judgements.empty:
+        return pd.DataFrame()
+    judge = rule.judge or params.judges[0].label
+    data = judgements[(judgements["judge"] == judge)].copy()
+    data["value"] = pd.to_numeric(data[rule.metric], errors="coerce").where(data["valid"].fillna(False).astype(bool))
+    service_mask = is_service(data["local_model"]).to_numpy()
+    service, local = data[service_mask], data[~service_mask]
+    rows = []
+    for (task, model, cycle, volume), cell in local.groupby(["task", "local_model", "cycle", "volume"], sort=True):
+        if volume == 0 and cycle != local[(local["task"] == task) & (local["volume"] == 0)]["cycle"].min():
+            continue  # the base model once, in its first cycle (as the verdict)
+        other = service[service["task"] == task]
+        other = other[other["cycle"] == other["cycle"].min()] if len(other) else other
+        parts = planning.paired_components(cell[["prompt_id", "k", "value"]],
+                                           other[["prompt_id", "k", "value"]] if rule.versus_service else None, rule.alpha)
+        rows.append({"task": task, "local_model": model, "cycle": int(cycle), "volume": int(volume), **parts,
+                     "advice": planning.advice(parts)})
+    return pd.DataFrame(rows)
 
 
-def load_service_comparison(run_dir: Path | str) -> pd.DataFrame:
-    path = stage_dir(run_dir, "report") / "service_comparison.csv"
-    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=comparison.COLUMNS)
+def planner_lines(params: Params, verdicts: pd.DataFrame) -> list[str]:
+    """The planner per task, from the spread of the task's decided cells (the pilot), else the stated default."""
+    rule = verdict_rule(params)
+    if verdicts.empty:
+        return [planning.planner_line(rule, None, None, "")]
+    lines = []
+    for task, rows in verdicts.groupby("task", sort=True):
+        sd = planning.pooled_sd(rows["sd"])
+        n = int(rows["prompts"].max()) if len(rows) else None
+        lines.append(f"{task}: " + planning.planner_line(rule, sd, n, f"this run's {int(rows['sd'].gt(0).sum())} decided cells"))
+    return lines
 
 
 def headline(params: Params, run_dir: Path | str) -> list[str]:
-    """The report's first lines: per task (and local model), the smallest volume not worse than the service LLM."""
-    table = load_service_comparison(run_dir)
+    """The report's first lines: the rule, per (task, local model) the verdict's sentence, and the planner."""
+    table = load_verdicts(run_dir)
+    rule = verdict_rule(params)
     if table.empty:
-        return ["The service LLM did not answer the test prompts in this run (evaluate.service_answers), so no volume is compared with it."]
-    return comparison.headline(comparison.smallest_not_worse(table), params.service.label)
+        return [verdict.rule_line(rule), "No verdict yet: the report has not read any judged answers."]
+    lines = [verdict.rule_line(rule)]
+    lines += [verdict.sentence(r, rule, params.service.label) for r in verdict.summary(table).to_dict("records")]
+    return lines + planner_lines(params, table)
+
+
+VERDICT_VIEW = ["task", "local_model", "volume", "cycle", "outcome", "sequence", "chosen", "estimate", "low", "high", "bound",
+                "prompts", "failed_local", "failed_service", "outcome_if_dropped", "p_value"]
+NOISE_VIEW = ["task", "local_model", "volume", "cycle", "share_prompt", "share_answer", "share_judgement", "half_width",
+              "half_width_2n", "half_width_2k", "half_width_2m", "advice"]
+
+
+def verdict_view(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """verdicts.csv for reading: the deciding columns, rounded (the CSV keeps full precision)."""
+    return verdicts[[c for c in VERDICT_VIEW if c in verdicts.columns]].round(2)
+
+
+def noise_view(run_dir: Path | str) -> pd.DataFrame:
+    """noise.csv for reading: the shares of the variance and the half-widths, rounded."""
+    path = stage_dir(root_of(run_dir), "report") / NOISE_CSV
+    frame = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+    return frame[[c for c in NOISE_VIEW if c in frame.columns]].round(2) if len(frame) else frame
 
 
 def load_cycles(run_dir: Path | str) -> dict | None:
@@ -168,8 +207,10 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         written += save_figure(coverage_bars(metrics, metric, zetas), out / f"{metric}_coverage")
     target = params.cycle.target
     cycles = load_cycles(run_dir)
-    written += save_figure(score_across_cycles(metrics, target, judge=params.judges[0].label,
-                                               stop_reason=(cycles or {}).get("stop_reason")), out / "score_across_cycles")
+    verdicts = evaluate.run_verdicts(params, run_dir)
+    rule = verdict_rule(params)
+    written += save_figure(verdict_by_volume(verdicts, rule), out / "verdict_by_volume")
+    written += save_figure(score_across_cycles(verdicts, rule, stop_reason=(cycles or {}).get("stop_reason")), out / "score_across_cycles")
     written += save_figure(cost_per_stage(stage_costs(root_of(run_dir))), out / "cost_per_stage")
     funnels = load_funnels(run_dir)
     if not funnels.empty:
@@ -185,14 +226,14 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         written += save_figure(served_vs_adapter(parity), out / "served_vs_adapter")
     plt.close("all")
     write_csv(out / "metrics_table.csv", metrics_table(metrics, zetas))
-    compared = service_comparison(params, run_dir)
-    write_csv(out / "service_comparison.csv", compared)
+    write_csv(out / VERDICTS_CSV, verdicts)
+    write_csv(out / NOISE_CSV, noise_table(params, run_dir))
     for old in set(out.glob("*.png")) | set(out.glob("*.svg")):
         if old not in written:  # a figure this run no longer draws (e.g. no funnel) must not linger beside the new ones
             old.unlink()
-    outputs = ["metrics_table.csv", "service_comparison.csv"] + [p.name for p in written]
-    found = comparison.smallest_not_worse(compared) if len(compared) else compared
-    return stage.finish({"figures": len(written) // 2, "not_worse_than_service": int(found["found"].sum()) if len(found) else 0},
+    outputs = ["metrics_table.csv", VERDICTS_CSV, NOISE_CSV] + [p.name for p in written]
+    found = verdict.summary(verdicts) if len(verdicts) else verdicts
+    return stage.finish({"figures": len(written) // 2, "verdicts_passed": int(found["found"].sum()) if len(found) else 0},
                         outputs=outputs)
 
 
