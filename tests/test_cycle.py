@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from llamaduo_nb.methods import verdict
 from llamaduo_nb.stages import deduplicate
 from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.errors import UserError
@@ -21,7 +22,7 @@ QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
 
 
 def metrics_rows(cycle, values, judge="local:smollm2-135m-instruct", metric="precision"):
-    """values: {(task, volume): coverage_50}."""
+    """A metrics.csv fixture, values: {(task, volume): coverage_50}."""
     rows = []
     for (task, volume), value in values.items():
         rows.append({"cycle": cycle, "task": task, "local_model": "m", "judge": judge, "volume": volume, "metric": metric,
@@ -29,69 +30,81 @@ def metrics_rows(cycle, values, judge="local:smollm2-135m-instruct", metric="pre
     return pd.DataFrame(rows)
 
 
+def verdicts(params, cycle, values, judge="local:smollm2-135m-instruct", metric="precision"):
+    """The verdict table of answer scores whose per-prompt means sit around values[(task, volume)] (8 prompts, K = 2)."""
+    rows = []
+    for (task, volume), value in values.items():
+        for p in range(8):
+            for k in range(2):
+                rows.append({"cycle": cycle, "task": task, "local_model": "m", "judge": judge, "volume": volume, "metric": metric,
+                             "prompt_id": f"{task}{p}", "k": k, "score": value + (p % 3 - 1) * 3 + k})
+    return verdict.verdict_table(pd.DataFrame(rows), cyc.verdict_rule(params), 2, 2)
+
+
 def quick(*sets):
-    return load_params(QUICK, ["cycle.target=precision coverage_50 >= 70", "cycle.max_cycles=3", *sets])
+    return load_params(QUICK, ["cycle.target=precision mean >= 70", "cycle.max_cycles=3", *sets])
 
 
 # -- the stop rule -----------------------------------------------------------------------------------
-def test_target_scores_use_the_largest_volume_of_the_cycle_and_the_first_judge():
+def test_the_stop_rule_reads_the_largest_volume_and_the_targets_judge_and_metric():
     params = quick()
-    metrics = pd.concat([
-        metrics_rows(1, {("summarization", 0): 99, ("summarization", 4): 90, ("summarization", 16): 40, ("closed_qa", 16): 75}),
-        metrics_rows(1, {("summarization", 16): 100}, judge="other"),
-        metrics_rows(1, {("summarization", 16): 100}, metric="similarity"),
-        metrics_rows(2, {("summarization", 30): 10}),
+    table = pd.concat([
+        verdicts(params, 1, {("summarization", 0): 99, ("summarization", 4): 90, ("summarization", 16): 40, ("closed_qa", 16): 85}),
+        verdicts(params, 1, {("summarization", 16): 100}, judge="other"),
+        verdicts(params, 1, {("summarization", 16): 100}, metric="similarity"),
     ])
-    scores = cyc.target_scores(metrics, params, 1).set_index("task")
-    assert scores.loc["summarization", "volume"] == 16 and scores.loc["summarization", "value"] == 40
-    assert not scores.loc["summarization", "met"] and scores.loc["closed_qa", "met"]
+    decision = cyc.decide(params, 1, table)
+    scores = pd.DataFrame(decision.scores).set_index("task")
+    assert scores.loc["summarization", "volume"] == 16 and scores.loc["summarization", "estimate"] == pytest.approx(40.125)
+    assert not scores.loc["summarization", "passed"] and scores.loc["closed_qa", "passed"]
+    assert not decision.met  # summarization's largest volume is below: the sequence stops there, 4 is not reached
 
 
 def test_decide_goes_on_while_unmet_and_budget_remains():
     params = quick()
-    metrics = metrics_rows(1, {("summarization", 16): 60, ("closed_qa", 16): 80})
-    decision = cyc.decide(params, 1, metrics)
+    decision = cyc.decide(params, 1, verdicts(params, 1, {("summarization", 16): 60, ("closed_qa", 16): 85}))
     assert not decision.stop
-    assert "not met in cycle 1" in decision.reason and "summarization/m 60 at 16" in decision.reason
-    assert "cycle 2 synthesises 12 more pairs per task" in decision.reason  # the quickstart's cycle.step
+    assert "not met in cycle 1" in decision.reason and "summarization · m: no volume is shown to meet precision mean ≥ 70" in decision.reason
+    assert "Cycle 2 synthesises 12 more pairs per task" in decision.reason  # the quickstart's cycle.step
 
 
 def test_decide_stops_when_every_cell_meets_the_target():
     params = quick()
-    decision = cyc.decide(params, 2, metrics_rows(2, {("summarization", 30): 70, ("closed_qa", 30): 71}), new_pairs={"summarization": 3})
+    decision = cyc.decide(params, 2, verdicts(params, 2, {("summarization", 30): 80, ("closed_qa", 30): 81}), new_pairs={"summarization": 3})
     assert decision.stop and decision.met
-    assert decision.reason.startswith("target met in cycle 2: precision coverage_50 ≥ 70")
+    assert decision.reason.startswith("target met in cycle 2: closed_qa · m: 30 training samples (cycle 2) is the smallest volume")
 
 
 def test_decide_stops_when_the_cycle_budget_is_spent():
     params = quick()
-    unmet = metrics_rows(3, {("summarization", 40): 10, ("closed_qa", 40): 10})
+    unmet = verdicts(params, 3, {("summarization", 40): 10, ("closed_qa", 40): 10})
     decision = cyc.decide(params, 3, unmet, new_pairs={"summarization": 4})
-    assert decision.stop and not decision.met and "cycle budget spent (cycle.max_cycles = 3)" in decision.reason
+    assert decision.stop and not decision.met and "Cycle budget spent (cycle.max_cycles = 3)" in decision.reason
     assert not cyc.decide(params, 2, unmet.assign(cycle=2), new_pairs={"summarization": 4}).stop
 
 
 def test_decide_stops_on_cost_budget_and_on_no_new_data():
     params = quick("cycle.max_cost_usd=5")
-    unmet = metrics_rows(2, {("summarization", 30): 10})
-    assert "cost budget spent ($6.00 of cycle.max_cost_usd $5.00)" in cyc.decide(params, 2, unmet, cost_usd=6.0, new_pairs={"x": 1}).reason
+    unmet = verdicts(params, 2, {("summarization", 30): 10})
+    assert "Cost budget spent ($6.00 of cycle.max_cost_usd $5.00)" in cyc.decide(params, 2, unmet, cost_usd=6.0, new_pairs={"x": 1}).reason
     assert not cyc.decide(params, 2, unmet, cost_usd=4.0, new_pairs={"x": 1}).stop
     stalled = cyc.decide(params, 2, unmet, cost_usd=0.0, new_pairs={"summarization": 0, "closed_qa": 0})
     assert stalled.stop and "kept no new pairs" in stalled.reason
 
 
 def test_decide_without_scores_stops_and_says_so():
-    decision = cyc.decide(quick(), 1, metrics_rows(1, {("summarization", 16): 90}, metric="similarity"))
+    params = quick()
+    decision = cyc.decide(params, 1, verdicts(params, 1, {("summarization", 16): 90}, metric="similarity"))
     assert decision.stop and "no precision scores" in decision.reason
 
 
 def test_target_text_and_mapping_and_errors():
-    assert str(quick().cycle.target) == "precision coverage_50 ≥ 70"
+    assert str(quick().cycle.target) == "precision mean ≥ 70"
     params = load_params(QUICK, ["cycle.target={metric: similarity, statistic: mean, threshold: 55.5}"])
     assert (params.cycle.target.metric, params.cycle.target.statistic, params.cycle.target.threshold) == ("similarity", "mean", 55.5)
     with pytest.raises(UserError, match=r"cycle\.target\.statistic: 'coverage_90' is not reported"):
-        load_params(QUICK, ["cycle.target=precision coverage_90 >= 70", "cycle.max_cycles=2"])
-    load_params(QUICK, ["evaluate.zetas=[40]"])  # no cycling: the default target does not veto the zetas
+        load_params(QUICK, ["cycle.target=precision coverage_90 >= 70"])  # the verdict reads it, cycling or not
+    load_params(QUICK, ["evaluate.zetas=[40]"])  # the quickstart's target is on the mean
     with pytest.raises(UserError, match=r"cycle\.target: 'precision at least 70': expected"):
         load_params(QUICK, ["cycle.target=precision at least 70"])
     with pytest.raises(UserError, match=r"cycle\.target\.judge: 'gpt-9' is not a judge"):
@@ -150,14 +163,15 @@ def test_record_writes_scores_pairs_cost_and_reason(tmp_path):
         write_jsonl(folder / "deduplicate" / "kept.jsonl", [{"id": str(i), "task": "closed_qa"} for i in range(n)])
         write_json(folder / "deduplicate" / "DONE.json", {"completion_id": "x"})
         write_json(folder / "manifest.json", {"llm_totals": {"cost_usd": cost}})
-    d1 = cyc.decide(params, 1, metrics_rows(1, {("closed_qa", 3): 10}))
+    d1 = cyc.decide(params, 1, verdicts(params, 1, {("closed_qa", 3): 10}))
     d2 = cyc.Decision(True, "target met in cycle 2: …", [], met=True)
     cyc.record(params, run, [(1, d1), (2, d2)], stopped=True)
     body = json.loads((run / "cycles.json").read_text())
     assert body["stop_reason"] == "target met in cycle 2: …" and body["stopped"]
     assert [c["kept_pairs_total"] for c in body["cycles"]] == [{"closed_qa": 3}, {"closed_qa": 5}]
     assert body["cost_usd"] == 0.75 and body["cycles"][1]["folder"] == "cycle-2"
-    assert body["cycles"][0]["scores"][0]["value"] == 10
+    assert body["cycles"][0]["scores"][0]["estimate"] == pytest.approx(10.125) and body["cycles"][0]["scores"][0]["outcome"] == "not shown"
+    assert body["rule"].startswith("Rule: precision mean ≥ 70: one-sided test against the threshold")
 
 
 def test_retire_later_cycles_moves_folders_and_rows(tmp_path):

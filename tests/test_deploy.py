@@ -12,6 +12,8 @@ import pytest
 from llamaduo_nb import export
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import write_jsonl
+from llamaduo_nb.methods import verdict
+from llamaduo_nb.pipeline.cycle import verdict_rule
 from llamaduo_nb.pipeline.params import GGUF_QUANTIZATIONS, Params
 from llamaduo_nb.pipeline.params_file import load_params
 from llamaduo_nb.pipeline.units import StageRun, stage_dir
@@ -22,55 +24,54 @@ SMOL = "smollm2-135m-instruct"
 JUDGE = "local:smollm2-135m-instruct"
 
 
-def metrics_frame(rows: list[tuple]) -> pd.DataFrame:
-    """(cycle, task, local_model, volume, precision coverage_50, its CI low) → metrics.csv rows (precision only)."""
-    return pd.DataFrame([{"cycle": c, "task": t, "local_model": m, "judge": JUDGE, "volume": v, "metric": "precision",
-                          "mean": value, "median": value, "coverage_50": value, "coverage_50_ci_low": low}
-                         for c, t, m, v, value, low in rows])
+def verdicts(rows: list[tuple], p: Params) -> pd.DataFrame:
+    """(cycle, task, local_model, volume, precision level) → the verdict table of answer scores around that level
+    (8 prompts, K = 2; the service LLM's rows are named service:…)."""
+    answers = []
+    for c, t, m, v, level in rows:
+        for prompt in range(8):
+            for k in range(2):
+                answers.append({"cycle": c, "task": t, "local_model": m, "judge": JUDGE, "volume": v, "metric": "precision",
+                                "prompt_id": f"p{prompt}", "k": k,
+                                "score": level + ((prompt % 4 - 1.5) * 2 if m.startswith("service:") else (prompt % 3 - 1) * 4) + k})
+    return verdict.verdict_table(pd.DataFrame(answers), verdict_rule(p), 2, 1)
 
 
 def params(**deploy_fields) -> Params:
     return Params(tasks=["closed_qa", "summarization"], service={"backend": "local"},
-                  cycle={"target": "precision coverage_50 >= 70"}, deploy=deploy_fields)
+                  cycle={"target": "precision mean >= 70"}, deploy=deploy_fields)
 
 
 # -- which cells ---------------------------------------------------------------------------------------------
-def test_the_smallest_volume_meeting_the_target_is_chosen_else_the_best():
-    metrics = metrics_frame([
-        (1, "closed_qa", SMOL, 0, 90, 90),  # the base model is never exported
-        (1, "closed_qa", SMOL, 4, 60, 40), (1, "closed_qa", SMOL, 16, 75, 60), (1, "closed_qa", SMOL, 64, 95, 90),
-        (1, "summarization", SMOL, 4, 30, 10), (1, "summarization", SMOL, 16, 55, 40),
-        (1, "summarization", "service:openai:gpt-4o", -1, 99, 99),  # nor the service LLM
-    ])
-    cells = {c["task"]: c for c in deploy.choose_cells(metrics, params())}
+def test_the_volume_the_verdict_chose_is_exported_else_the_best():
+    p = params()
+    table = verdicts([
+        (1, "closed_qa", SMOL, 0, 90),  # the base model is never exported
+        (1, "closed_qa", SMOL, 4, 60), (1, "closed_qa", SMOL, 16, 80), (1, "closed_qa", SMOL, 64, 95),
+        (1, "summarization", SMOL, 4, 30), (1, "summarization", SMOL, 16, 55),
+        (1, "summarization", "service:openai:gpt-4o", -1, 99),  # nor the service LLM
+    ], p)
+    cells = {c["task"]: c for c in deploy.choose_cells(table, p)}
     assert (cells["closed_qa"]["volume"], cells["closed_qa"]["met"]) == (16, True)
-    assert "smallest volume that meets" in cells["closed_qa"]["why"]
+    assert "the smallest volume the verdict passed (precision mean ≥ 70" in cells["closed_qa"]["why"]
     assert (cells["summarization"]["volume"], cells["summarization"]["met"]) == (16, False)
-    assert "no volume meets" in cells["summarization"]["why"]
-
-
-def test_a_target_statistic_that_is_not_reported_picks_the_best_mean():
-    metrics = metrics_frame([(1, "closed_qa", SMOL, 4, 60, 40), (1, "closed_qa", SMOL, 16, 75, 60)]).drop(columns=["coverage_50"])
-    (cell,) = deploy.choose_cells(metrics, params())
-    assert (cell["volume"], cell["met"]) == (16, False) and "the target's statistic is not reported" in cell["why"]
+    assert "no volume passed" in cells["summarization"]["why"]
 
 
 def test_a_later_cycle_and_a_relative_target_count():
-    metrics = metrics_frame([
-        (1, "closed_qa", SMOL, 16, 60, 50), (2, "closed_qa", SMOL, 40, 80, 72),
-        (1, "closed_qa", "service:openai:gpt-4o", -1, 75, 70),
-    ])
-    p = Params(tasks=["closed_qa"], service={"backend": "local"}, cycle={"target": "precision coverage_50 >= service - 5"})
-    (cell,) = deploy.choose_cells(metrics, p)
-    assert (cell["volume"], cell["cycle"], cell["met"]) == (40, 2, True)  # CI low 72 ≥ 75 − 5
+    p = Params(tasks=["closed_qa"], service={"backend": "local"}, cycle={"target": "precision mean >= service - 5"})
+    table = verdicts([(1, "closed_qa", SMOL, 16, 60), (2, "closed_qa", SMOL, 40, 80), (1, "closed_qa", "service:local:x", -1, 75)], p)
+    (cell,) = deploy.choose_cells(table, p)
+    assert (cell["volume"], cell["cycle"], cell["met"]) == (40, 2, True)  # +5 over the service, the interval above −5
+    assert table.set_index("volume").loc[16, "sequence"] == verdict.FAILED
 
 
 def test_named_cells_and_an_unknown_one():
-    metrics = metrics_frame([(1, "closed_qa", SMOL, 4, 60, 40), (1, "closed_qa", SMOL, 16, 75, 60)])
-    (cell,) = deploy.choose_cells(metrics, params(cells=[f"closed_qa/{SMOL}/4"]))
+    table = verdicts([(1, "closed_qa", SMOL, 4, 60), (1, "closed_qa", SMOL, 16, 75)], params())
+    (cell,) = deploy.choose_cells(table, params(cells=[f"closed_qa/{SMOL}/4"]))
     assert (cell["volume"], cell["why"]) == (4, "it is named in deploy.cells")
     with pytest.raises(UserError, match=r"deploy.cells: 'closed_qa/smollm2-135m-instruct/8' was not trained.*closed_qa/smollm2-135m-instruct/16"):
-        deploy.choose_cells(metrics, params(cells=[f"closed_qa/{SMOL}/8"]))
+        deploy.choose_cells(table, params(cells=[f"closed_qa/{SMOL}/8"]))
 
 
 def test_bad_deploy_params_name_the_field_and_file(tmp_path):
@@ -121,16 +122,19 @@ def test_greedy_agreement_tells_a_late_word_from_a_wrong_start():
     assert deploy.greedy_agreement(wrong, adapter) == (0.0, 0.0)
 
 
-def parity_rows(ci_low: float, ci_high: float) -> pd.DataFrame:
-    return pd.DataFrame([{"metric": "precision", "judge": JUDGE, "difference": (ci_low + ci_high) / 2, "difference_ci_low": ci_low,
-                          "difference_ci_high": ci_high, "prompts": 6}])
+def parity_rows(outcome: str) -> pd.DataFrame:
+    return pd.DataFrame([{"metric": "precision", "judge": JUDGE, "equivalence": outcome, "margin": 5.0,
+                          "equivalence_text": f"precision by {JUDGE}: {outcome} (served − adapter …)"}])
 
 
-def test_a_gap_beyond_the_ci_or_early_parting_greedy_answers_warn():
-    assert deploy._warning(parity_rows(-8.0, 3.0), 0.9, 0.5) == ""
-    gap = deploy._warning(parity_rows(-30.0, -4.0), 0.9, 0.5)
-    assert "precision by local:smollm2-135m-instruct: served − adapter -17.0 [95% CI -30.0, -4.0] over 6 prompts" in gap
-    parted = deploy._warning(parity_rows(-8.0, 3.0), 0.1, 0.5)
+def test_a_difference_or_early_parting_greedy_answers_warn_and_too_few_prompts_is_not_equivalence():
+    assert deploy._warning(parity_rows(verdict.EQUIVALENT), 0.9, 0.5) == ""
+    assert deploy._warning(parity_rows(verdict.NOT_SHOWN_EQUIVALENT), 0.9, 0.5) == ""  # no evidence either way: said, not warned
+    assert deploy.parity_outcome(parity_rows(verdict.NOT_SHOWN_EQUIVALENT)).startswith("not shown equivalent (too few prompts)")
+    assert deploy.parity_outcome(parity_rows(verdict.EQUIVALENT)).startswith("equivalent within ±5")
+    gap = deploy._warning(parity_rows(verdict.DIFFERENT), 0.9, 0.5)
+    assert "precision by local:smollm2-135m-instruct: different" in gap
+    parted = deploy._warning(parity_rows(verdict.EQUIVALENT), 0.1, 0.5)
     assert "the greedy answers agree on their first 5 words for 10% of the test prompts" in parted and "chat template" in parted
 
 

@@ -68,7 +68,7 @@ PAPER_COLUMNS = ["cycle", "task", "local_model", "judge", "volume", "metric", "m
 
 
 def test_paper_columns_first_then_the_new_ones():
-    m = aggregate(pd.DataFrame([_j("a", 0, 0, 10, 10)]), zetas=(50, 70), bootstrap=10)
+    m = aggregate(pd.DataFrame([_j("a", 0, 0, 10, 10)]), zetas=(50, 70))
     assert list(m.columns[:11]) == PAPER_COLUMNS
     rest = list(m.columns[11:])
     assert rest[:3] == ["judge_std", "failed_judgements", "judgements"]
@@ -76,7 +76,7 @@ def test_paper_columns_first_then_the_new_ones():
                 "coverage_50_ci_low", "coverage_50_ci_high", "coverage_70_ci_low", "coverage_70_ci_high"):
         assert col in rest
     # coverage columns follow the zetas asked for
-    m = aggregate(pd.DataFrame([_j("a", 0, 0, 10, 10)]), zetas=(40, 90), bootstrap=0)
+    m = aggregate(pd.DataFrame([_j("a", 0, 0, 10, 10)]), zetas=(40, 90))
     assert list(m.columns[:11]) == PAPER_COLUMNS[:8] + ["coverage_40", "coverage_90", "n"]
     assert "coverage_90_ci_high" in m.columns
 
@@ -84,7 +84,7 @@ def test_paper_columns_first_then_the_new_ones():
 def test_ties_at_the_boundary_and_in_the_median():
     # answer scores (M = 1): 70, 70, 70, 40 -> median of the tied middle values is 70, all three 70s count for ζ=70
     rows = [_j("a", 0, 0, 70, 50), _j("a", 1, 0, 70, 50), _j("b", 0, 0, 70, 49), _j("b", 1, 0, 40, 49)]
-    m = aggregate(pd.DataFrame(rows), zetas=(50, 70), bootstrap=0)
+    m = aggregate(pd.DataFrame(rows), zetas=(50, 70))
     sim = m[m.metric == "similarity"].iloc[0]
     assert sim["mean"] == pytest.approx(62.5)
     assert sim["median"] == pytest.approx(70.0)
@@ -100,7 +100,7 @@ def test_ties_at_the_boundary_and_in_the_median():
 def test_mean_over_m_is_averaged_before_the_boundary():
     # M = 2 judgements 40 and 60 -> answer score 50: counts at ζ=50 although one judgement is below it
     rows = [_j("a", 0, 0, 40, 0), _j("a", 0, 1, 60, 0)]
-    sim = aggregate(pd.DataFrame(rows), zetas=(50, 70), bootstrap=0).query("metric == 'similarity'").iloc[0]
+    sim = aggregate(pd.DataFrame(rows), zetas=(50, 70)).query("metric == 'similarity'").iloc[0]
     assert sim["coverage_50"] == 100.0 and sim["n"] == 1
 
 
@@ -110,7 +110,7 @@ def test_failed_judgements_are_excluded_and_counted():
         _j("a", 1, 0, None, None, valid=False), _j("a", 1, 1, None, None, valid=False), _j("a", 1, 2, None, None, valid=False),  # unscored
         _j("b", 0, 0, 10, 10), _j("b", 0, 1, 10, 10), _j("b", 0, 2, 10, 10),
     ]
-    m = aggregate(pd.DataFrame(rows), zetas=(50, 70), bootstrap=0)
+    m = aggregate(pd.DataFrame(rows), zetas=(50, 70))
     sim = m[m.metric == "similarity"].iloc[0]
     assert sim["mean"] == pytest.approx(40.0)  # (70 + 10) / 2: the unscored answer is not a zero
     assert sim["n"] == 2 and sim["unscored_answers"] == 1 and sim["prompts"] == 2
@@ -121,7 +121,7 @@ def test_failed_judgements_are_excluded_and_counted():
 
 def test_a_group_whose_judgements_all_failed_is_still_reported():
     rows = [_j("a", 0, 0, 50, 50, volume=8), _j("a", 0, 0, None, None, valid=False, volume=16)]
-    m = aggregate(pd.DataFrame(rows), bootstrap=20)
+    m = aggregate(pd.DataFrame(rows))
     dead = m[(m.volume == 16) & (m.metric == "similarity")].iloc[0]
     assert dead["n"] == 0 and dead["failed_share"] == 100.0 and dead["unscored_answers"] == 1
     assert math.isnan(dead["mean"]) and math.isnan(dead["coverage_50"]) and math.isnan(dead["mean_ci_low"])
@@ -129,95 +129,68 @@ def test_a_group_whose_judgements_all_failed_is_still_reported():
 
 def test_valid_flag_may_come_back_as_missing():
     rows = [_j("a", 0, 0, 50, 50), dict(_j("a", 0, 1, None, None), valid=None)]
-    sim = aggregate(pd.DataFrame(rows), bootstrap=0).query("metric == 'similarity'").iloc[0]
+    sim = aggregate(pd.DataFrame(rows)).query("metric == 'similarity'").iloc[0]
     assert sim["n"] == 1 and sim["failed_judgements"] == 1
 
 
-# -- bootstrap confidence intervals ---------------------------------------------------------
+# -- confidence intervals over prompts ------------------------------------------------------
 
 def _prompts(scores_per_prompt, volume=8):
     """One judgement (M=1) per answer; scores_per_prompt: [[k0, k1, ...], ...]."""
     return pd.DataFrame([_j(f"p{i}", k, 0, s, s, volume=volume) for i, ks in enumerate(scores_per_prompt) for k, s in enumerate(ks)])
 
 
-def test_bootstrap_interval_contains_the_mean_and_coverage():
+def test_interval_contains_the_mean_and_coverage():
     import numpy as np
 
     rng = np.random.default_rng(7)
     data = _prompts(rng.integers(0, 101, size=(20, 4)).tolist())
-    row = aggregate(data, zetas=(50, 70), bootstrap=500, seed=1).query("metric == 'similarity'").iloc[0]
+    row = aggregate(data, zetas=(50, 70)).query("metric == 'similarity'").iloc[0]
     assert row["mean_ci_low"] <= row["mean"] <= row["mean_ci_high"]
     assert row["mean_ci_low"] < row["mean_ci_high"]
     for z in (50, 70):
         assert 0 <= row[f"coverage_{z}_ci_low"] <= row[f"coverage_{z}"] <= row[f"coverage_{z}_ci_high"] <= 100
 
 
-def test_bootstrap_narrows_with_more_prompts():
+def test_interval_narrows_with_more_prompts():
     pattern = [[0, 20], [40, 60], [80, 100], [30, 90], [10, 70]]
-    few = aggregate(_prompts(pattern), bootstrap=1000, seed=3).query("metric == 'similarity'").iloc[0]
-    many = aggregate(_prompts(pattern * 10), bootstrap=1000, seed=3).query("metric == 'similarity'").iloc[0]
+    few = aggregate(_prompts(pattern)).query("metric == 'similarity'").iloc[0]
+    many = aggregate(_prompts(pattern * 10)).query("metric == 'similarity'").iloc[0]
     assert few["mean"] == pytest.approx(many["mean"])
     assert (many["mean_ci_high"] - many["mean_ci_low"]) < 0.5 * (few["mean_ci_high"] - few["mean_ci_low"])
     assert (many["coverage_50_ci_high"] - many["coverage_50_ci_low"]) < (few["coverage_50_ci_high"] - few["coverage_50_ci_low"])
 
 
-def test_bootstrap_is_deterministic_with_the_seed():
-    data = _prompts([[0, 20], [40, 60], [80, 100], [30, 90], [10, 70]])
-    ci = ["mean_ci_low", "mean_ci_high", "coverage_50_ci_low", "coverage_50_ci_high"]
-    a = aggregate(data, bootstrap=300, seed=5)[ci]
-    b = aggregate(data, bootstrap=300, seed=5)[ci]
-    pd.testing.assert_frame_equal(a, b)
-    c = aggregate(data, bootstrap=300, seed=6)[ci]
-    assert not a.equals(c)
-    # a row's interval does not depend on the other rows in the table
-    more = pd.concat([data, _prompts([[5, 5]], volume=16)], ignore_index=True)
-    d = aggregate(more, bootstrap=300, seed=5).query("volume == 8")[ci].reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, d)
-
-
-def test_bootstrap_resamples_prompts_not_answers():
-    # Two prompts, each with 10 identical answers: resampling prompts gives means 0, 50 or 100
-    # (95% interval 0..100); resampling answers would give a narrow interval around 50.
-    row = aggregate(_prompts([[0] * 10, [100] * 10]), bootstrap=2000, seed=0).query("metric == 'similarity'").iloc[0]
-    assert row["mean"] == 50.0
-    assert (row["mean_ci_low"], row["mean_ci_high"]) == (0.0, 100.0)
-
-
-def test_bootstrap_matches_a_plain_loop():
+def test_interval_is_the_t_interval_of_per_prompt_values():
+    """Prompts, not answers, are the unit: the per-prompt means' t-interval (scipy), clipped to 0–100."""
     import numpy as np
+    from scipy import stats
 
-    from llamaduo_nb.methods.metrics import bootstrap_ci
-
-    scores = [10.0, 30.0, 55.0, 70.0, 90.0, 20.0, 50.0]
-    prompts = ["a", "a", "b", "c", "c", "d", "e"]
-    fast = bootstrap_ci(scores, prompts, zetas=(50,), resamples=200, rng=np.random.default_rng(11))
-    rng = np.random.default_rng(11)
-    ids = sorted(set(prompts))
-    draws = rng.integers(0, len(ids), size=(200, len(ids)))
-    means, covs = [], []
-    for row in draws:
-        pooled = [s for i in row for s, p in zip(scores, prompts) if p == ids[i]]
-        means.append(np.mean(pooled))
-        covs.append(100 * np.mean(np.asarray(pooled) >= 50))
-    assert fast["mean"] == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
-    assert fast["coverage_50"] == pytest.approx(tuple(np.quantile(covs, [0.025, 0.975])))
+    pattern = [[0, 20], [40, 60], [80, 100], [30, 90], [10, 70]]
+    row = aggregate(_prompts(pattern)).query("metric == 'similarity'").iloc[0]
+    per_prompt = np.array([np.mean(p) for p in pattern])
+    low, high = stats.t.interval(0.95, len(per_prompt) - 1, loc=per_prompt.mean(), scale=stats.sem(per_prompt))
+    assert (row["mean_ci_low"], row["mean_ci_high"]) == pytest.approx((max(0, low), min(100, high)))
+    # two prompts of 10 identical answers each: resampling answers would give a narrow interval around 50
+    wide = aggregate(_prompts([[0] * 10, [100] * 10])).query("metric == 'similarity'").iloc[0]
+    assert (wide["mean_ci_low"], wide["mean_ci_high"]) == (0.0, 100.0)
 
 
-def test_bootstrap_edge_cases():
-    from llamaduo_nb.methods.metrics import bootstrap_ci
+def test_no_interval_without_spread():
+    from llamaduo_nb.methods.metrics import prompt_intervals
 
-    one = bootstrap_ci([40, 60], ["a", "a"], zetas=(50,), resamples=100, rng=0)
-    assert one["mean"] == (50.0, 50.0) and one["coverage_50"] == (50.0, 50.0)  # one prompt: nothing varies
-    off = bootstrap_ci([40, 60], ["a", "b"], zetas=(50,), resamples=0)
-    assert all(math.isnan(v) for pair in off.values() for v in pair)
-    empty = bootstrap_ci([], [], zetas=(50,), resamples=100)
+    one = prompt_intervals([40, 60], ["a", "a"], zetas=(50,))
+    assert all(math.isnan(v) for pair in one.values() for v in pair)  # one prompt: the spread is unknown
+    same = prompt_intervals([40, 60, 40, 60], ["a", "a", "b", "b"], zetas=(50,))
+    assert all(math.isnan(v) for pair in same.values() for v in pair)  # every prompt the same value
+    empty = prompt_intervals([], [], zetas=(50,))
     assert all(math.isnan(v) for pair in empty.values() for v in pair)
 
 
 def test_judge_spread_view():
     from llamaduo_nb.methods.metrics import judge_spread
 
-    m = aggregate(pd.DataFrame([_j("a", 0, 0, 40, 50), _j("a", 0, 1, 60, 50), _j("a", 0, 2, None, None, valid=False)]), bootstrap=0)
+    m = aggregate(pd.DataFrame([_j("a", 0, 0, 40, 50), _j("a", 0, 1, 60, 50), _j("a", 0, 2, None, None, valid=False)]))
     spread = judge_spread(m)
     assert {"judge_std", "failed_share"} <= set(spread.columns)
     assert spread.query("metric == 'similarity'")["judge_std"].iloc[0] == pytest.approx(14.14)

@@ -24,7 +24,10 @@ from llamaduo_nb import widgets
 
 from llamaduo_nb.stages import report
 from llamaduo_nb.io import write_csv, write_json, write_jsonl
-from llamaduo_nb.methods.metrics import aggregate
+from llamaduo_nb.methods import verdict
+from llamaduo_nb.methods.metrics import aggregate, answer_scores
+from llamaduo_nb.pipeline.cycle import cycle_verdicts
+from llamaduo_nb.stages import evaluate
 from llamaduo_nb.pipeline.params import CycleTarget
 
 TASKS = ("summarization", "closed_qa")
@@ -120,12 +123,14 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
         summary.append({"cycle": cycle, "folder": "." if cycle == 1 else f"cycle-{cycle}", "scores": [], "met": cycle == cycles,
                         "new_pairs": {t: 3 for t in tasks}, "kept_pairs_total": {t: 3 * cycle for t in tasks},
                         "cost_usd": cost_per_call * sum(calls.values())})
-    metrics = aggregate(pd.DataFrame(judgements), (50, 70), bootstrap=200, seed=seed)
+    metrics = aggregate(pd.DataFrame(judgements), (50, 70))
     write_csv(root / "metrics.csv", metrics)
+    table = verdict.verdict_table(answer_scores(pd.DataFrame(judgements), unscored=True),
+                                  verdict.Rule(statistic="coverage_50", versus_service=False, threshold=70.0))
     for c in summary:
-        best = figures.cycle_scores(metrics[metrics["cycle"] == c["cycle"]], "precision coverage_50 >= 70")
+        best = cycle_verdicts(table[table["cycle"] <= c["cycle"]])
         c["scores"] = [{"task": r.task, "local_model": r.local_model, "judge": r.judge, "volume": int(r.volume),
-                        "value": float(r.value), "met": bool(r.met)} for r in best.itertuples()]
+                        "estimate": float(r.estimate), "passed": bool(r.passed)} for r in best[best["cycle"] == c["cycle"]].itertuples()]
     write_json(root / "cycles.json", {"target": "precision coverage_50 ≥ 70", "cycles": summary,
                                       "stop_reason": "target met in cycle 2" if cycles > 1 else "max_cycles reached"})
     return root
@@ -211,44 +216,51 @@ def test_coverage_bars_error_bars_are_the_ci(metrics2):
     rows = figures.base_once(rows).sort_values(["volume", "cycle"])
     assert [b.get_height() for b in bars] == pytest.approx(rows["coverage_50"].tolist())
     segments = bars.errorbar.lines[2][0].get_segments()
-    assert [s[0][1] for s in segments] == pytest.approx(rows["coverage_50_ci_low"].clip(upper=rows["coverage_50"]).tolist())
-    assert [s[1][1] for s in segments] == pytest.approx(rows["coverage_50_ci_high"].clip(lower=rows["coverage_50"]).tolist())
+    assert [s[0][1] for s in segments] == pytest.approx(rows["coverage_50_ci_low"].fillna(rows["coverage_50"]).clip(upper=rows["coverage_50"]).tolist())
+    assert [s[1][1] for s in segments] == pytest.approx(rows["coverage_50_ci_high"].fillna(rows["coverage_50"]).clip(lower=rows["coverage_50"]).tolist())
     assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP}\n(c2)"]
 
 
 # -- across cycles ---------------------------------------------------------------------------------------
 
 
+def run_verdicts(run_dir, rule):
+    return verdict.verdict_table(answer_scores(evaluate.load_all_judgements(run_dir), unscored=True), rule)
+
+
 def test_score_across_cycles_has_a_point_per_cycle_and_the_threshold(tmp_path):
-    metrics = report.load_metrics(fake_run(tmp_path / "r3", cycles=3))
-    target = CycleTarget.model_validate("precision coverage_50 >= 70")
-    fig = figures.score_across_cycles(metrics, target, stop_reason="target met")
+    run = fake_run(tmp_path / "r3", cycles=3)
+    rule = verdict.Rule(judge=JUDGES[0], statistic="coverage_50", versus_service=False, threshold=70.0)
+    table = run_verdicts(run, rule)
+    fig = figures.score_across_cycles(table, rule, stop_reason="target met")
     for ax in fig.axes[: len(TASKS)]:
         for model in MODELS:
             line = _line(ax, model)
             assert list(line.get_xdata()) == [1, 2, 3]
-        threshold = _line(ax, "target: precision coverage_50 ≥ 70")
-        assert set(threshold.get_ydata()) == {70.0} and threshold.get_linestyle() == "--"
+        (threshold,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert set(threshold.get_ydata()) == {70.0}
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"{c + 1}\nn={VOLUMES[-1] + STEP * c}" for c in range(3)]
-        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == len(MODELS)
-    best = figures.cycle_scores(metrics, target)
+    best = cycle_verdicts(table)
     ax = fig.axes[0]
     want = best[(best["task"] == _task(ax)) & (best["local_model"] == MODELS[0])]
-    assert list(_line(ax, MODELS[0]).get_ydata()) == pytest.approx(want["coverage_50"].tolist())
+    assert list(_line(ax, MODELS[0]).get_ydata()) == pytest.approx(want["estimate"].tolist())
     assert list(want["volume"]) == [VOLUMES[-1], VOLUMES[-1] + STEP, VOLUMES[-1] + 2 * STEP]  # each cycle's largest volume
     assert "stopped: target met" in fig.get_suptitle()
+    assert "95% CI" in fig.legends[0].get_title().get_text()
 
 
 def test_score_across_cycles_single_cycle_and_named_judge(tmp_path):
-    metrics = report.load_metrics(fake_run(tmp_path / "r1", cycles=1, judges=("a", "b")))
-    fig = figures.score_across_cycles(metrics, {"metric": "similarity", "statistic": "mean", "threshold": 60, "judge": "b"})
+    run = fake_run(tmp_path / "r1", cycles=1, judges=("a", "b"))
+    rule = verdict.Rule(metric="similarity", statistic="mean", judge="b", versus_service=False, threshold=60.0)
+    table = run_verdicts(run, rule)
+    fig = figures.score_across_cycles(table, rule)
     line = _line(fig.axes[0], MODELS[0])
-    want = metrics[(metrics["judge"] == "b") & (metrics["metric"] == "similarity") & (metrics["task"] == _task(fig.axes[0]))
-                   & (metrics["local_model"] == MODELS[0]) & (metrics["volume"] == VOLUMES[-1])]
-    assert list(line.get_xdata()) == [1] and list(line.get_ydata()) == pytest.approx(want["mean"].tolist())
-    colour = matplotlib.colors.to_rgb(line.get_color())  # one cycle: the CI as an error bar of the line's colour
+    want = table[(table["task"] == _task(fig.axes[0])) & (table["local_model"] == MODELS[0]) & (table["volume"] == VOLUMES[-1])]
+    assert list(line.get_xdata()) == [1] and list(line.get_ydata()) == pytest.approx(want["estimate"].tolist())
+    assert set(table["judge"]) == {"b"}
+    colour = matplotlib.colors.to_rgb(line.get_color())  # the interval as an error bar of the line's colour
     bar = next(c for c in fig.axes[0].collections if tuple(c.get_color()[0][:3]) == pytest.approx(colour)).get_segments()[0]
-    assert (bar[0][1], bar[1][1]) == pytest.approx((want["mean_ci_low"].iloc[0], want["mean_ci_high"].iloc[0]))
+    assert (bar[0][1], bar[1][1]) == pytest.approx((want["low"].iloc[0], want["high"].iloc[0]))
 
 
 # -- cost per stage ----------------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ def test_report_run_writes_every_figure_as_png_and_svg(run2):
     result = report.run(params, run2, force=True)
     figures = run2 / "report"
     for name in ("similarity_vs_volume", "precision_vs_volume", "similarity_coverage", "precision_coverage",
-                 "score_across_cycles", "cost_per_stage", "dedup_funnel"):
+                 "score_across_cycles", "verdict_by_volume", "cost_per_stage", "dedup_funnel"):
         assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert b"<svg" in (figures / f"{name}.svg").read_bytes()[:2000]
     assert result.counts["figures"] >= 7
@@ -408,13 +420,6 @@ def test_coverage_table_recomputes_coverage(run2, metrics2):
     assert widgets.zeta_slider(run2) is not None
 
 
-def test_score_across_cycles_when_the_target_statistic_is_not_reported():
-    """zetas without the target's ζ (no cycling, so the params allow it): an empty panel that says why."""
-    from llamaduo_nb.pipeline.params import CycleTarget
-
-    metrics = pd.DataFrame([{"cycle": 1, "task": "closed_qa", "local_model": "m", "judge": "j", "volume": v, "metric": "precision",
-                             "mean": 50.0, "median": 50.0, "coverage_40": 60.0, "coverage_70": 20.0, "n": 4} for v in (0, 4)])
-    target = CycleTarget(statistic="coverage_50")
-    assert figures.cycle_scores(metrics, target).empty
-    fig = figures.score_across_cycles(metrics, target)
-    assert any("no precision coverage_50 scores" in t.get_text() for t in fig.axes[0].texts)
+def test_score_across_cycles_without_a_verdict_says_so():
+    fig = figures.score_across_cycles(pd.DataFrame(), verdict.Rule(statistic="coverage_50"))
+    assert any("no precision verdict yet" in t.get_text() for t in fig.axes[0].texts)

@@ -100,11 +100,11 @@ def agreement_with_humans(items: pd.DataFrame, resamples: int = 1000, seed: int 
     """One row per (judge, metric) from item scores (columns judge, metric, item, prompt_id, judge_score, human_score;
     optional `reference`: the item's answer is the prompt's reference answer, reported apart)."""
     rows = []
-    is_reference = items["reference"].fillna(False).astype(bool) if "reference" in items.columns else pd.Series(False, index=items.index)
-    for (judge, metric), group in items.groupby(["judge", "metric"], sort=True):
+    flagged = items.assign(_reference=items["reference"].fillna(False).astype(bool) if "reference" in items.columns else False)
+    for (judge, metric), group in flagged.groupby(["judge", "metric"], sort=True):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, len(rows)])
-        reference = group[is_reference[group.index]]
-        answers = group[~is_reference[group.index]]
+        reference = group[group["_reference"]]
+        answers = group[~group["_reference"]]
         prompts = answers["prompt_id"] if "prompt_id" in answers.columns else None
         rows.append({"judge": judge, "metric": metric,
                      **judge_vs_human(answers["judge_score"], answers["human_score"], prompts, resamples, rng),
