@@ -108,3 +108,17 @@ def test_the_verdict_goes_through_the_same_interval_as_the_simulation():
     d = local.groupby("prompt_id")["score"].mean() - service.groupby("prompt_id")["score"].mean()
     expected = verdict.t_interval(d.to_numpy(), verdict.ALPHA, -5.0)
     assert (result.low, result.high, result.estimate) == pytest.approx((expected.low, expected.high, expected.estimate))
+
+
+def test_the_earlier_rule_declared_equal_models_not_worse_far_more_often_than_alpha():
+    """δ = 0, the two truly equal, 6 prompts: the percentile bootstrap's lower bound reached 0 (the earlier rule's
+    "not worse") far more often than the 2.5 % a one-sided 97.5 % claim allows; the verdict's test does not."""
+    rng = np.random.default_rng(60)
+    d_mean, d_cov = paired(rng, 400, 6, 60.0, 0.0)
+    rates = {}
+    for statistic, d in (("mean", d_mean), ("coverage_50", d_cov)):
+        low, _ = percentile_bootstrap(d, np.random.default_rng(61))
+        rates[statistic] = (float(np.mean(low >= 0)), _declared_not_worse(d, 0.0))
+    print("\nequal models, δ = 0, 6 prompts: 'not worse' declared (earlier rule, verdict):", rates)
+    assert rates["coverage_50"][0] > 0.15 and rates["mean"][0] > 0.04
+    assert rates["coverage_50"][1] <= verdict.ALPHA + 0.02 and rates["mean"][1] <= verdict.ALPHA + 0.02
