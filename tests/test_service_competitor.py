@@ -352,7 +352,8 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     pair = evaluate.load_pairwise(run_dir)
     assert set(pair["baseline"]) == {"base", "service:local:smollm2-135m-instruct"} and set(pair["volume"]) == {4}
     human = evaluate.load_human_check(run_dir)
-    assert set(human["agreement"]["metric"]) == {"similarity", "precision"} and (human["agreement"]["items"] == 4).all()
+    assert set(human["agreement"]["metric"]) == {"similarity", "precision"} and (human["agreement"]["items"] == 3).all()
+    assert (human["agreement"]["reference_items"] == 1).all()  # the reference answer, reported apart
 
     report.run(params, run_dir)
     out = stage_dir(run_dir, "report")

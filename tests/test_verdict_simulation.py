@@ -19,12 +19,8 @@ SCENARIOS = [(60.0, 0.0), (60.0, -10.0), (70.0, -5.0), (50.0, 5.0)]
 
 
 def t_intervals(d: np.ndarray):
-    """The verdict's interval of each experiment (rows of d), through `verdict.t_interval` itself."""
-    out = [verdict.t_interval(row, verdict.ALPHA) for row in d]
-    low = np.array([i.low for i in out])
-    high = np.array([i.high for i in out])
-    decided = np.array([i.decided for i in out])
-    return low, high, decided
+    """The verdict's interval of each experiment (rows of d): `verdict.t_bounds`, which `verdict.t_interval` calls."""
+    return verdict.t_bounds(d, verdict.ALPHA)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +104,11 @@ def test_the_verdict_goes_through_the_same_interval_as_the_simulation():
     d = local.groupby("prompt_id")["score"].mean() - service.groupby("prompt_id")["score"].mean()
     expected = verdict.t_interval(d.to_numpy(), verdict.ALPHA, -5.0)
     assert (result.low, result.high, result.estimate) == pytest.approx((expected.low, expected.high, expected.estimate))
+    # and t_interval is scipy's t-test interval
+    from scipy import stats
+
+    scipy_ci = stats.ttest_1samp(d.to_numpy(), 0.0).confidence_interval(0.95)
+    assert (expected.low, expected.high) == pytest.approx((scipy_ci.low, scipy_ci.high))
 
 
 def test_the_earlier_rule_declared_equal_models_not_worse_far_more_often_than_alpha():

@@ -204,14 +204,14 @@ def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params
 def test_changed_param_redoes_only_downstream(run, tiny_params):
     run_dir, _ = run
     had_cycle_2 = (run_dir / "cycle-2").exists()
-    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]")
-    assert proc.returncode == 2 and "was made with different params (evaluate.zetas: [50, 70] → [40, 70]); add --force" in proc.stderr
-    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[40,70]", "--force")
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[50,60]")
+    assert proc.returncode == 2 and "was made with different params (evaluate.zetas: [50, 70] → [50, 60]); add --force" in proc.stderr
+    proc = llamaduo("run", str(tiny_params), "--run-dir", str(run_dir), "--set", "evaluate.zetas=[50,60]", "--force")
     assert proc.returncode == 0, proc.stderr[-2000:]
     skipped = [line for line in proc.stdout.splitlines() if "skipped" in line]
     assert len(skipped) == 5  # coverage … infer untouched
     assert "[evaluate] done" in proc.stdout and "[report] done" in proc.stdout
-    assert "coverage_40" in pd.read_csv(run_dir / "metrics.csv").columns
+    assert "coverage_60" in pd.read_csv(run_dir / "metrics.csv").columns
     assert not (run_dir / "cycle-2").exists()
     # a longer loop's cycle 2 (left by test_two_cycles…, in make test-long) is moved aside, never deleted
     assert len(list(run_dir.glob("superseded/cycle-2-*"))) == int(had_cycle_2)

@@ -158,9 +158,24 @@ class Interval:
         return not self.reason
 
 
+def t_bounds(values: np.ndarray, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, decided) of the two-sided (1 − 2α) Student-t interval of the mean of each row of `values`
+    (rows: experiments, columns: prompts; the simulation tests call it on thousands of rows at once). A row
+    without spread (fewer than 2 values, or all equal) is not decided."""
+    x = np.atleast_2d(np.asarray(values, dtype=float))
+    n = x.shape[1]
+    mean = x.mean(axis=1)
+    sd = x.std(axis=1, ddof=1) if n >= 2 else np.full(x.shape[0], np.nan)
+    decided = (n >= 2) & (np.ptp(x, axis=1) > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = stats.t.ppf(1.0 - alpha, max(n - 1, 1)) * sd / np.sqrt(n)
+    low, high = np.where(decided, mean - half, np.nan), np.where(decided, mean + half, np.nan)
+    return low, high, decided
+
+
 def t_interval(values, alpha: float = ALPHA, bound: float = 0.0) -> Interval:
-    """The two-sided (1 − 2α) Student-t interval of the mean of `values` and the one-sided p-value of
-    H0: mean ≤ bound (scipy.stats.ttest_1samp). No interval from fewer than 2 values or values all equal."""
+    """The two-sided (1 − 2α) Student-t interval of the mean of `values` (`t_bounds`) and the one-sided p-value
+    of H0: mean ≤ bound (`scipy.stats.ttest_1samp`). No interval from fewer than 2 values or values all equal."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     n = int(x.size)
@@ -168,16 +183,14 @@ def t_interval(values, alpha: float = ALPHA, bound: float = 0.0) -> Interval:
     estimate = float(x.mean()) if n else nan
     if n < 2:
         return Interval(estimate, nan, nan, n, nan, nan, f"{n} test prompt{'s' if n != 1 else ''}: no spread to measure")
-    sd = float(x.std(ddof=1))
-    if sd == 0 or np.ptp(x) == 0:
+    (low,), (high,), (decided,) = t_bounds(x, alpha)
+    if not decided:
         return Interval(estimate, nan, nan, n, 0.0, nan,
                         f"all {n} test prompts gave the same value ({estimate:+.1f}): the spread is unknown, not zero")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        two_sided = stats.ttest_1samp(x, popmean=bound)
-        low, high = two_sided.confidence_interval(confidence_level=1.0 - 2.0 * alpha)
         p = stats.ttest_1samp(x, popmean=bound, alternative="greater").pvalue
-    return Interval(estimate, float(low), float(high), n, sd, float(p))
+    return Interval(estimate, float(low), float(high), n, float(x.std(ddof=1)), float(p))
 
 
 # -- one cell ------------------------------------------------------------------------------------------------

@@ -315,12 +315,6 @@ class CycleTarget(Strict):
             raise ValueError(f"'{value}': expected mean or coverage_<ζ> (e.g. coverage_50)")
         return value
 
-    def required(self, service_value: float | None = None) -> float:
-        """The value to reach: the threshold, or scale × the service LLM's value + offset."""
-        if not self.versus_service:
-            return self.threshold
-        return float("nan") if service_value is None else self.service_scale * float(service_value) + self.service_offset
-
     def __str__(self) -> str:
         if not self.versus_service:
             return f"{self.metric} {self.statistic} ≥ {self.threshold:g}"
