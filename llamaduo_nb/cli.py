@@ -1,4 +1,4 @@
-"""Command line: `llamaduo run|validate|doctor|report` (also `python -m llamaduo_nb`)."""
+"""Command line: `llamaduo run|validate|doctor|report|serve` (also `python -m llamaduo_nb`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("params", nargs="?", help="check what this params file needs: keys, one live request per service LLM, JSON mode, limits")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     d.add_argument("--offline", action="store_true", help="no live request (checks keys, packages and hardware only)")
+    srv = sub.add_parser("serve", help="serve GGUF files with llama.cpp's Python server (llama-cpp-python[server]), the weight "
+                                       "repack off: the stock server crashes on AMX CPUs (Sapphire Rapids and later) without it")
+    srv.add_argument("gguf", nargs="+", help="GGUF file(s), e.g. results/<run>/deploy/<task>/<model>/<volume>@c1/export/model.q8_0.gguf")
+    srv.add_argument("--alias", action="append", default=[], help="the model name a GGUF answers to (one per file, in order; default its path)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--n-ctx", type=int, default=4096)
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's own choice)")
     rep = sub.add_parser("report", help="rebuild a run's report (figures, report.html); several runs: overlay them")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="folder for a comparison of several runs (default results/compare-<timestamp>)")
@@ -147,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if args.command == "report":
             return report(args.runs, args.out)
+        if args.command == "serve":
+            from llamaduo_nb import serving
+
+            return serving.serve(args.gguf, args.alias, args.host, args.port, args.n_ctx, args.threads)
         if args.command == "run" and args.gpus is not None and not args.dry_run:
             raise UserError("--gpus goes with --dry-run (a run uses the GPUs its Ray cluster or machine has)")
         if args.command == "run" and args.dry_run:

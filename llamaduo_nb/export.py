@@ -174,8 +174,9 @@ def serve_commands(name: str, folder: Path | str, gguf_name: Optional[str], base
     out = {}
     if gguf_name:
         model = folder / gguf_name
-        out["llama.cpp"] = f"llama-server -m {q(str(model))} --alias {q(name)} --port 8080"
-        out["llama-cpp-python"] = f"python -m llama_cpp.server --model {q(str(model))} --model_alias {q(name)} --port 8080"
+        # --no-repack / `llamaduo serve`: on AMX CPUs (Sapphire Rapids and later) the repacked weights crash the server (llama.cpp #20824)
+        out["llama.cpp"] = f"llama-server -m {q(str(model))} --alias {q(name)} --port 8080 --no-repack"
+        out["llama-cpp-python"] = f"llamaduo serve {q(str(model))} --alias {q(name)} --port 8080"
         out["ollama"] = f"cd {q(str(folder))} && ollama create {q(name)} -f Modelfile && ollama run {q(name)}"
     out["vllm (merged)"] = f"vllm serve {q(str(folder / 'merged'))} --served-model-name {q(name)} --port 8000"
     base = hub_id or base_ref
@@ -188,7 +189,10 @@ def serve_commands(name: str, folder: Path | str, gguf_name: Optional[str], base
 
 def commands_markdown(cells: list[dict]) -> str:
     """deploy/COMMANDS.md: per exported cell, what it is and how to serve it."""
-    parts = ["# Serving the exported models", ""]
+    parts = ["# Serving the exported models", "",
+             "The llama.cpp commands turn the weight repack off (`--no-repack`; `llamaduo serve` starts llama-cpp-python's "
+             "stock server with the same setting): on Intel CPUs with AMX (Sapphire Rapids and later, e.g. AWS m7i, GCP C3) "
+             "the repacked weights crash the server on its first request.", ""]
     for cell in cells:
         parts += [f"## {cell['name']}", "", f"{cell['task']} · {cell['local_model']} · {cell['volume']} training samples "
                   f"(cycle {cell['cycle']}); chosen because {cell['why']}.", ""]

@@ -43,6 +43,47 @@ def available() -> bool:
     return True
 
 
+SERVER_PIP = "pip install 'llama-cpp-python[server]==0.3.36'"
+
+
+def launch_command(models: list[tuple[Path, str | None]], host: str, port: int, n_ctx: int, threads: int | None,
+                   config: Path | None = None) -> list[str]:
+    """The stock `llama_cpp.server`, through the launcher that turns the weight repack off, for one GGUF (flags) or
+    several (a config file written to `config`)."""
+    if len(models) == 1:
+        (model, alias), = models
+        cmd = [sys.executable, "-c", LAUNCHER, "--model", str(model), "--host", host, "--port", str(port), "--n_ctx", str(n_ctx)]
+        cmd += ["--model_alias", alias] if alias else []
+        cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else []
+        return cmd
+    threads_part = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+    config.write_text(json.dumps({"host": host, "port": port, "models": [
+        {"model": str(path), "model_alias": alias or str(path), "n_ctx": n_ctx, **threads_part} for path, alias in models]}))
+    return [sys.executable, "-c", LAUNCHER, "--config_file", str(config)]
+
+
+def serve(ggufs: list[str], aliases: list[str], host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 4096,
+          threads: int | None = None) -> int:
+    """`llamaduo serve`: llama.cpp's Python server in the foreground, the repack off (see the module's docstring)."""
+    import tempfile
+
+    from llamaduo_nb.errors import UserError
+
+    if not available():
+        raise UserError(f"llamaduo serve needs llama.cpp's Python server: {SERVER_PIP}")
+    if aliases and len(aliases) != len(ggufs):
+        raise UserError(f"--alias: {len(aliases)} given for {len(ggufs)} GGUF file(s); give one per file, in order")
+    missing = [g for g in ggufs if not Path(g).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such GGUF file")
+    models = [(Path(g).resolve(), aliases[i] if aliases else None) for i, g in enumerate(ggufs)]
+    config = Path(tempfile.mkdtemp(prefix="llamaduo-serve-")) / "models.json"
+    cmd = launch_command(models, host, port, n_ctx, threads, config)
+    print(f"serving {', '.join(a or str(p) for p, a in models)} at http://{host}:{port}/v1 (llama.cpp, weight repack off)", flush=True)
+    os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
+    return 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,16 +122,9 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> "LlamaServer":
-        cmd = [sys.executable, "-c", LAUNCHER, "--model", str(self.model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
-        if self.alias:
-            cmd += ["--model_alias", self.alias]
-        if self.models:  # llama_cpp.server reads several models only from a config file (which then holds every setting)
-            config = self.log.with_suffix(".models.json")
-            config.write_text(json.dumps({"host": "127.0.0.1", "port": self.port, "models": [
-                {"model": str(path), "model_alias": alias, "n_ctx": self.n_ctx, "n_threads": self.threads,
-                 "n_threads_batch": self.threads} for path, alias in self.models]}))
-            cmd = [sys.executable, "-c", LAUNCHER, "--config_file", str(config)]
+        # llama_cpp.server reads several models only from a config file (which then holds every setting)
+        models = [(Path(p), a) for p, a in self.models] if self.models else [(self.model, self.alias)]
+        cmd = launch_command(models, "127.0.0.1", self.port, self.n_ctx, self.threads, self.log.with_suffix(".models.json"))
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
         deadline = time.monotonic() + 120

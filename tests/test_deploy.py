@@ -100,8 +100,8 @@ def test_serve_commands_name_the_export_and_the_adapter(tmp_path):
     folder = tmp_path / "a b"  # a path with a space must survive copy and paste
     commands = export.serve_commands("smol-closed_qa-16", folder, "model.q8_0.gguf", SMOL, tmp_path / "adapter", 16,
                                      "HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert commands["llama.cpp"] == f"llama-server -m '{folder}/model.q8_0.gguf' --alias smol-closed_qa-16 --port 8080"
-    assert "--model_alias smol-closed_qa-16" in commands["llama-cpp-python"]
+    assert commands["llama.cpp"] == f"llama-server -m '{folder}/model.q8_0.gguf' --alias smol-closed_qa-16 --port 8080 --no-repack"
+    assert commands["llama-cpp-python"] == f"llamaduo serve '{folder}/model.q8_0.gguf' --alias smol-closed_qa-16 --port 8080"
     assert commands["ollama"].endswith("ollama create smol-closed_qa-16 -f Modelfile && ollama run smol-closed_qa-16")
     assert f"--lora-modules smol-closed_qa-16={tmp_path / 'adapter'}" in commands["vllm (adapter)"]
     assert "--max-lora-rank 16" in commands["vllm (adapter)"] and commands["vllm (adapter)"].startswith("vllm serve HuggingFaceTB/")

@@ -98,18 +98,21 @@ def test_the_exported_gguf_served_by_llama_cpp_is_the_evaluated_model(deployed):
     assert (folder / "export" / "merged" / "chat_template.jinja").exists()
     assert (folder / "export" / "Modelfile").read_text().startswith("FROM ./model.q8_0.gguf")
     assert cell["tokens_per_s"] > 0
-    assert cell["parity"] == "the served model matches the adapter", cell["warning"]
+    # two test prompts cannot show equivalence within ±5 points, and must not show a difference
+    assert cell["parity"].startswith(("equivalent", "not shown equivalent")), cell["parity"]
+    assert not isinstance(cell["warning"], str) or not cell["warning"], cell["warning"]
     parity = deploy.load_parity(run_dir)
     assert set(parity["metric"]) == {"similarity", "precision"}
     assert parity["greedy_agreement"].iloc[0] >= 0.5 and parity["prompts"].eq(2).all()
     assert ((parity["difference_ci_low"] <= 0) & (parity["difference_ci_high"] >= 0)).all()
     served = read_jsonl(folder / "parity" / "served_answers.jsonl")
     assert len(served) == 2 * 2 and all(r["output_tokens"] > 0 for r in served)  # K answers per prompt, with tokens
-    assert "llama-server -m" in (run_dir / "deploy" / "COMMANDS.md").read_text()
+    commands = (run_dir / "deploy" / "COMMANDS.md").read_text()
+    assert "llama-server -m" in commands and "--no-repack" in commands and "llamaduo serve" in commands
     # the report shows what was deployed
     assert (run_dir / "report" / "served_vs_adapter.png").exists()
     html = (run_dir / "report.html").read_text()
-    assert "Deployable" in html and "the served model matches the adapter" in html
+    assert "Deployable" in html and "equivalent" in html
     assert not read_json(run_dir / "manifest.json")["stages"]["deploy"].get("warnings")
     print(f"deploy: parity {parity[['metric', 'adapter_mean', 'served_mean', 'difference', 'greedy_agreement']].to_dict('records')}, "
           f"{cell['tokens_per_s']} tokens/s, GGUF {cell['gguf_mb']} MiB")
@@ -157,3 +160,49 @@ def test_infer_through_the_real_server_answers_each_volume_by_its_own_model(depl
     greedy = {r["prompt_id"]: r["served"] for r in read_jsonl(deploy.cell_folder(source, chosen) / "parity" / "greedy.jsonl")}
     first = answers[int(chosen["volume"])].query("k == 0").set_index("prompt_id")["response"]
     assert {p: first[p] for p in greedy} == greedy
+
+
+def _serve_and_ask(command: str, name: str, log) -> dict:
+    """Start a serving command from COMMANDS.md on a free port, ask it one chat completion, stop it."""
+    import shlex
+    import time
+    import urllib.request
+
+    argv = shlex.split(command)
+    port = serving.free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    if argv[0] == "llamaduo":  # the console script, as this interpreter runs it
+        argv = [sys.executable, "-m", "llamaduo_nb"] + argv[1:]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"{command} exited with {proc.returncode}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"{command} did not answer within 120 s"
+                time.sleep(0.5)
+        body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return json.loads(resp.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_every_llama_cpp_command_in_commands_md_answers_a_chat_completion(deployed, tmp_path):
+    """The commands handed to the user, run as written (but the port): `llamaduo serve` (llama-cpp-python, the weight
+    repack off, as on AMX CPUs it must be) always; `llama-server … --no-repack` where llama.cpp's binary is installed."""
+    _, run_dir, _ = deployed
+    cell = deploy.load_cells(run_dir).iloc[0]
+    commands = json.loads((deploy.cell_folder(run_dir, cell.to_dict()) / "export" / "commands.json").read_text())
+    assert "--no-repack" in commands["llama.cpp"] and commands["llama-cpp-python"].startswith("llamaduo serve ")
+    servable = ["llama-cpp-python"] + (["llama.cpp"] if shutil.which("llama-server") else [])
+    for server in servable:
+        with open(tmp_path / f"{server}.log", "wb") as log:
+            reply = _serve_and_ask(commands[server], cell["name"], log)
+        assert reply["choices"][0]["message"]["content"].strip(), (server, reply)

@@ -49,7 +49,7 @@ from llamaduo_nb.stages.infer import served_name, volume_seed
 CELLS_CSV = "cells.csv"
 PARITY_CSV = "parity.csv"
 COMMANDS_MD = "COMMANDS.md"
-SERVER_PIP = "pip install 'llama-cpp-python[server]==0.3.36'"
+SERVER_PIP = serving.SERVER_PIP
 
 
 # -- which cells ----------------------------------------------------------------------------------------------
