@@ -321,7 +321,7 @@ def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None):
     if not tasks:
         axes[0].text(0.5, 0.5, "no verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel(_verdict_axis_label(rule))
-    title = f"bars: {100 * rule.level:g}% CI ({rule.method}); α = {rule.alpha:g} one-sided"
+    title = f"bars: {100 * rule.level:g}% CI ({rule.method}); {rule.alpha_text()} one-sided"
     bottom = _figure_legend(fig, axes, title, _verdict_legend(rule), ncol=3)
     heading = "Not worse than the service LLM?" if rule.versus_service else f"Meets {rule.what()} ≥ {rule.threshold:g}?"
     fig.suptitle(f"{heading} Volumes tested largest first", fontsize=10)

@@ -161,20 +161,20 @@ def planner_line(rule, sd: float | None, n: int | None, source: str) -> str:
     """The planner's sentence for a rule (`verdict.Rule`): what the current test set resolves, and the prompts needed."""
     sd_used = sd if sd is not None and math.isfinite(sd) and sd > 0 else default_sd(rule.statistic)
     source = source if sd is not None and math.isfinite(sd) and sd > 0 else f"assumed, no pilot yet: {sd_used:g}"
-    head = f"Planner ({100 * POWER:.0f}% power, one-sided α = {rule.alpha:g}, sd of per-prompt {'differences' if rule.versus_service else 'values'} {sd_used:.1f}: {source})"
+    head = f"Planner ({100 * POWER:.0f}% power, one-sided α = {rule.test_alpha:.2g}, sd of per-prompt {'differences' if rule.versus_service else 'values'} {sd_used:.1f}: {source})"
     now = ""
     if n:
-        r = resolvable(sd_used, n, rule.alpha)
+        r = resolvable(sd_used, n, rule.test_alpha)
         now = (f"with {n} prompts the smallest difference this run can resolve is ±{r:.1f} points; " if math.isfinite(r)
                else f"with {n} prompt{'s' if n != 1 else ''} nothing can be resolved; ")
     if rule.versus_service and rule.scale == 1 and rule.margin > 0:
-        need = prompts_needed(sd_used, rule.margin, rule.alpha)
+        need = prompts_needed(sd_used, rule.margin, rule.test_alpha)
         return f"{head}: {now}δ = {rule.margin:g} needs {need} prompts per task (when the local model is truly as good as the service LLM)."
     if rule.versus_service:
-        need = prompts_needed(sd_used, 5.0, rule.alpha)
+        need = prompts_needed(sd_used, 5.0, rule.test_alpha)
         return (f"{head}: {now}with δ = {rule.margin:g} the local model must be shown better, which no number of prompts "
                 f"does when the two are equal; a margin of 5 points (`>= service - 5`) needs {need} prompts per task.")
-    need = prompts_needed(sd_used, ABSOLUTE_PLANNING_DISTANCE, rule.alpha)
+    need = prompts_needed(sd_used, ABSOLUTE_PLANNING_DISTANCE, rule.test_alpha)
     return (f"{head}: {now}showing {rule.what()} ≥ {rule.threshold:g} when the truth is {ABSOLUTE_PLANNING_DISTANCE:g} points "
             f"above it needs {need} prompts per task.")
 

@@ -35,6 +35,14 @@ error. The volumes of a (task, local model) are tested in a fixed sequence, larg
 α, stopping at the first that does not pass (fixed-sequence testing: the family-wise error stays ≤ α
 because a hypothesis is tested only when every one before it was rejected). The chosen volume is the
 smallest of the unbroken run of passes; the base model (volume 0) is the last in the sequence.
+
+**The volume search** (`finetune.volumes: search`, pipeline/search.py) cannot go largest first: not training the
+large volumes is its point. It tries volumes smallest first (the base model, then the grid) and stops at the first
+that passes, each test at α / L, L being every look it could ever make (the base model, each grid volume, each
+later cycle). Bonferroni's bound then holds whatever the order, the scores' correlation across volumes (the same
+test prompts) and the shape of the score curve: the chosen volume is truly worse than the margin only if one of
+at most L tests of a true H0 rejects, each with probability ≤ α / L. The price is a stricter test per look (wider
+intervals: 99.4 % for the paper's 9 volumes); a fixed sequence at full α needs the largest volume trained first.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ ABSOLUTE_METHOD = "t-interval over test prompts"
 PASS_RELATIVE, PASS_ABSOLUTE, NOT_SHOWN, UNDECIDED = "not worse", "meets the target", "not shown", "too few prompts to decide"
 # the fixed sequence, per cell
 PASSED, FAILED, NOT_REACHED = "passed", "stopped here", "not reached"
+# the volume search, per cell: tried and not passed (the search went on), or trained but not needed (after the pass)
+WENT_ON, NOT_NEEDED = "went on", "not needed"
 
 
 @dataclass(frozen=True)
@@ -67,19 +77,34 @@ class Rule:
     threshold: float = 70.0  # an absolute target
     scale: float = 1.0  # relative: local − scale × service …
     offset: float = 0.0  # … must exceed offset (= −δ)
-    alpha: float = ALPHA
+    alpha: float = ALPHA  # the error of the whole decision (one-sided)
+    looks: int = 1  # > 1: the volume search, smallest first, each of its `looks` possible tests at alpha / looks
 
     @classmethod
-    def from_target(cls, target, alpha: float = ALPHA, judge: str | None = None) -> "Rule":
+    def from_target(cls, target, alpha: float = ALPHA, judge: str | None = None, looks: int = 1) -> "Rule":
         """From a `CycleTarget` (or anything with its fields); `judge`: the default when the target names none."""
         return cls(metric=target.metric, statistic=target.statistic, judge=target.judge or judge,
                    versus_service=target.versus_service, threshold=float(target.threshold),
                    scale=float(target.service_scale) if target.versus_service else 1.0,
-                   offset=float(target.service_offset) if target.versus_service else 0.0, alpha=float(alpha))
+                   offset=float(target.service_offset) if target.versus_service else 0.0, alpha=float(alpha), looks=int(looks))
+
+    @property
+    def search(self) -> bool:
+        return self.looks > 1
+
+    @property
+    def test_alpha(self) -> float:
+        """The one-sided level of each cell's test: α, or α / L in the volume search (Bonferroni)."""
+        return self.alpha / self.looks
 
     @property
     def level(self) -> float:
-        return 1.0 - 2.0 * self.alpha
+        return 1.0 - 2.0 * self.test_alpha
+
+    def alpha_text(self) -> str:
+        if not self.search:
+            return f"α = {self.alpha:g}"
+        return f"α = {self.alpha:g} over the search's {self.looks} possible looks (each at α/{self.looks} = {self.test_alpha:.2g})"
 
     @property
     def bound(self) -> float:
@@ -105,15 +130,15 @@ class Rule:
     def describe(self) -> str:
         """The rule in one phrase: the target, δ or the threshold, α."""
         if not self.versus_service:
-            return (f"{self.what()} ≥ {self.threshold:g}: one-sided test against the threshold, α = {self.alpha:g} "
-                    f"({self.method})")
+            return f"{self.what()} ≥ {self.threshold:g}: one-sided test against the threshold, {self.alpha_text()} ({self.method})"
         if self.scale != 1:
             rhs = f"{self.scale:g} × service" + (f" {'−' if self.offset < 0 else '+'} {abs(self.offset):g}" if self.offset else "")
-            return f"{self.what()} ≥ {rhs}: one-sided non-inferiority test, α = {self.alpha:g} ({self.method})"
+            return f"{self.what()} ≥ {rhs}: one-sided non-inferiority test, {self.alpha_text()} ({self.method})"
         if self.margin == 0:
             return (f"{self.what()} ≥ service with margin δ = 0 (the local model must be shown better), "
-                    f"one-sided α = {self.alpha:g} ({self.method})")
-        return f"{self.what()} ≥ service − {self.margin:g}: non-inferiority margin δ = {self.margin:g} points, one-sided α = {self.alpha:g} ({self.method})"
+                    f"one-sided {self.alpha_text()} ({self.method})")
+        return (f"{self.what()} ≥ service − {self.margin:g}: non-inferiority margin δ = {self.margin:g} points, "
+                f"one-sided {self.alpha_text()} ({self.method})")
 
 
 # -- per-prompt values ------------------------------------------------------------------------------------
@@ -245,7 +270,7 @@ class Verdict:
 
     def as_row(self) -> dict:
         row = {k: v for k, v in asdict(self).items() if k != "rule"}
-        row.update(passed=self.passed, method=self.rule.method, alpha=self.rule.alpha, level=self.rule.level,
+        row.update(passed=self.passed, method=self.rule.method, alpha=self.rule.test_alpha, level=self.rule.level,
                    margin=self.rule.margin if self.rule.versus_service else float("nan"),
                    threshold=float("nan") if self.rule.versus_service else self.rule.threshold,
                    metric=self.rule.metric, statistic=self.rule.statistic)
@@ -275,11 +300,11 @@ def decide(local: pd.DataFrame, service: pd.DataFrame | None, rule: Rule, k: int
         return Verdict(rule, UNDECIDED, nan, nan, nan, rule.bound, nan, 0, nan, nan, nan,
                        reason="the service LLM did not answer the test prompts (evaluate.service_answers)", k=k, m=m)
     d, a, b = _differences(local, service, rule, "zero")
-    interval = t_interval(d, rule.alpha, rule.bound)
+    interval = t_interval(d, rule.test_alpha, rule.bound)
     dropped_d, *_ = _differences(local, service, rule, "drop")
     failed_local = failed_answers(local)
     failed_service = failed_answers(service) if rule.versus_service else 0
-    dropped = _outcome(rule, t_interval(dropped_d, rule.alpha, rule.bound))
+    dropped = _outcome(rule, t_interval(dropped_d, rule.test_alpha, rule.bound))
     return Verdict(rule, _outcome(rule, interval), interval.estimate, interval.low, interval.high, rule.bound, interval.p_value,
                    interval.n, float(a.mean()) if len(a) else nan, float(b.mean()) if b is not None and len(b) else nan,
                    interval.sd, failed_local, failed_service, dropped if (failed_local or failed_service) else "",
@@ -302,6 +327,21 @@ def fixed_sequence(verdicts: list[tuple[dict, Verdict]]) -> tuple[list[str], int
             status[i], chosen = PASSED, i
         else:
             status[i], going = FAILED, False
+    return status, chosen
+
+
+def search_sequence(verdicts: list[tuple[dict, Verdict]]) -> tuple[list[str], int | None]:
+    """The volume search's reading of the same cells: smallest volume first (the base model, then the grid, then later
+    cycles), each test at α / L, the first that passes is chosen; cells after it were not needed."""
+    order = sorted(range(len(verdicts)), key=lambda i: (int(verdicts[i][0]["cycle"]), int(verdicts[i][0]["volume"])))
+    status, chosen = [NOT_NEEDED] * len(verdicts), None
+    for i in order:
+        if chosen is not None:
+            break
+        if verdicts[i][1].passed:
+            status[i], chosen = PASSED, i
+        else:
+            status[i] = WENT_ON
     return status, chosen
 
 
@@ -332,7 +372,7 @@ def verdict_table(scores: pd.DataFrame, rule: Rule, k: int | None = None, m: int
         for (cycle, volume), cell in cells.groupby(["cycle", "volume"], sort=True):
             key = {"task": task, "local_model": model, "cycle": int(cycle), "volume": int(volume)}
             decided.append((key, decide(cell, service, rule, k, m)))
-        status, chosen = fixed_sequence(decided)
+        status, chosen = (search_sequence if rule.search else fixed_sequence)(decided)
         for i, (key, verdict) in enumerate(decided):
             rows.append({**key, "judge": judge, **verdict.as_row(), "sequence": status[i], "chosen": i == chosen,
                          "service_model": service_model})
@@ -395,8 +435,12 @@ def sentence(row, rule: Rule, service_label: str | None = None) -> str:
 
 
 def rule_line(rule: Rule) -> str:
-    return (f"Rule: {rule.describe()}; {100 * rule.level:g}% intervals; volumes tested largest first in a fixed sequence "
-            f"(family-wise error ≤ α); failed or unjudged answers score {FAILURE_SCORE:g}.")
+    if rule.search:
+        order = (f"volumes tried smallest first, stopping at the first that passes, each test at α/{rule.looks} (Bonferroni: "
+                 f"the chosen volume is worse than the target with probability ≤ α)")
+    else:
+        order = "volumes tested largest first in a fixed sequence (family-wise error ≤ α)"
+    return f"Rule: {rule.describe()}; {100 * rule.level:.3g}% intervals; {order}; failed or unjudged answers score {FAILURE_SCORE:g}."
 
 
 # -- deploy's parity: an equivalence test ----------------------------------------------------------------------

@@ -31,8 +31,13 @@ SUPERSEDED = "superseded"  # later cycles of an earlier, longer loop are moved h
 
 
 def params_for_cycle(params: Params, run_dir: Path | str) -> Params:
-    """The params stages 02→06 run with in `run_dir`'s cycle: cycle t ≥ 2 synthesises `cycle.step` pairs per task."""
+    """The params stages 02→06 run with in `run_dir`'s cycle: cycle t ≥ 2 synthesises `cycle.step` pairs per task;
+    in cycle 1 of a volume search, the volumes it has reached and the data they need (pipeline/search.py)."""
     if cycle_of(run_dir) == 1:
+        if params.finetune.search:
+            from llamaduo_nb.pipeline import search
+
+            return search.params_for_step(params, search.tried(params, run_dir))
         return params
     adjusted = params.model_copy(deep=True)
     adjusted.synthesize.samples_per_task = params.cycle.step or params.synthesize.samples_per_task
@@ -77,8 +82,12 @@ def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdict_rule(params: Params) -> verdict.Rule:
-    """The run's one rule (`methods/verdict.py`): the cycle target at `cycle.alpha`, with the first judge by default."""
-    return verdict.Rule.from_target(params.cycle.target, params.cycle.alpha, params.judges[0].label)
+    """The run's one rule (`methods/verdict.py`): the cycle target at `cycle.alpha`, with the first judge by default;
+    in a volume search, α split over every look the search could make."""
+    looks = 1
+    if params.finetune.search:  # the base model, each grid volume, each later cycle
+        looks = 1 + len(params.finetune.volumes) + (params.cycle.max_cycles - 1)
+    return verdict.Rule.from_target(params.cycle.target, params.cycle.alpha, params.judges[0].label, looks)
 
 
 def cycle_verdicts(table: pd.DataFrame) -> pd.DataFrame:

@@ -107,6 +107,13 @@ class SynthesizeParams(Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: PositiveInt = 2048
+    # per-task targets that replace samples_per_task for the tasks named; the volume search (finetune.volumes:
+    # search) sets them so that only as much data is synthesised as the volumes it tries need
+    samples_by_task: Optional[dict[str, PositiveInt]] = None
+
+    def target_for(self, task: str) -> int:
+        """Valid pairs to collect for `task`."""
+        return (self.samples_by_task or {}).get(task, self.samples_per_task)
 
 
 class DeduplicateParams(Strict):
@@ -140,9 +147,17 @@ def expand_volumes(value):
     return [base**n * (KILO if kilo else 1) for n in range(low, high + 1)]
 
 
+SEARCH = "search"
+
+
 class FinetuneParams(Strict):
     base_models: list[str] = Field(default_factory=lambda: ["google/gemma-2b-it"], min_length=1)
     volumes: list[PositiveInt] = Field(default_factory=lambda: [KILO * 2**n for n in range(9)], min_length=1)  # or "2^0..2^8 k"
+    # the volume search (`volumes: search`, `search 2^0..2^8 k` or `search: true`): volumes are tried smallest first
+    # and a (task, local model) stops at the first not worse than the service LLM (pipeline/search.py)
+    search: bool = False
+    # per-task volumes that replace `volumes` for the tasks named (the search sets them to the volumes tried so far)
+    volumes_by_task: Optional[dict[str, list[PositiveInt]]] = None
     quantization: Literal["none", "nf4"] = "nf4"  # nf4 = QLoRA; needs CUDA
     lora: LoraParams = Field(default_factory=LoraParams)
     learning_rate: float = Field(2e-4, gt=0)
@@ -157,10 +172,31 @@ class FinetuneParams(Strict):
     chat_template: Optional[str] = None  # Jinja template for base models that ship none
     logging_steps: PositiveInt = 1
 
+    @model_validator(mode="before")
+    @classmethod
+    def _search_shorthand(cls, data):
+        """`volumes: search` (the paper's grid) or `volumes: search 2^2..2^4` → search: true and the grid."""
+        if isinstance(data, dict) and isinstance(data.get("volumes"), str) and data["volumes"].strip().lower().startswith(SEARCH):
+            grid = data["volumes"].strip()[len(SEARCH):].strip()
+            data = {k: v for k, v in data.items() if k != "volumes"}
+            data["search"] = True
+            if grid:
+                data["volumes"] = grid
+        return data
+
     @field_validator("volumes", mode="before")
     @classmethod
     def _range_syntax(cls, v):
         return expand_volumes(v)
+
+    @field_validator("volumes_by_task")
+    @classmethod
+    def _by_task_sorted(cls, v):
+        return {task: sorted(set(vols)) for task, vols in v.items()} if v else v
+
+    def volumes_for(self, task: str) -> list[int]:
+        """The volumes trained for `task`: its own list when the search (or the user) gave one, else `volumes`."""
+        return (self.volumes_by_task or {}).get(task, self.volumes)
 
     @field_validator("volumes")
     @classmethod

@@ -51,7 +51,8 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
     lines.append(f"  judges ({len(judge_labels)}): {', '.join(judge_labels)}")
     adapters = len(services) * len(tasks) * len(models) * len(volumes)
     cells = sum(len(tasks) * len(models) * (len(volumes) + 1) * len(p.judges) for p in family)
-    lines.append(f"  = {adapters} adapters to train; {cells} (service LLM, task, model, volume, judge) cells to judge")
+    lines.append(f"  = {'at most ' if ft.search else ''}{adapters} adapters to train; {cells} (service LLM, task, model, volume, judge) "
+                 f"cells to judge" + (" (the volume search stops earlier: below)" if ft.search else ""))
     if cyc.max_cycles > 1:
         step = cyc.step or syn.samples_per_task
         lines.append(f"  cycle: up to {cyc.max_cycles} cycles until {cyc.target}; each later cycle adds {step:,} pairs per task "
@@ -113,7 +114,9 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
                      + (f"; parity check: {per_judge:,} calls per judge (${parity_cost:,.2f})" if per_judge else ""))
         total_calls += per_judge * len(judges)
         total_cost += parity_cost
-    rule = verdict.Rule.from_target(cyc.target, cyc.alpha, judges[0].label)
+    from llamaduo_nb.pipeline.cycle import verdict_rule
+
+    rule = verdict_rule(params)
     lines.append("Verdict: " + verdict.rule_line(rule))
     lines.append("  " + planning.planner_line(rule, pilot_sd, n_test, pilot_source))
     samples = sum(volumes) * ft.num_train_epochs * len(tasks) * len(models) * len(services)
@@ -121,6 +124,8 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
                  f"(assuming {GPU_SAMPLES_PER_SECOND} samples/s per GPU)")
     unit_hours = [v * ft.num_train_epochs / GPU_SAMPLES_PER_SECOND / 3600 for v in volumes] * (len(tasks) * len(models) * len(services))
     lines += execution.describe(params.execution, unit_hours, gpus)
+    if ft.search:
+        lines += search_plan(family)
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
     caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})
@@ -131,6 +136,35 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
         lines.append(f"Run-wide cost cap (cycle.max_cost_usd, enforced while calls are in flight, counting every stage and cycle): "
                      f"{', '.join(f'${c:g}' for c in run_caps)}")
     return "\n".join(lines)
+
+
+def search_plan(family: list[Params]) -> list[str]:
+    """The volume search against the full sweep: adapters, GPU-hours and synthesis calls per (task, local model) for
+    each place the answer could be, and their mean over those places taken as equally likely."""
+    from llamaduo_nb.pipeline.search import synthesis_target
+
+    params = family[0]
+    ft, syn = params.finetune, params.synthesize
+    cells = len(params.tasks) * len(ft.base_models) * len(family)
+    per_call = syn.pairs_per_call * (1 - syn.expected_loss)
+    hours = lambda vs: sum(vs) * ft.num_train_epochs / GPU_SAMPLES_PER_SECOND / 3600  # noqa: E731
+    calls = lambda v: math.ceil(synthesis_target(params, v) / per_call)  # noqa: E731 - per task
+    grid = list(ft.volumes)
+    sweep = (len(grid), hours(grid), calls(max(grid)))
+    outcomes = []  # (label, adapters, GPU-hours, synthesis calls) per (task, local model)
+    for j, volume in enumerate(grid):
+        outcomes.append((_volume(volume), j + 1, hours(grid[: j + 1]), calls(volume)))
+    outcomes.append(("none", *sweep))
+    lines = [f"Volume search (finetune.volumes: search): smallest volume first, stopping at the first not worse; "
+             f"per (task, local model), if the answer is:"]
+    for label, adapters, h, c in outcomes:
+        lines.append(f"  {label:>5}: {adapters} adapter{'s' if adapters != 1 else ''}, {h:,.1f} GPU-hours, {c:,} synthesis calls per task")
+    mean = [sum(o[i] for o in outcomes) / len(outcomes) for i in (1, 2, 3)]
+    lines.append(f"  expected (the answer equally likely at any volume or none): {mean[0]:.1f} adapters and {mean[1]:,.1f} GPU-hours "
+                 f"per (task, local model), × {cells} = {mean[1] * cells:,.1f} GPU-hours against the full sweep's "
+                 f"{sweep[1] * cells:,.1f} (saving {1 - mean[1] / sweep[1]:.0%}); {mean[2]:,.0f} synthesis calls per task against "
+                 f"{sweep[2]:,} (saving {1 - mean[2] / sweep[2]:.0%}). Worst case: the sweep's {sweep[0]} adapters per (task, local model)")
+    return lines
 
 
 def _volume(v: int) -> str:

@@ -137,9 +137,13 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
         redo_cells(run_dir, cells, log)
     os.environ["LLAMADUO_TEXT_PROGRESS"] = "1"  # kernels inherit it: text progress bars reach this terminal
     executed_now = []
-    for stage in [s for s in chosen if s not in AFTER_CYCLES]:
-        if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
-            executed_now.append(stage)
+    before_cycles = [s for s in chosen if s not in AFTER_CYCLES]
+    if params.finetune.search and "finetune" in before_cycles:
+        executed_now += run_search(params, resolved, run_dir, before_cycles, forced, log, execute)
+    else:
+        for stage in before_cycles:
+            if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
+                executed_now.append(stage)
     if "evaluate" in chosen and (run_dir / "metrics.csv").exists():
         executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log, execute)
     if "deploy" in chosen and _run_stage("deploy", params, resolved, run_dir, "deploy" in forced, log, execute=execute):
@@ -171,6 +175,33 @@ def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, forc
     (execute or _execute)(stage, params_file, folder, executed, force)
     log(f"[{name}] done in {time.time() - began:.1f} s")
     return True
+
+
+def run_search(params: Params, params_file: Path, run_dir: Path, stages: list[str], forced: list[str], log, execute=None) -> list[str]:
+    """The volume search (pipeline/search.py): stages 01→06 of cycle 1 with the volumes reached so far, judged, then
+    one more volume for every (task, local model) not yet decided, until each is found, exhausted or undecidable."""
+    from llamaduo_nb.pipeline import search
+    from llamaduo_nb.pipeline.cycle import verdict_rule
+    from llamaduo_nb.stages import evaluate
+
+    executed, step_no = [], 0
+    while True:
+        step_no += 1
+        volumes = search.tried(params, run_dir)
+        log(f"[search] step {step_no}: volumes " + "; ".join(f"{task} {', '.join(map(str, v))}" for task, v in volumes.items()))
+        for stage in stages:
+            # a forced stage is redone once, at the first step; later steps only add volumes
+            if _run_stage(stage, params, params_file, run_dir, stage in forced and step_no == 1, log, execute=execute):
+                executed.append(stage)
+        if "evaluate" not in stages:
+            return executed  # nothing judged: the search cannot take a step
+        step = search.next_step(params, evaluate.run_verdicts(params, run_dir, up_to_cycle=1), volumes)
+        search.record(params, run_dir, step, verdict_rule(params))
+        log(f"[search] {step.line()}")
+        if step.done:
+            for line in search.summary_lines(search.state(run_dir)):
+                log(f"[search] {line}")
+            return executed
 
 
 def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[str], forced: list[str], log, execute=None) -> list[str]:

@@ -66,8 +66,10 @@ DEPENDS_ON = {
     "evaluate": ["seed", "tasks", "evaluate", "service"],
     "deploy": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer", "evaluate", "service", "cycle.target",
                "cycle.alpha", "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity",
-               "deploy.min_greedy_agreement", "deploy.parity_margin"],
-    "report": ["evaluate.zetas", "cycle.target", "cycle.alpha", "infer.k", "evaluate.m"],
+               "deploy.min_greedy_agreement", "deploy.parity_margin", "finetune.search", "finetune.volumes", "cycle.max_cycles"],
+    # the volume search's rule splits α over its looks: the grid and the cycles count them
+    "report": ["evaluate.zetas", "cycle.target", "cycle.alpha", "infer.k", "evaluate.m", "finetune.search", "finetune.volumes",
+               "cycle.max_cycles"],
 }
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
 # cached by content, so a local service's batch_size (which prompts are generated together) changes

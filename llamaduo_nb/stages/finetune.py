@@ -2,8 +2,9 @@
 
 Reads: `deduplicate/kept.jsonl` (and every earlier cycle's). Writes, per (task, base model, volume):
 `finetune/<task>/<model>/<volume>/` (LoRA adapter, tokenizer, `train_log.csv`, `UNIT.json`), and
-`finetune/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` pairs of one fixed,
-seeded shuffle of the task's kept pairs, so larger volumes contain smaller ones. In a later cycle
+`finetune/runs.csv`, DONE.json. Volumes are nested: each is the first `volume` of the task's kept pairs in
+the order the service LLM wrote them (`training_order`), so larger volumes contain smaller ones, and a volume's
+pairs stay the same when synthesis later grows (the volume search adds data as it goes). In a later cycle
 (`cycle-<t>/`) one adapter per (task, model) is trained on every pair kept so far, its volume
 being their number.
 
@@ -17,7 +18,7 @@ moved to `orphaned/`.
 from __future__ import annotations
 
 import os
-import random
+import re
 import shutil
 import time
 import warnings
@@ -33,11 +34,22 @@ from llamaduo_nb.pipeline.params import FinetuneParams, Params
 from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_of, set_aside, stage_dir
 
 
-def training_order(pairs: list[dict], seed: int) -> list[dict]:
-    """One fixed shuffle of a task's pairs; every volume takes a prefix of it."""
-    ordered = sorted(pairs, key=lambda p: p["id"])
-    random.Random(seed).shuffle(ordered)
-    return ordered
+SYNTHESIS_ID = re.compile(r"-c(\d+)-(\d+)-(\d+)$")  # <task>-c<cycle>-<call>-<j>, as synthesize names a pair
+
+
+def synthesis_position(pair: dict) -> tuple:
+    """(cycle, call, j) of a synthesised pair; other ids sort after them, by id."""
+    match = SYNTHESIS_ID.search(str(pair["id"]))
+    return (0, int(match[1]), int(match[2]), int(match[3]), "") if match else (1, 0, 0, 0, str(pair["id"]))
+
+
+def training_order(pairs: list[dict]) -> list[dict]:
+    """A task's pairs in the order they were written (cycle, call, item); every volume takes a prefix of it.
+
+    Not a shuffle: call i's seed pair is drawn at random (synthesize.request_for), so any prefix is already a random
+    sample of the seeds, and a prefix is stable when more calls are added and deduplicated after it (deduplication
+    is a greedy pass in the same order). The trainer shuffles the examples within a volume."""
+    return sorted(pairs, key=synthesis_position)
 
 
 def select_volume(order: list[dict], volume: int) -> list[dict]:
@@ -151,7 +163,7 @@ def pairs_fingerprint(pairs: list[dict]) -> str:
 def adapter_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict]) -> Unit:
     cfg = params.finetune
     made_from = {
-        "finetune": cfg.model_dump(mode="json", exclude={"volumes", "base_models"}),
+        "finetune": cfg.model_dump(mode="json", exclude={"volumes", "base_models", "search", "volumes_by_task"}),
         "quantization": effective_quantization(cfg, warn=False), "base_model": model_ref, "seed": params.seed,
         "pairs": pairs_fingerprint(pairs), "n_train": len(pairs),
     }
@@ -226,9 +238,9 @@ def grid(params: Params, run_dir: Path | str, kept: list[dict]) -> list[tuple[st
     later_cycle = cycle_of(run_dir) > 1
     cells = []
     for task in params.tasks:
-        order = training_order([p for p in kept if p["task"] == task], params.seed)
-        # cycle 1 sweeps the volumes; a later cycle trains once on every pair kept so far
-        volumes = [len(order)] if later_cycle else params.finetune.volumes
+        order = training_order([p for p in kept if p["task"] == task])
+        # cycle 1 sweeps the volumes (those the search has reached); a later cycle trains once on every pair kept so far
+        volumes = [len(order)] if later_cycle else params.finetune.volumes_for(task)
         for model_ref in params.finetune.base_models:
             for volume in volumes:
                 pairs = select_volume(order, volume)

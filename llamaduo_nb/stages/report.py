@@ -80,7 +80,7 @@ def noise_table(params: Params, run_dir: Path | str) -> pd.DataFrame:
         other = service[service["task"] == task]
         other = other[other["cycle"] == other["cycle"].min()] if len(other) else other
         parts = planning.paired_components(cell[["prompt_id", "k", "value"]],
-                                           other[["prompt_id", "k", "value"]] if rule.versus_service else None, rule.alpha)
+                                           other[["prompt_id", "k", "value"]] if rule.versus_service else None, rule.test_alpha)
         rows.append({"task": task, "local_model": model, "cycle": int(cycle), "volume": int(volume), **parts,
                      "advice": planning.advice(parts)})
     return pd.DataFrame(rows)

@@ -8,7 +8,7 @@ Units: each call. A request is identified by its content (messages built from th
 prompt file, sampling settings, schema, call number, service model), and the run's response cache
 answers a request it has seen, so a changed setting sends only the requests it changed.
 
-Requests go out in rounds until each task has `samples_per_task` valid pairs (the first round
+Requests go out in rounds until each task has `samples_per_task` valid pairs (`samples_by_task` where set) (the first round
 asks for `expected_loss` more; later rounds top up by the yield observed so far, at most twice the
 previous round's calls), at most `max_rounds`. A task stops after a round that gave it no valid
 pair, and the stage fails (never DONE) when a task has none at all, so a provider that answers
@@ -93,7 +93,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     for round_no in range(cfg.max_rounds):
         jobs = []
         for task in params.tasks:
-            deficit = cfg.samples_per_task - len(pairs[task])
+            deficit = cfg.target_for(task) - len(pairs[task])
             if deficit <= 0 or task in stopped:
                 continue
             if made[task] == 0:
@@ -131,9 +131,9 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     write_jsonl(out / "calls.jsonl", calls)
     if cfg.push_to_hub:
         push_to_hub(flat, cfg.push_to_hub)
-    counts = counts_frame(calls, flat, cfg.samples_per_task)
+    counts = counts_frame(calls, flat, {task: cfg.target_for(task) for task in params.tasks})
     write_csv(out / "counts.csv", counts)
-    short = counts[counts["pairs"] < cfg.samples_per_task]["task"].tolist()
+    short = counts[counts["pairs"] < counts["target"]]["task"].tolist()
     return stage.finish(
         {"calls": len(calls), "failed_calls": sum(not c["ok"] for c in calls), "pairs": len(flat),
          "rounds": max((c["round"] for c in calls), default=0), "short_tasks": ",".join(short) or "none",
@@ -155,14 +155,14 @@ def push_to_hub(pairs: list[dict], repo_id: str) -> None:
     Dataset.from_list(pairs).push_to_hub(repo_id, private=True, token=os.environ["HF_TOKEN"])
 
 
-def counts_frame(calls: list[dict], pairs: list[dict], target: int) -> pd.DataFrame:
+def counts_frame(calls: list[dict], pairs: list[dict], target: int | dict) -> pd.DataFrame:
     c = pd.DataFrame(calls)
     table = c.groupby("task").agg(calls=("ok", "size"), valid_calls=("ok", "sum"), reasks=("reasks", "sum"),
                                   rounds=("round", "max")).reset_index()
     table["invalid_calls"] = table["calls"] - table["valid_calls"]
     p = pd.DataFrame(pairs, columns=["task", "id"]).groupby("task").size().rename("pairs")
     table = table.merge(p, on="task", how="left").fillna({"pairs": 0}).astype({"pairs": int})
-    table["target"] = target
+    table["target"] = table["task"].map(target) if isinstance(target, dict) else target
     return table
 
 
