@@ -272,32 +272,39 @@ def _verdict_points(ax, x, rows: pd.DataFrame, color, label: str | None) -> None
             ax.plot(xi, yi, marker="x", ms=7, color=color, zorder=4)
         elif st == verdict.PASSED:
             ax.plot(xi, yi, marker="o", ms=7, color=color, zorder=4)
-        elif st == verdict.NOT_REACHED:
+        elif st in (verdict.NOT_REACHED, verdict.NOT_NEEDED):
             ax.plot(xi, yi, marker="o", ms=6, mfc="white", mec="0.6", zorder=4)
         else:
             ax.plot(xi, yi, marker="o", ms=7, mfc="white", mec=color, mew=1.5, zorder=4)
 
 
 def _verdict_legend(rule: verdict.Rule) -> list:
-    return [Line2D([], [], ls="none", marker="o", color="0.3", label="passed (fixed sequence)"),
+    passed, after = ("passed (the search's first)", "trained, not needed") if rule.search else \
+        ("passed (fixed sequence)", "not reached (sequence stopped)")
+    return [Line2D([], [], ls="none", marker="o", color="0.3", label=passed),
             Line2D([], [], ls="none", marker="o", mfc="white", mec="0.3", mew=1.5, label="tested, not shown"),
-            Line2D([], [], ls="none", marker="o", mfc="white", mec="0.6", label="not reached (sequence stopped)"),
+            Line2D([], [], ls="none", marker="o", mfc="white", mec="0.6", label=after),
             Line2D([], [], ls="none", marker="x", color="0.3", label="too few prompts to decide"),
             Line2D([], [], ls="--", color="0.25", label=_bound_label(rule))]
 
 
-def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None):
+def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None, grid: list[int] | None = None):
     """The verdict per volume: the estimate (local − service, or the statistic for an absolute target) with its
     (1 − 2α) interval, the bound it must clear dashed, a panel per task, a line per local model; the chosen
-    (smallest passed) volume ringed. The base model at the left, at "0"."""
+    (smallest passed) volume ringed. The base model at the left, at "0". `grid`: the volume search's grid, whose
+    volumes it did not train are marked "not trained"."""
     rule = _rule(rule, judge)
     tasks = list(dict.fromkeys(verdicts["task"])) if len(verdicts) else []
     fig, axes = _panels(max(1, len(tasks)), sharey=False)
     colours = _colours(verdicts["local_model"]) if len(verdicts) else {}
     for ax, task in zip(axes, tasks):
         sub = verdicts[verdicts["task"] == task]
-        volumes = sorted(set(sub["volume"].astype(int)))
+        trained = set(sub["volume"].astype(int))
+        volumes = sorted(trained | set(grid or []))
         position = {v: i for i, v in enumerate(volumes)}  # evenly spaced: volumes double, and the base model is 0
+        for v in sorted(set(volumes) - trained):
+            ax.text(position[v], 0.04, "not trained", transform=ax.get_xaxis_transform(), ha="center", va="bottom", rotation=90,
+                    fontsize=8, color="0.55")
         for model, line in sub.groupby("local_model", sort=False):
             line = line.sort_values(["volume", "cycle"])
             _verdict_points(ax, [position[int(v)] for v in line["volume"]], line, colours[model], str(model))
@@ -310,7 +317,7 @@ def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None):
         if rule.versus_service and rule.bound != 0:
             ax.axhline(0, ls=":", lw=0.8, color="0.5", zorder=1)
         labels = [("base" if v == 0 else f"{v:g}") + (f"\nc{c}" if c > 1 else "")
-                  for v, c in [(v, int(sub.loc[sub["volume"] == v, "cycle"].max())) for v in volumes]]
+                  for v, c in [(v, int(sub.loc[sub["volume"] == v, "cycle"].max()) if v in trained else 1) for v in volumes]]
         ax.set_xticks(range(len(volumes)), labels, fontsize=8)
         ax.set_xlim(-0.5, len(volumes) - 0.5)
         ax.set_title(task.replace("_", " "))
@@ -321,10 +328,11 @@ def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None):
     if not tasks:
         axes[0].text(0.5, 0.5, "no verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel(_verdict_axis_label(rule))
-    title = f"bars: {100 * rule.level:g}% CI ({rule.method}); {rule.alpha_text()} one-sided"
+    title = f"bars: {100 * rule.level:.3g}% CI ({rule.method}); {rule.alpha_text()} one-sided"
     bottom = _figure_legend(fig, axes, title, _verdict_legend(rule), ncol=3)
     heading = "Not worse than the service LLM?" if rule.versus_service else f"Meets {rule.what()} ≥ {rule.threshold:g}?"
-    fig.suptitle(f"{heading} Volumes tested largest first", fontsize=10)
+    order = "The volume search: volumes tried smallest first" if rule.search else "Volumes tested largest first"
+    fig.suptitle(f"{heading} {order}", fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
@@ -357,7 +365,7 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
         axes[0].text(0.5, 0.5, f"no {rule.metric} verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel(_verdict_axis_label(rule))
     legend = [h for h in _verdict_legend(rule) if "reached" not in h.get_label()]
-    title = f"n: training samples at the cycle's largest volume; bars: {100 * rule.level:g}% CI"
+    title = f"n: training samples at the cycle's largest volume; bars: {100 * rule.level:.3g}% CI"
     bottom = _figure_legend(fig, axes, title, legend, ncol=2)
     heading = f"{rule.what().capitalize()} across cycles"
     fig.suptitle(heading + ("\n" + reason if reason else ""), fontsize=10)  # the reason wrapped to the figure's width

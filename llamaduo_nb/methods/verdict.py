@@ -244,7 +244,7 @@ class Verdict:
         return self.outcome in (PASS_RELATIVE, PASS_ABSOLUTE)
 
     def interval_text(self) -> str:
-        level = f"{100 * self.rule.level:g}% CI"
+        level = f"{100 * self.rule.level:.3g}% CI"
         if self.outcome == UNDECIDED:
             return f"no interval: {self.reason}"
         if self.rule.versus_service:

@@ -107,6 +107,10 @@ def headline(params: Params, run_dir: Path | str) -> list[str]:
         return [verdict.rule_line(rule), "No verdict yet: the report has not read any judged answers."]
     lines = [verdict.rule_line(rule)]
     lines += [verdict.sentence(r, rule, params.service.label) for r in verdict.summary(table).to_dict("records")]
+    if params.finetune.search:
+        from llamaduo_nb.pipeline import search
+
+        lines += ["Volume search: " + line for line in search.summary_lines(search.state(run_dir))]
     return lines + planner_lines(params, table)
 
 
@@ -209,7 +213,8 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     cycles = load_cycles(run_dir)
     verdicts = evaluate.run_verdicts(params, run_dir)
     rule = verdict_rule(params)
-    written += save_figure(verdict_by_volume(verdicts, rule), out / "verdict_by_volume")
+    grid = params.finetune.volumes if params.finetune.search else None  # the search: the grid's volumes it did not train
+    written += save_figure(verdict_by_volume(verdicts, rule, grid=grid), out / "verdict_by_volume")
     written += save_figure(score_across_cycles(verdicts, rule, stop_reason=(cycles or {}).get("stop_reason")), out / "score_across_cycles")
     written += save_figure(cost_per_stage(stage_costs(root_of(run_dir))), out / "cost_per_stage")
     funnels = load_funnels(run_dir)
