@@ -7,13 +7,13 @@ from llamaduo_nb.pipeline.params_file import load_params
 
 
 def _pairs(n):
-    return [{"id": f"t-{i:03d}", "instruction": f"question {i}", "response": f"answer {i}"} for i in range(n)]
+    return [{"id": f"t-c1-{i // 2:06d}-{i % 2}", "instruction": f"question {i}", "response": f"answer {i}"} for i in range(n)]
 
 
 def test_volumes_are_nested_prefixes_of_one_fixed_order():
-    order = training_order(_pairs(40), seed=42)
-    assert training_order(list(reversed(_pairs(40))), seed=42) == order  # input order does not matter
-    assert training_order(_pairs(40), seed=7) != order
+    order = training_order(_pairs(40))
+    assert training_order(list(reversed(_pairs(40)))) == order  # input order does not matter: the synthesis order
+    assert [p["id"] for p in order[:3]] == ["t-c1-000000-0", "t-c1-000000-1", "t-c1-000001-0"]
     small, large = select_volume(order, 8), select_volume(order, 32)
     assert large[:8] == small
     assert len({p["id"] for p in large}) == 32
