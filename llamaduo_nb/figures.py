@@ -345,7 +345,7 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
     tasks = list(dict.fromkeys(best["task"])) if len(best) else []
     cycles = int(best["cycle"].max()) if len(best) else 1
     width = max(4.2, 2.6 + 0.5 * cycles)
-    reason = textwrap.fill(f"stopped: {stop_reason}", max(60, int(width * max(1, len(tasks)) * 15))) if stop_reason else ""
+    reason = textwrap.fill(f"stopped: {stop_reason}", max(50, int(width * max(1, len(tasks)) * 11))) if stop_reason else ""
     fig, axes = _panels(max(1, len(tasks)), width=width, height=3.4 + 0.17 * (reason.count("\n") + bool(reason)), sharey=False)
     colours = _colours(best["local_model"]) if len(best) else {}
     for ax, task in zip(axes, tasks):

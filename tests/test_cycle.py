@@ -80,6 +80,8 @@ def test_decide_stops_when_the_cycle_budget_is_spent():
     unmet = verdicts(params, 3, {("summarization", 40): 10, ("closed_qa", 40): 10})
     decision = cyc.decide(params, 3, unmet, new_pairs={"summarization": 4})
     assert decision.stop and not decision.met and "Cycle budget spent (cycle.max_cycles = 3)" in decision.reason
+    # the short form (a figure's title) keeps why it stopped and leaves out the verdict sentences
+    assert decision.short == f"target {params.cycle.target} not met in cycle 3; cycle budget spent (cycle.max_cycles = 3)"
     assert not cyc.decide(params, 2, unmet.assign(cycle=2), new_pairs={"summarization": 4}).stop
 
 

@@ -180,7 +180,8 @@ def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params
         assert f"[cycle 2 · {stage}] done" in proc.stdout
     cycles = json.loads((run_dir / "cycles.json").read_text())
     assert cycles["stopped"] and [c["cycle"] for c in cycles["cycles"]] == [1, 2]
-    assert cycles["stop_reason"].endswith("cycle budget spent (cycle.max_cycles = 2)")
+    assert cycles["stop_reason"].endswith("Cycle budget spent (cycle.max_cycles = 2)")
+    assert cycles["stop_short"] == "target precision mean ≥ 100 not met in cycle 2; cycle budget spent (cycle.max_cycles = 2)"
     later = run_dir / "cycle-2"
     new_pairs = [json.loads(line) for line in (later / "synthesize" / "pairs.jsonl").read_text().splitlines()]
     assert new_pairs and all("-c2-" in p["id"] and p["cycle"] == 2 for p in new_pairs)

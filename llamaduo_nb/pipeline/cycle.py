@@ -72,6 +72,7 @@ class Decision:
     reason: str
     scores: list = field(default_factory=list)
     met: bool = False
+    short: str = ""  # the reason without the verdict sentences (a figure's title); empty: the reason is short already
 
 
 def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
@@ -142,16 +143,20 @@ def decide(params: Params, cycle: int, verdicts: pd.DataFrame, cost_usd: float =
         return Decision(True, f"the target {cfg.target} needs the service LLM's own judged answers, and cycle {cycle} has none; "
                               "no further cycles", records)
     if bool(found["found"].all()):
-        return Decision(True, f"target met in cycle {cycle}: {shown}", records, met=True)
-    missing = f"target {cfg.target} not met in cycle {cycle}: {shown}"
+        return Decision(True, f"target met in cycle {cycle}: {shown}", records, met=True, short=f"target met in cycle {cycle}")
+    missing = f"target {cfg.target} not met in cycle {cycle}"
+
+    def decision(stop: bool, tail: str) -> Decision:
+        return Decision(stop, f"{missing}: {shown} {tail}", records, short=f"{missing}; {tail[0].lower()}{tail[1:]}")
+
     if stalled := no_new_pairs(cycle, new_pairs):
-        return Decision(True, f"{missing} {stalled}, so another cycle would not help", records)
+        return decision(True, f"{stalled[0].upper()}{stalled[1:]}, so another cycle would not help")
     if cycle >= cfg.max_cycles:
-        return Decision(True, f"{missing} Cycle budget spent (cycle.max_cycles = {cfg.max_cycles})", records)
+        return decision(True, f"Cycle budget spent (cycle.max_cycles = {cfg.max_cycles})")
     if cfg.max_cost_usd is not None and cost_usd >= cfg.max_cost_usd:
-        return Decision(True, f"{missing} Cost budget spent (${cost_usd:,.2f} of cycle.max_cost_usd ${cfg.max_cost_usd:,.2f})", records)
+        return decision(True, f"Cost budget spent (${cost_usd:,.2f} of cycle.max_cost_usd ${cfg.max_cost_usd:,.2f})")
     step = cfg.step or params.synthesize.samples_per_task
-    return Decision(False, f"{missing} Cycle {cycle + 1} synthesises {step} more pairs per task", records)
+    return decision(False, f"Cycle {cycle + 1} synthesises {step} more pairs per task")
 
 
 # -- bookkeeping -------------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ def record(params: Params, run_dir: Path | str, decisions: list[tuple[int, Decis
         "max_cycles": params.cycle.max_cycles,
         "step": params.cycle.step or params.synthesize.samples_per_task, "cycles": cycles, "cost_usd": round(spent, 6),
         "stopped": stopped, "stop_reason": last.reason if (last and stopped) else None,
+        "stop_short": (last.short or last.reason) if (last and stopped) else None,
         "next": None if (stopped or not last) else last.reason,
     }
     path = root / CYCLES_JSON

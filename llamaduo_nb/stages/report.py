@@ -215,7 +215,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     rule = verdict_rule(params)
     grid = params.finetune.volumes if params.finetune.search else None  # the search: the grid's volumes it did not train
     written += save_figure(verdict_by_volume(verdicts, rule, grid=grid), out / "verdict_by_volume")
-    written += save_figure(score_across_cycles(verdicts, rule, stop_reason=(cycles or {}).get("stop_reason")), out / "score_across_cycles")
+    written += save_figure(score_across_cycles(verdicts, rule, stop_reason=(cycles or {}).get("stop_short") or (cycles or {}).get("stop_reason")), out / "score_across_cycles")
     written += save_figure(cost_per_stage(stage_costs(root_of(run_dir))), out / "cost_per_stage")
     funnels = load_funnels(run_dir)
     if not funnels.empty:
