@@ -239,6 +239,7 @@ def test_coverage_file_content_rejudges_without_retraining(case, finished):
     assert_reports_exactly(run_dir, grid())
 
 
+@pytest.mark.long
 def test_seed_redoes_everything(case):
     run_dir, before, apply = case
     after = apply("seed=7")["after"]
@@ -299,7 +300,8 @@ def test_dedup_threshold_that_removes_pairs_retrains_exactly_the_adapters_whose_
     assert_reports_exactly(run_dir, set(pairs_after))
 
 
-@pytest.mark.parametrize("override", ["finetune.learning_rate=5.0e-4", "finetune.lora.r=2"])
+# one setting of each family in `make test`, the others in `make test-long` (each retrains the whole grid: ~30 s)
+@pytest.mark.parametrize("override", [pytest.param("finetune.learning_rate=5.0e-4", marks=pytest.mark.long), "finetune.lora.r=2"])
 def test_training_settings_retrain_and_reanswer_every_adapter(case, override):
     run_dir, before, apply = case
     after = apply(override)["after"]
@@ -340,7 +342,8 @@ def test_dropping_a_task_is_not_judged_or_reported(case):
     assert_reports_exactly(run_dir, grid(tasks=("closed_qa",)))
 
 
-@pytest.mark.parametrize("override", ["infer.k=2", "infer.temperature=0.3", "infer.max_new_tokens=8", "infer.batch_size=1"])
+@pytest.mark.parametrize("override", ["infer.k=2"] + [pytest.param(o, marks=pytest.mark.long)
+                                                    for o in ("infer.temperature=0.3", "infer.max_new_tokens=8", "infer.batch_size=1")])
 def test_inference_settings_reanswer_every_file(case, override):
     run_dir, before, apply = case
     after = apply(override)["after"]
