@@ -8,6 +8,7 @@ import math
 from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.pipeline import execution
 from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.stages.synthesize import PROBE_CALLS, ROUND_GROWTH
 
 # Assumptions for the estimate (printed with it): tokens per synthesis request and reply, per judge
 # request and reply, and fine-tuning throughput on one GPU.
@@ -64,10 +65,15 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
     for p in family:
         calls = len(tasks) * synth_per_task
         cost = _cost(p.service, calls * SYNTH_INPUT_TOKENS, calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
-        # top-up rounds grow at most x2 over the round before: 1 + 2 + 4 + … first rounds at the very worst
-        worst = calls * (2 ** syn.max_rounds - 1)
+        # a probe round, then each round at most ROUND_GROWTH times the one before: the geometric sum is the worst case
+        per_task_worst = sum(PROBE_CALLS * ROUND_GROWTH ** r for r in range(syn.max_rounds))
+        worst = len(tasks) * per_task_worst
         lines.append(f"  synthesize: {calls:,} calls to {p.service.label} (${cost:,.2f}); at most {worst:,} if the yield is low "
-                     f"({syn.max_rounds} rounds, each at most twice the one before, none after a round with no valid pair)")
+                     f"(a probe of ≤ {PROBE_CALLS} calls per task, then {syn.max_rounds - 1} rounds of ≤ ×{ROUND_GROWTH} the one before; "
+                     f"answers unusable call after call stop it within tens of calls)")
+        if synth_per_task > per_task_worst:
+            lines.append(f"  ! synthesize.max_rounds = {syn.max_rounds} reaches at most {per_task_worst:,} calls per task, fewer than the "
+                         f"{synth_per_task:,} the target needs: raise synthesize.max_rounds")
         total_calls += calls
         total_cost += cost
     if n_test is None:
