@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 from aiolimiter import AsyncLimiter
@@ -174,14 +175,24 @@ class _Batcher:
         self.task.cancel()
 
 
+@dataclass
+class StageLedger:
+    """What one service has paid, and has in flight, in one execution of a stage: shared by every client the
+    stage builds for it (a judge scores answers, people's labels and pairs), so `max_cost_usd` caps the stage."""
+
+    cost_usd: float = 0.0
+    in_flight: float = 0.0
+
+
 class ServiceLLM:
     """A service LLM (or the local stand-in) behind the one call path."""
 
     def __init__(self, cfg, cache: ResponseCache, backend: Optional[Backend] = None, sleep=asyncio.sleep,
-                 run_max_cost_usd: Optional[float] = None):
+                 run_max_cost_usd: Optional[float] = None, ledger: Optional[StageLedger] = None):
         self.cfg = cfg
         self.cache = cache
         self.run_max_cost_usd = run_max_cost_usd
+        self.ledger = ledger or StageLedger()
         self.backend = backend
         self.accounting = Accounting()
         self._sleep = sleep
@@ -194,10 +205,17 @@ class ServiceLLM:
         self._usable_seen = False  # an answer (to a request with a schema) was usable: calls go out concurrently
         self.token_field = "max_new_tokens"  # the setting that bounds an answer's tokens, named in the breaker's message
         self._proven = False  # an answer has come back: the key, model and request shape work
-        self._inflight_cost = 0.0
         self._pacer = Pacer(cfg.requests_per_minute)
         self._json_mode_checked = False
         self.last_limits: Optional[dict] = None  # the provider's rate-limit headers, as last seen
+
+    @property
+    def _inflight_cost(self) -> float:
+        return self.ledger.in_flight
+
+    @_inflight_cost.setter
+    def _inflight_cost(self, value: float) -> None:
+        self.ledger.in_flight = value
 
     # -- public -----------------------------------------------------------
     def run(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True,
@@ -369,6 +387,7 @@ class ServiceLLM:
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
         acc.cost_usd += cost
+        self.ledger.cost_usd += cost
         result.input_tokens += completion.input_tokens
         result.output_tokens += completion.output_tokens
         return completion
@@ -421,7 +440,7 @@ class ServiceLLM:
         else the request's worst-case cost, counted as in flight until it returns."""
         if self.stopped:
             raise _NotSent()
-        estimate = self._cost(request.estimated_tokens() - request.max_tokens, request.max_tokens)
+        estimate = self._cost(request.max_input_tokens(), request.max_tokens)
         problem = self.over_cap(estimate)
         if problem:
             self.stopped = f"service '{self.cfg.label}' stopped: {problem}"
@@ -433,8 +452,8 @@ class ServiceLLM:
         in_flight = self._inflight_cost + estimate
         kept = "answers already received are kept in the run's response cache, so a re-run with a higher cap resumes"
         cap = getattr(self.cfg, "max_cost_usd", None)
-        if cap is not None and self.accounting.cost_usd + in_flight > cap:
-            return (f"the next request could pass service.max_cost_usd = ${cap:g} (spent ${self.accounting.cost_usd:.4f} "
+        if cap is not None and self.ledger.cost_usd + in_flight > cap:
+            return (f"the next request could pass service.max_cost_usd = ${cap:g} (spent ${self.ledger.cost_usd:.4f} "
                     f"in this stage, ${self._inflight_cost:.4f} in flight, the next up to ${estimate:.4f}); {kept}")
         run_cap = self.run_max_cost_usd
         if run_cap is not None and self.cache.spent_usd + in_flight > run_cap:

@@ -134,9 +134,17 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
         lines += search_plan(family)
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
-    caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})
-    if caps:
-        lines.append(f"Cost caps per stage (service.max_cost_usd, enforced while calls are in flight): {', '.join(caps)}")
+    capped = {s.label: s for p in family for s in [p.service] + p.judges if s.max_cost_usd}
+    if capped:
+        lines.append("Cost caps per stage (max_cost_usd of each service, shared by every client a stage builds for it, checked "
+                     "before each request against the spend so far plus a bound of the requests in flight: 1 token per "
+                     "prompt byte + max_new_tokens):")
+        for label, s in sorted(capped.items()):
+            synth = _cost(s, SYNTH_INPUT_TOKENS, syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
+            judge = _cost(s, JUDGE_INPUT_TOKENS, JUDGE_OUTPUT_TOKENS)
+            allows = [f"≈ {s.max_cost_usd / synth:,.0f} synthesis calls" if synth else "",
+                      f"≈ {s.max_cost_usd / judge:,.0f} judgements" if judge else ""]
+            lines.append(f"  {label}: ${s.max_cost_usd:g} per stage allows {' or '.join(a for a in allows if a) or 'any number of calls (no price set)'}")
     run_caps = sorted({p.cycle.max_cost_usd for p in family if p.cycle.max_cost_usd})
     if run_caps:
         lines.append(f"Run-wide cost cap (cycle.max_cost_usd, enforced while calls are in flight, counting every stage and cycle): "
