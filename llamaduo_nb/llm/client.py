@@ -199,6 +199,7 @@ class ServiceLLM:
         # the breaker and what was learned about the server outlive one run() (synthesis calls run per round)
         self.stopped: Optional[str] = None
         self._in_a_row = 0
+        self._answered = 0  # requests the API answered (after their retries)
         self._window: deque = deque(maxlen=BREAKER_WINDOW)
         self._unusable_in_a_row = 0
         self._unusable_window: deque = deque(maxlen=UNUSABLE_WINDOW)
@@ -401,6 +402,7 @@ class ServiceLLM:
         self._window.append(ok)
         if ok:
             self._in_a_row = 0
+            self._answered += 1
             return
         self._in_a_row += 1
         failed = self._window.count(False)
@@ -428,6 +430,13 @@ class ServiceLLM:
     def _trip(self, why: str, message: str) -> None:
         if self.stopped:
             return
+        url = getattr(self.cfg, "base_url", None)
+        if url and message.startswith("connection error"):  # a server the user started: say that it is gone, and the likely why
+            answered = self._answered
+            why = (f"the server at {url} stopped answering after {answered} answered request{'s' if answered != 1 else ''}"
+                   if self._proven else f"no server answers at {url}")
+            message += (" — if it is llama.cpp on an Intel CPU with AMX (Sapphire Rapids and later), start it with "
+                        "`llama-server --no-repack` or `llamaduo serve`: the repacked weights crash it on its first request")
         sent = self.accounting.api_calls
         self.stopped = (
             f"service '{self.cfg.label}' stopped: {why}: {' '.join(message.split())[:300]} "
