@@ -21,7 +21,7 @@ Unusable answers have a breaker of their own: a call whose answer is still inval
 at the token limit, prose, a refusal, an empty list) cost up to `max_reasks + 1` paid requests though every
 one came back HTTP 200. After `UNUSABLE_IN_A_ROW` such calls in a row, or a share of `UNUSABLE_SHARE` over the
 last `UNUSABLE_WINDOW` (at least `UNUSABLE_MIN`), nothing more is sent (until one answer is usable, calls
-with a schema go one at a time, so a provider that only returns unusable answers costs a few calls), and the message says what the provider
+go one at a time, retries and re-asks included, so a provider that only returns unusable answers costs a few calls), and the message says what the provider
 returned and which setting to change (`unusable_kind`).
 
 Until the first answer arrives requests go one at a time, so a bad key or model costs
@@ -265,7 +265,7 @@ class ServiceLLM:
             return results
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
         self._probe = asyncio.Lock()
-        self._usable_probe = asyncio.Lock()
+        self._first_calls = asyncio.Lock()
         if cfg.tokens_per_minute:
             self._tpm_capacity = max(cfg.tokens_per_minute / 6.0, 1.0)
             self._tpm = AsyncLimiter(self._tpm_capacity, 10.0)
@@ -292,13 +292,17 @@ class ServiceLLM:
 
     # -- internals --------------------------------------------------------
     async def _one(self, request: ChatRequest) -> ChatResult:
-        if request.json_schema is not None and not self._usable_seen:
-            # one call at a time until an answer is usable: a provider that can only return unusable answers
-            # costs UNUSABLE_IN_A_ROW calls (each with its re-asks), not a whole round in flight
-            async with self._usable_probe:
-                if not self._usable_seen:
+        if self._probing(request):
+            # one call (with its retries and re-asks) at a time until one is answered, and answered usably: a dead
+            # server or key costs BREAKER_IN_A_ROW calls, a provider that only returns unusable answers
+            # UNUSABLE_IN_A_ROW, not a whole round in flight whose retries interleave
+            async with self._first_calls:
+                if self._probing(request):
                     return await self._one_call(request)
         return await self._one_call(request)
+
+    def _probing(self, request: ChatRequest) -> bool:
+        return not self._proven or (request.json_schema is not None and not self._usable_seen)
 
     async def _one_call(self, request: ChatRequest) -> ChatResult:
         acc = self.accounting
@@ -475,7 +479,9 @@ class ServiceLLM:
     async def _attempt(self, request: ChatRequest) -> Completion:
         if self._batcher is not None:
             self.accounting.api_calls += 1
-            return await self._batcher.submit(request)
+            completion = await self._batcher.submit(request)
+            self._proven = True
+            return completion
         async with self._sem:
             if not self._proven:  # one at a time until the first answer: a bad key costs a few requests
                 async with self._probe:
