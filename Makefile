@@ -31,7 +31,8 @@ demo-cycle: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not long"
 
-# kill -9 at random points of synthesis, judging and training, then resume; the grid on a local Ray cluster
+# kill -9 at random points of synthesis, judging and training, then resume; the paper's synthesis rehearsed 300×
+# smaller against the emulators (healthy and broken providers); the grid on a local Ray cluster
 # (installs the ray extra when missing: ~80 MB, no torch of its own). CI runs it after `make test`.
 test-long: $(STAMP)
 	$(PY) -c "import ray" 2>/dev/null || $(PY) -m pip install -q -e ".[ray]"

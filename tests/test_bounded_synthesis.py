@@ -1,5 +1,6 @@
-"""Synthesis spend stays bounded when the provider yields little or nothing: rounds grow at most ×2,
-a round with no valid pair ends the task's rounds, and a stage with no pair for a task is not DONE."""
+"""Synthesis spend stays bounded when the provider yields little or nothing: a probe round of at most
+PROBE_CALLS calls, later rounds at most ×ROUND_GROWTH, answers unusable call after call stop the service
+with a line saying what it returned, and a stage with no pair for a task is not DONE."""
 
 from __future__ import annotations
 
@@ -49,21 +50,59 @@ def _params(tmp_path, target):
     return load_params(path)
 
 
-def test_a_provider_that_returns_no_pairs_costs_one_round(tmp_path, stingy, capsys):
-    params = _params(tmp_path, 200)
+class Unusable(Backend):
+    """Answers every request with HTTP 200 and one kind of unusable output."""
+
+    name = "unusable"
+    kind = "truncated"
+    sent = 0
+
+    async def complete(self, request):
+        Unusable.sent += 1
+        if Unusable.kind == "truncated":  # JSON cut where the token limit fell
+            return Completion(text='{"contents": [{"instruction": "What is the capital of Fr', input_tokens=40,
+                              output_tokens=request.max_tokens, finish_reason="length")
+        text = {"prose": "Here are some new examples of closed questions about history and science.",
+                "refusal": "I'm sorry, but I can't help with creating that content.",
+                "empty": json.dumps({"contents": []})}[Unusable.kind]
+        return Completion(text=text, input_tokens=40, output_tokens=20, finish_reason="stop")
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("truncated", "answers cut at the token limit: raise synthesize.max_new_tokens (now 64)"),
+    ("prose", "answers are not JSON: «Here are some new examples"),
+    ("refusal", "the provider refuses: «I'm sorry, but I can't help"),
+    ("empty", "answers do not follow the requested format: schema: contents"),
+])
+def test_a_large_target_with_unusable_answers_stops_within_a_few_dozen_requests(tmp_path, monkeypatch, kind, says):
+    Unusable.kind, Unusable.sent = kind, 0
+    monkeypatch.setattr(client_module, "make_backend", lambda cfg: Unusable(cfg))
+    path = tmp_path / "p.yaml"
+    path.write_text("tasks: [closed_qa]\nservice: {backend: openai, model: fake-model, max_retries: 0}\n"
+                    "synthesize: {samples_per_task: 5000, pairs_per_call: 5, max_new_tokens: 64}\n")
+    params = load_params(path)
     run_dir = tmp_path / "run"
     coverage.run(params, run_dir)
     with pytest.raises(UserError) as info:
         synthesize.run(params, run_dir)
-    first_round = 48  # ceil(200 / (5 × 0.85))
-    assert len(set(stingy.calls)) == first_round and len(stingy.calls) == first_round * 3  # 2 re-asks each
-    assert "no valid pair for closed_qa" in str(info.value) and "round 1 gave no valid pair from 48 calls" in str(info.value)
-    assert "no more rounds" in capsys.readouterr().out
+    message = str(info.value)
+    assert Unusable.sent == 3 * client_module.UNUSABLE_IN_A_ROW, Unusable.sent  # 5 calls one at a time, 2 re-asks each (was 8,826)
+    assert "5 answers in a row were unusable" in message and says in message, message
     assert not (run_dir / "synthesize" / "DONE.json").exists()
 
 
-def test_rounds_grow_at_most_twofold(tmp_path, stingy):
-    stingy.every = 10  # one pair per ten calls: the shortfall would ask for ~10x more
+def test_the_first_round_is_a_probe(tmp_path, stingy):
+    stingy.every = 1  # every call yields a pair
+    params = _params(tmp_path, 5000)
+    params.synthesize.max_rounds = 1
+    run_dir = tmp_path / "run"
+    coverage.run(params, run_dir)
+    result = synthesize.run(params, run_dir)
+    assert len(stingy.calls) == synthesize.PROBE_CALLS and result.counts["pairs"] == synthesize.PROBE_CALLS
+
+
+def test_rounds_grow_at_most_fourfold(tmp_path, stingy):
+    stingy.every = 2  # one pair per two calls; never 5 unusable calls in a row, half of them: not stopped
     params = _params(tmp_path, 40)
     run_dir = tmp_path / "run"
     coverage.run(params, run_dir)
@@ -71,13 +110,29 @@ def test_rounds_grow_at_most_twofold(tmp_path, stingy):
     calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
     per_round = Counter(c["round"] for c in calls)
     rounds = [per_round[r] for r in sorted(per_round)]
-    assert rounds == [10, 20, 40, 80]  # ceil(40 / 4.25) = 10, then doubling while the yield stays at 0.1
-    assert result.counts["pairs"] == sum(c["pairs"] for c in calls) < 40  # short of the target, said so
-    assert result.counts["short_tasks"] == "closed_qa"
+    # ceil(40 / 4.25) = 10; then the shortfall of 35 at 0.5 pairs per call wants 70, at most 4 × 10; then 15 / 0.5
+    assert rounds == [10, 40, 30]
+    assert result.counts["pairs"] == sum(c["pairs"] for c in calls) == 40
+    assert result.counts["short_tasks"] == "none"
+
+
+def test_a_round_without_pairs_ends_the_tasks_rounds(tmp_path, stingy, monkeypatch, capsys):
+    monkeypatch.setattr(client_module, "UNUSABLE_IN_A_ROW", 10**6)  # the stage's own rule, without the call path's breaker
+    monkeypatch.setattr(client_module, "UNUSABLE_MIN", 10**6)
+    params = _params(tmp_path, 200)
+    run_dir = tmp_path / "run"
+    coverage.run(params, run_dir)
+    with pytest.raises(UserError) as info:
+        synthesize.run(params, run_dir)
+    assert len(set(stingy.calls)) == synthesize.PROBE_CALLS and len(stingy.calls) == synthesize.PROBE_CALLS * 3  # 2 re-asks each
+    assert "no valid pair for closed_qa" in str(info.value) and "round 1 gave no valid pair from 20 calls" in str(info.value)
+    assert "no more rounds" in capsys.readouterr().out
+    assert not (run_dir / "synthesize" / "DONE.json").exists()
 
 
 def test_calls_needed():
-    assert synthesize.calls_needed(100, 5, 0.1) == 1000
-    assert synthesize.calls_needed(100, 5, 0.1, previous=30) == 60
+    assert synthesize.calls_needed(100, 5, 0.1) == synthesize.PROBE_CALLS  # the probe
+    assert synthesize.calls_needed(10, 5, 4.25) == 3
+    assert synthesize.calls_needed(100, 5, 0.1, previous=30) == 120
     assert synthesize.calls_needed(10, 5, 4.0, previous=30) == 3
-    assert synthesize.calls_needed(10, 5, 0.0, previous=7) == 14
+    assert synthesize.calls_needed(10, 5, 0.0, previous=7) == 28

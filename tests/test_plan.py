@@ -30,4 +30,4 @@ def test_dry_run_names_the_spend_caps():
     params = load_params(PROJECT_ROOT / "params" / "quickstart.yaml", ["cycle.max_cost_usd=20", "service.max_cost_usd=5"])
     text = describe(params)
     assert "Run-wide cost cap (cycle.max_cost_usd, enforced while calls are in flight, counting every stage and cycle): $20" in text
-    assert "Cost caps per stage (service.max_cost_usd, enforced while calls are in flight)" in text and ": $5" in text
+    assert "Cost caps per stage (max_cost_usd of each service, shared by every client a stage builds" in text and ": $5 per stage allows" in text

@@ -122,3 +122,31 @@ def test_llamaduo_run_stops_at_the_run_cap_and_resumes_with_a_higher_one(emulato
     calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
     assert all(c["ok"] for c in calls) and emu.stats.total == len(calls)  # the calls paid before the stop were not paid again
     assert len(calls) > sent
+
+
+def test_a_services_stage_cap_is_shared_by_every_client_the_stage_builds(emulator_factory, tmp_path, monkeypatch):
+    """Evaluate builds up to four clients for one judge (answers, people's labels, pairwise): one cap for them all."""
+    from llamaduo_nb.llm import service_llm
+    from llamaduo_nb.pipeline import units
+    from llamaduo_nb.pipeline.params import Params
+
+    emu = emulator_factory("openai", reply=judge_reply)
+    one = len(judge_reply(None)) // 4 * PRICE_OUT / 1e6
+    worst = 64 * PRICE_OUT / 1e6  # no input price: the next request's bound is its max_tokens
+    cap = 6.5 * one
+    judge = ServiceParams(backend="openai", model="gpt-4o", base_url=emu.url, api_key_env=KEY_ENV, timeout_s=5.0, max_retries=0,
+                          max_concurrency=1, price_output_per_mtok=PRICE_OUT, max_cost_usd=cap)
+    params = Params(tasks=["closed_qa"], service=judge)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(units, "_executions", {str(run_dir.resolve()): "evaluate@1"})
+    scores = service_llm(judge, params, run_dir)  # the judge scoring answers
+    assert all(r.ok for r in scores.run(requests(3), progress=False))
+    pairwise = service_llm(judge, params, run_dir)  # the same judge again, for pairwise, in the same execution
+    with pytest.raises(ServiceStopped) as info:
+        pairwise.run(requests(10, start=100), progress=False)
+    spent = scores.accounting.cost_usd + pairwise.accounting.cost_usd
+    assert spent <= cap and emu.stats.total == 3 + math.floor((cap - worst - 3 * one) / one) + 1
+    assert f"service.max_cost_usd = ${cap:g} (spent ${pairwise.ledger.cost_usd:.4f} in this stage" in str(info.value)
+
+    units._executions[str(run_dir.resolve())] = "evaluate@2"  # the next execution of the stage starts a fresh ledger
+    assert service_llm(judge, params, run_dir).ledger.cost_usd == 0

@@ -17,9 +17,16 @@ def cache_for(run_dir) -> ResponseCache:
     return _caches[path]
 
 
+_ledgers: dict = {}
+
+
 def service_llm(cfg, params, run_dir):
     """A stage's service LLM (or judge) `cfg` on the run's response cache, under the run-wide spend cap
-    (`cycle.max_cost_usd`, checked in flight against everything the run has paid so far)."""
-    from llamaduo_nb.llm.client import ServiceLLM
+    (`cycle.max_cost_usd`, checked in flight against everything the run has paid so far) and the stage's
+    (`max_cost_usd` of `cfg`), whose ledger every client of this service in the stage's current execution shares."""
+    from llamaduo_nb.llm.client import ServiceLLM, StageLedger
+    from llamaduo_nb.pipeline.units import current_execution
 
-    return ServiceLLM(cfg, cache_for(run_dir), run_max_cost_usd=params.cycle.max_cost_usd)
+    key = (str(Path(run_dir).resolve()), current_execution(run_dir), cfg.label)
+    ledger = _ledgers.setdefault(key, StageLedger())
+    return ServiceLLM(cfg, cache_for(run_dir), run_max_cost_usd=params.cycle.max_cost_usd, ledger=ledger)

@@ -42,6 +42,12 @@ class ChatRequest:
         body.update(backend=backend, model=model, base_url=base_url or "")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
+    def max_input_tokens(self) -> int:
+        """An upper bound of the prompt's tokens, for the spend caps: a byte-level BPE token (GPT, Claude, Gemini,
+        Llama) covers at least one UTF-8 byte, plus a chat template's few tokens per message. About 4× the usual
+        count for English, so a cap stops a little early rather than late."""
+        return sum(len(str(m.get("content", "")).encode()) + 8 for m in self.messages) + 16
+
     def estimated_tokens(self) -> int:
         """A cheap upper-bound guess for the tokens/min limiter (4 characters per token)."""
         chars = sum(len(m.get("content", "")) for m in self.messages)

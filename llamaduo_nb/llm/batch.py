@@ -400,6 +400,7 @@ class _BatchRun:
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
         acc.cost_usd += cost
+        self.llm.ledger.cost_usd += cost
 
     async def _control(self, call) -> Any:
         """One control call (upload, create, poll, download), retried on transient errors."""

@@ -17,6 +17,13 @@ plus the worst case of the requests in flight: `service.max_cost_usd`, this serv
 one stage; `run_max_cost_usd` (the params' `cycle.max_cost_usd`), the whole run, counting what
 earlier stages, cycles and runs paid (the response cache's spend ledger).
 
+Unusable answers have a breaker of their own: a call whose answer is still invalid after its re-asks (JSON cut
+at the token limit, prose, a refusal, an empty list) cost up to `max_reasks + 1` paid requests though every
+one came back HTTP 200. After `UNUSABLE_IN_A_ROW` such calls in a row, or a share of `UNUSABLE_SHARE` over the
+last `UNUSABLE_WINDOW` (at least `UNUSABLE_MIN`), nothing more is sent (until one answer is usable, calls
+go one at a time, retries and re-asks included, so a provider that only returns unusable answers costs a few calls), and the message says what the provider
+returned and which setting to change (`unusable_kind`).
+
 Until the first answer arrives requests go one at a time, so a bad key or model costs
 `BREAKER_IN_A_ROW` requests, not `max_concurrency`. Otherwise every request ends `ok` or
 failed with a reason, and answers already received stay in the cache.
@@ -29,6 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
 from aiolimiter import AsyncLimiter
@@ -38,12 +46,17 @@ from llamaduo_nb.progress import tqdm
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
-from llamaduo_nb.llm.common import Accounting, ServiceStopped, describe_error, reask_request, validate_output
+from llamaduo_nb.llm.common import (Accounting, ServiceStopped, describe_error, reask_request, unusable_kind,
+                                    validate_output)
 
 BREAKER_IN_A_ROW = 3  # failed requests in a row (after their retries) that stop the call path
 BREAKER_WINDOW = 20  # ... or this share of failures among the last WINDOW requests (at least MIN of them)
 BREAKER_MIN = 10
 BREAKER_SHARE = 0.5
+UNUSABLE_IN_A_ROW = 5  # calls in a row whose answers stayed unusable after their re-asks
+UNUSABLE_WINDOW = 40  # ... or this share of unusable answers among the last WINDOW calls (at least MIN of them):
+UNUSABLE_MIN = 20  # a provider that is mostly unusable costs tens of calls, one that is sometimes unusable is
+UNUSABLE_SHARE = 0.8  # not stopped (the local stand-in's answers are invalid about one time in five)
 PACER_TOLERANCE_S = 0.5  # a request sent late keeps its slot up to this long (and a quarter interval at most)
 
 
@@ -162,34 +175,61 @@ class _Batcher:
         self.task.cancel()
 
 
+@dataclass
+class StageLedger:
+    """What one service has paid, and has in flight, in one execution of a stage: shared by every client the
+    stage builds for it (a judge scores answers, people's labels and pairs), so `max_cost_usd` caps the stage."""
+
+    cost_usd: float = 0.0
+    in_flight: float = 0.0
+
+
 class ServiceLLM:
     """A service LLM (or the local stand-in) behind the one call path."""
 
     def __init__(self, cfg, cache: ResponseCache, backend: Optional[Backend] = None, sleep=asyncio.sleep,
-                 run_max_cost_usd: Optional[float] = None):
+                 run_max_cost_usd: Optional[float] = None, ledger: Optional[StageLedger] = None):
         self.cfg = cfg
         self.cache = cache
         self.run_max_cost_usd = run_max_cost_usd
+        self.ledger = ledger or StageLedger()
         self.backend = backend
         self.accounting = Accounting()
         self._sleep = sleep
         # the breaker and what was learned about the server outlive one run() (synthesis calls run per round)
         self.stopped: Optional[str] = None
         self._in_a_row = 0
+        self._answered = 0  # requests the API answered (after their retries)
         self._window: deque = deque(maxlen=BREAKER_WINDOW)
+        self._unusable_in_a_row = 0
+        self._unusable_window: deque = deque(maxlen=UNUSABLE_WINDOW)
+        self._usable_seen = False  # an answer (to a request with a schema) was usable: calls go out concurrently
+        self.token_field = "max_new_tokens"  # the setting that bounds an answer's tokens, named in the breaker's message
         self._proven = False  # an answer has come back: the key, model and request shape work
-        self._inflight_cost = 0.0
         self._pacer = Pacer(cfg.requests_per_minute)
         self._json_mode_checked = False
         self.last_limits: Optional[dict] = None  # the provider's rate-limit headers, as last seen
 
+    @property
+    def _inflight_cost(self) -> float:
+        return self.ledger.in_flight
+
+    @_inflight_cost.setter
+    def _inflight_cost(self, value: float) -> None:
+        self.ledger.in_flight = value
+
     # -- public -----------------------------------------------------------
-    def run(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True) -> list[ChatResult]:
-        """Answer every request; blocks. Safe inside Jupyter (runs its own loop in a thread).
+    def run(self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True,
+            token_field: Optional[str] = None) -> list[ChatResult]:
+        """Answer every request; blocks. Safe inside Jupyter (runs its own loop in a thread). `token_field`: the
+        params field the requests' `max_tokens` comes from (e.g. `synthesize.max_new_tokens`), named when answers
+        are cut at the token limit.
 
         Raises `ServiceStopped` (a UserError) when the call path stopped (see the module docstring)."""
         if not requests:
             return []
+        if token_field:
+            self.token_field = token_field
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -225,6 +265,7 @@ class ServiceLLM:
             return results
         self._sem = asyncio.Semaphore(cfg.max_concurrency if not self.backend.supports_batch else 10**6)
         self._probe = asyncio.Lock()
+        self._first_calls = asyncio.Lock()
         if cfg.tokens_per_minute:
             self._tpm_capacity = max(cfg.tokens_per_minute / 6.0, 1.0)
             self._tpm = AsyncLimiter(self._tpm_capacity, 10.0)
@@ -251,6 +292,19 @@ class ServiceLLM:
 
     # -- internals --------------------------------------------------------
     async def _one(self, request: ChatRequest) -> ChatResult:
+        if self._probing(request):
+            # one call (with its retries and re-asks) at a time until one is answered, and answered usably: a dead
+            # server or key costs BREAKER_IN_A_ROW calls, a provider that only returns unusable answers
+            # UNUSABLE_IN_A_ROW, not a whole round in flight whose retries interleave
+            async with self._first_calls:
+                if self._probing(request):
+                    return await self._one_call(request)
+        return await self._one_call(request)
+
+    def _probing(self, request: ChatRequest) -> bool:
+        return not self._proven or (request.json_schema is not None and not self._usable_seen)
+
+    async def _one_call(self, request: ChatRequest) -> ChatResult:
         acc = self.accounting
         acc.requests += 1
         result = ChatResult(ok=False, cached=True)
@@ -275,7 +329,10 @@ class ServiceLLM:
                 continue
             result.ok, result.text, result.parsed = True, completion.text, parsed
             result.finish_reason = completion.finish_reason
+            if request.json_schema is not None:
+                self._usable(True)
             return result
+        self._usable(False, unusable_kind(completion, problem, current.max_tokens, self.token_field))
         return self._fail(result, f"invalid output after {self.cfg.max_reasks + 1} tries: {problem}")
 
     def _fail(self, result: ChatResult, reason: str) -> ChatResult:
@@ -321,6 +378,8 @@ class ServiceLLM:
             # a refusal of one prompt's content says nothing about the service; an HTTP error does
             if exc.status is not None or exc.code is not None:
                 self._outcome(False, f"{exc.status} {exc.provider_message}" if exc.status else exc.provider_message)
+            else:  # an answer came back, but one that cannot be used (a refusal, an empty answer cut at the limit)
+                self._usable(False, describe_error(exc))
             raise _Failed(f"refused: {describe_error(exc)}") from None
         self._outcome(True)
         cost = self._cost(completion.input_tokens, completion.output_tokens)
@@ -333,6 +392,7 @@ class ServiceLLM:
         acc.input_tokens += completion.input_tokens
         acc.output_tokens += completion.output_tokens
         acc.cost_usd += cost
+        self.ledger.cost_usd += cost
         result.input_tokens += completion.input_tokens
         result.output_tokens += completion.output_tokens
         return completion
@@ -346,6 +406,7 @@ class ServiceLLM:
         self._window.append(ok)
         if ok:
             self._in_a_row = 0
+            self._answered += 1
             return
         self._in_a_row += 1
         failed = self._window.count(False)
@@ -354,9 +415,32 @@ class ServiceLLM:
         elif len(self._window) >= BREAKER_MIN and failed / len(self._window) >= BREAKER_SHARE:
             self._trip(f"{failed} of the last {len(self._window)} requests failed", message)
 
+    def _usable(self, ok: bool, kind: str = "") -> None:
+        """Record whether one call's answer was usable (after its re-asks); stop the call path when the answers
+        are unusable too often: each such call was paid up to max_reasks + 1 times."""
+        self._unusable_window.append(ok)
+        if ok:
+            self._unusable_in_a_row = 0
+            self._usable_seen = True
+            return
+        self._unusable_in_a_row += 1
+        bad = self._unusable_window.count(False)
+        # "in a row" only while calls go one at a time: in flight, calls that are re-asked finish last and bunch up
+        if self._unusable_in_a_row >= UNUSABLE_IN_A_ROW and not self._usable_seen:
+            self._trip(f"{self._unusable_in_a_row} answers in a row were unusable", kind)
+        elif len(self._unusable_window) >= UNUSABLE_MIN and bad / len(self._unusable_window) >= UNUSABLE_SHARE:
+            self._trip(f"{bad} of the last {len(self._unusable_window)} answers were unusable", kind)
+
     def _trip(self, why: str, message: str) -> None:
         if self.stopped:
             return
+        url = getattr(self.cfg, "base_url", None)
+        if url and message.startswith("connection error"):  # a server the user started: say that it is gone, and the likely why
+            answered = self._answered
+            why = (f"the server at {url} stopped answering after {answered} answered request{'s' if answered != 1 else ''}"
+                   if self._proven else f"no server answers at {url}")
+            message += (" — if it is llama.cpp on an Intel CPU with AMX (Sapphire Rapids and later), start it with "
+                        "`llama-server --no-repack` or `llamaduo serve`: the repacked weights crash it on its first request")
         sent = self.accounting.api_calls
         self.stopped = (
             f"service '{self.cfg.label}' stopped: {why}: {' '.join(message.split())[:300]} "
@@ -369,7 +453,7 @@ class ServiceLLM:
         else the request's worst-case cost, counted as in flight until it returns."""
         if self.stopped:
             raise _NotSent()
-        estimate = self._cost(request.estimated_tokens() - request.max_tokens, request.max_tokens)
+        estimate = self._cost(request.max_input_tokens(), request.max_tokens)
         problem = self.over_cap(estimate)
         if problem:
             self.stopped = f"service '{self.cfg.label}' stopped: {problem}"
@@ -381,8 +465,8 @@ class ServiceLLM:
         in_flight = self._inflight_cost + estimate
         kept = "answers already received are kept in the run's response cache, so a re-run with a higher cap resumes"
         cap = getattr(self.cfg, "max_cost_usd", None)
-        if cap is not None and self.accounting.cost_usd + in_flight > cap:
-            return (f"the next request could pass service.max_cost_usd = ${cap:g} (spent ${self.accounting.cost_usd:.4f} "
+        if cap is not None and self.ledger.cost_usd + in_flight > cap:
+            return (f"the next request could pass service.max_cost_usd = ${cap:g} (spent ${self.ledger.cost_usd:.4f} "
                     f"in this stage, ${self._inflight_cost:.4f} in flight, the next up to ${estimate:.4f}); {kept}")
         run_cap = self.run_max_cost_usd
         if run_cap is not None and self.cache.spent_usd + in_flight > run_cap:
@@ -395,7 +479,9 @@ class ServiceLLM:
     async def _attempt(self, request: ChatRequest) -> Completion:
         if self._batcher is not None:
             self.accounting.api_calls += 1
-            return await self._batcher.submit(request)
+            completion = await self._batcher.submit(request)
+            self._proven = True
+            return completion
         async with self._sem:
             if not self._proven:  # one at a time until the first answer: a bad key costs a few requests
                 async with self._probe:

@@ -95,6 +95,25 @@ def validate_output(text: str, schema: Optional[dict]) -> Any:
     return obj
 
 
+_REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i cannot|i won'?t|i am unable|i'?m unable|as an ai)", re.I)
+
+
+def unusable_kind(completion, problem: str, max_tokens: int, token_field: str = "max_new_tokens") -> str:
+    """What an answer that stayed invalid after its re-asks was, in words a user can act on."""
+    text = (completion.text or "").strip() if completion is not None else ""
+    reason = (getattr(completion, "finish_reason", "") or "").lower()
+    tokens = getattr(completion, "output_tokens", 0) or 0
+    if reason in ("length", "max_tokens") or (max_tokens and tokens >= max_tokens):
+        return f"answers cut at the token limit: raise {token_field} (now {max_tokens})"
+    if not text:
+        return "empty answers"
+    if _REFUSAL.match(text):
+        return f"the provider refuses: «{' '.join(text.split())[:120]}»"
+    if problem.startswith("no JSON object found"):
+        return f"answers are not JSON: «{' '.join(text.split())[:120]}»"
+    return f"answers do not follow the requested format: {problem[:200]}"
+
+
 def reask_request(request: ChatRequest, bad_text: str, problem: str) -> ChatRequest:
     messages = tuple(request.messages) + (
         {"role": "assistant", "content": bad_text},

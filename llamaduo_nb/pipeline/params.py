@@ -102,7 +102,7 @@ class SynthesizeParams(Strict):
     samples_per_task: PositiveInt = 300_000  # valid pairs to collect per task (the paper's raw count)
     pairs_per_call: PositiveInt = 5
     expected_loss: float = Field(0.15, ge=0, lt=1)  # share of pairs expected lost (invalid, duplicate): the first round asks for more
-    max_rounds: PositiveInt = 4  # rounds of top-up requests while a task is short of its target
+    max_rounds: PositiveInt = 8  # rounds while a task is short of its target (a probe of ≤ 20 calls, then ≤ ×4 each)
     push_to_hub: Optional[str] = None  # Hub dataset repo id to push the pairs to (private; token from HF_TOKEN)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)

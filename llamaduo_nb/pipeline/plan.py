@@ -8,6 +8,7 @@ import math
 from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.pipeline import execution
 from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.stages.synthesize import PROBE_CALLS, ROUND_GROWTH
 
 # Assumptions for the estimate (printed with it): tokens per synthesis request and reply, per judge
 # request and reply, and fine-tuning throughput on one GPU.
@@ -64,10 +65,15 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
     for p in family:
         calls = len(tasks) * synth_per_task
         cost = _cost(p.service, calls * SYNTH_INPUT_TOKENS, calls * syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
-        # top-up rounds grow at most x2 over the round before: 1 + 2 + 4 + … first rounds at the very worst
-        worst = calls * (2 ** syn.max_rounds - 1)
+        # a probe round, then each round at most ROUND_GROWTH times the one before: the geometric sum is the worst case
+        per_task_worst = sum(PROBE_CALLS * ROUND_GROWTH ** r for r in range(syn.max_rounds))
+        worst = len(tasks) * per_task_worst
         lines.append(f"  synthesize: {calls:,} calls to {p.service.label} (${cost:,.2f}); at most {worst:,} if the yield is low "
-                     f"({syn.max_rounds} rounds, each at most twice the one before, none after a round with no valid pair)")
+                     f"(a probe of ≤ {PROBE_CALLS} calls per task, then {syn.max_rounds - 1} rounds of ≤ ×{ROUND_GROWTH} the one before; "
+                     f"answers unusable call after call stop it within tens of calls)")
+        if synth_per_task > per_task_worst:
+            lines.append(f"  ! synthesize.max_rounds = {syn.max_rounds} reaches at most {per_task_worst:,} calls per task, fewer than the "
+                         f"{synth_per_task:,} the target needs: raise synthesize.max_rounds")
         total_calls += calls
         total_cost += cost
     if n_test is None:
@@ -128,9 +134,17 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
         lines += search_plan(family)
     lines.append(f"Estimated service-LLM cost: ${total_cost:,.2f} (price table in params; assumes ~{SYNTH_INPUT_TOKENS}+"
                  f"{SYNTH_OUTPUT_TOKENS_PER_PAIR}/pair tokens per synthesis call, ~{JUDGE_INPUT_TOKENS}+{JUDGE_OUTPUT_TOKENS} per judgement)")
-    caps = sorted({f"{s.label}: ${s.max_cost_usd:g}" for p in family for s in [p.service] + p.judges if s.max_cost_usd})
-    if caps:
-        lines.append(f"Cost caps per stage (service.max_cost_usd, enforced while calls are in flight): {', '.join(caps)}")
+    capped = {s.label: s for p in family for s in [p.service] + p.judges if s.max_cost_usd}
+    if capped:
+        lines.append("Cost caps per stage (max_cost_usd of each service, shared by every client a stage builds for it, checked "
+                     "before each request against the spend so far plus a bound of the requests in flight: 1 token per "
+                     "prompt byte + max_new_tokens):")
+        for label, s in sorted(capped.items()):
+            synth = _cost(s, SYNTH_INPUT_TOKENS, syn.pairs_per_call * SYNTH_OUTPUT_TOKENS_PER_PAIR)
+            judge = _cost(s, JUDGE_INPUT_TOKENS, JUDGE_OUTPUT_TOKENS)
+            allows = [f"≈ {s.max_cost_usd / synth:,.0f} synthesis calls" if synth else "",
+                      f"≈ {s.max_cost_usd / judge:,.0f} judgements" if judge else ""]
+            lines.append(f"  {label}: ${s.max_cost_usd:g} per stage allows {' or '.join(a for a in allows if a) or 'any number of calls (no price set)'}")
     run_caps = sorted({p.cycle.max_cost_usd for p in family if p.cycle.max_cost_usd})
     if run_caps:
         lines.append(f"Run-wide cost cap (cycle.max_cost_usd, enforced while calls are in flight, counting every stage and cycle): "

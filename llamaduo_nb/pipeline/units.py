@@ -356,6 +356,14 @@ class StageResult:
         return f"{self.stage}: {state}; " + ", ".join(f"{k}={v}" for k, v in self.counts.items() if not isinstance(v, (dict, list)))
 
 
+_executions: dict = {}  # run folder -> the stage executing in it now (a fresh token per execution)
+
+
+def current_execution(run_dir: Path | str) -> str:
+    """The stage execution under way in `run_dir` (its spend ledgers are per execution); '' outside one."""
+    return _executions.get(str(Path(run_dir).resolve()), "")
+
+
 class StageRun:
     """Bookkeeping for one execution of a stage: skip check, DONE.json, manifest.
 
@@ -379,6 +387,7 @@ class StageRun:
         return StageResult(self.stage, self.run_dir, True, counts=done.get("counts", {}), seconds=done.get("seconds", 0.0), llm=done.get("llm", {}))
 
     def begin(self) -> None:
+        _executions[str(Path(self.run_dir).resolve())] = f"{self.stage}@{uuid.uuid4().hex}"
         for up in UPSTREAM[self.stage]:
             if read_done(self.run_dir, up) is None:
                 raise UserError(f"stage '{self.stage}' needs stage '{up}' to have finished in {self.run_dir} first")

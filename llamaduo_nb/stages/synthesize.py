@@ -8,11 +8,14 @@ Units: each call. A request is identified by its content (messages built from th
 prompt file, sampling settings, schema, call number, service model), and the run's response cache
 answers a request it has seen, so a changed setting sends only the requests it changed.
 
-Requests go out in rounds until each task has `samples_per_task` valid pairs (`samples_by_task` where set) (the first round
-asks for `expected_loss` more; later rounds top up by the yield observed so far, at most twice the
-previous round's calls), at most `max_rounds`. A task stops after a round that gave it no valid
-pair, and the stage fails (never DONE) when a task has none at all, so a provider that answers
-nothing useful costs one round, not four growing ones. Call i of a task always draws the same seed pair, so a resumed or repeated run
+Requests go out in rounds until each task has `samples_per_task` valid pairs (`samples_by_task` where set).
+The first round is a probe of at most `PROBE_CALLS` calls per task, whatever the target: a provider that
+answers nothing usable is found out for tens of calls, not tens of thousands. Later rounds top up by the yield
+observed so far, at most `ROUND_GROWTH` times the previous round's calls, at most `max_rounds` rounds (the
+paper's 300k pairs per task take 7). A task stops after a round that gave it no valid pair, and the stage
+fails (never DONE) when a task has none at all; the call path's own breakers stop it sooner when answers are
+unusable call after call (`llm/client.py`), with a line that says what the provider returned.
+Call i of a task always draws the same seed pair, so a resumed or repeated run
 sends identical requests and the response cache answers them for free.
 """
 
@@ -35,6 +38,8 @@ from llamaduo_nb.prompts import Prompt, load_prompt
 from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_dir
 
 
+PROBE_CALLS = 20  # the first round's calls per task at most: what the provider yields is measured before it is paid for
+ROUND_GROWTH = 4  # each later round at most this many times the previous one's calls (geometric: few rounds, bounded waste)
 CALLS_PER_CYCLE = 10**7  # call numbers of cycle t start at (t-1)·10^7: no request repeats an earlier cycle's
 
 
@@ -51,10 +56,10 @@ def request_for(params: Params, prompt: Prompt, schema, seeds: list[dict], task:
 
 
 def calls_needed(deficit: int, pairs_per_call: int, yield_per_call: float, previous: int = 0) -> int:
-    """Calls for a round: the shortfall over the yield seen so far, at most twice the previous round's
-    calls (a low early yield must not multiply the spend)."""
+    """Calls for a round: the shortfall over the yield (expected, then seen), at most `PROBE_CALLS` in the first
+    round and `ROUND_GROWTH` times the previous round's calls after it (a low early yield must not multiply the spend)."""
     wanted = max(1, math.ceil(deficit / max(yield_per_call, 1e-9)))
-    return min(wanted, 2 * previous) if previous else wanted
+    return min(wanted, ROUND_GROWTH * previous) if previous else min(wanted, PROBE_CALLS)
 
 
 def _pairs_from(meta: dict, result, params: Params, prompt: Prompt, cycle: int) -> list[dict]:
@@ -107,7 +112,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
                 made[task] += 1
         if not jobs:
             break
-        results = service.run([req for _, req in jobs], desc=f"synthesize, round {round_no + 1}")
+        results = service.run([req for _, req in jobs], desc=f"synthesize, round {round_no + 1}", token_field="synthesize.max_new_tokens")
         got = {task: 0 for task in params.tasks}
         for (meta, _), res in zip(jobs, results):
             new = _pairs_from(meta, res, params, prompt, cycle)

@@ -40,6 +40,8 @@ class Fault:
       malformed   200, but the reply text is not valid JSON
       truncated   200, but the reply text is cut in half (truncated JSON)
       empty       200, but no choices / content blocks / candidates
+      at_limit    200, the reply cut where the request's token limit fell (finish_reason "length", usage = the
+                  limit): JSON cut at the token limit because max_tokens is too small
       length      200, an empty answer cut at the token limit (finish_reason "length": a reasoning
                   model that spent the budget thinking)
       quota       429 "insufficient_quota": the account has no credit (no retry helps)
@@ -88,6 +90,10 @@ class Fault:
         return Fault("truncated")
 
     @staticmethod
+    def at_limit() -> "Fault":
+        return Fault("at_limit")
+
+    @staticmethod
     def empty() -> "Fault":
         return Fault("empty")
 
@@ -100,7 +106,7 @@ class Fault:
         return Fault("quota")
 
 
-_SHORTHANDS = {"ok", "slow", "drop", "cut", "malformed", "truncated", "empty", "length", "quota"}
+_SHORTHANDS = {"ok", "slow", "drop", "cut", "malformed", "truncated", "at_limit", "empty", "length", "quota"}
 
 
 def as_fault(value: Union[Fault, str, int, None]) -> Fault:

@@ -144,6 +144,11 @@ class OpenAIEmulator(ProviderEmulator):
                   "finish_reason": "length"}
         return self._envelope(ctx, [choice], input_tokens, int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 16))
 
+    def at_limit_body(self, ctx, text, input_tokens, limit) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
+                  "finish_reason": "length"}
+        return self._envelope(ctx, [choice], input_tokens, limit)
+
     def quota_body(self) -> dict:
         return {"error": {"message": "You exceeded your current quota, please check your plan and billing details. For more "
                                      "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",

@@ -197,6 +197,9 @@ class ProviderEmulator:
     def length_body(self, ctx: RequestContext, input_tokens: int) -> dict:
         return self.empty_body(ctx, input_tokens)
 
+    def at_limit_body(self, ctx: RequestContext, text: str, input_tokens: int, limit: int) -> dict:
+        return self.ok_body(ctx, text, input_tokens, limit)
+
     def quota_body(self) -> dict:
         return self.error_body(429, "You exceeded your current quota, please check your plan and billing details.")
 
@@ -356,6 +359,9 @@ class ProviderEmulator:
             text = "Sure! Here is the JSON you asked for: {'answer': oops, trailing,}"
         elif fault.kind == "truncated":
             text = text[: max(1, len(text) // 2)]
+        elif fault.kind == "at_limit":
+            limit = int(ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or 16)
+            return record, (200, self.at_limit_body(ctx, text[: max(1, len(text) // 2)], in_tokens, limit), self.limit_headers())
         return record, (200, self.ok_body(ctx, text, in_tokens, count_tokens(text)), self.limit_headers())
 
     # -- batch control calls ------------------------------------------------------
