@@ -49,7 +49,7 @@ test-fast: $(STAMP)
 
 lab: $(STAMP)
 	$(PY) -m pip install -q -e ".[lab]"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)  # containers and cloud notebooks run as root
 
 clean-notebooks: $(STAMP)
 	$(VENV)/bin/nbstripout --keep-metadata-keys cell.metadata.tags notebooks/*.ipynb
