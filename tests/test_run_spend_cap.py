@@ -150,3 +150,47 @@ def test_a_services_stage_cap_is_shared_by_every_client_the_stage_builds(emulato
 
     units._executions[str(run_dir.resolve())] = "evaluate@2"  # the next execution of the stage starts a fresh ledger
     assert service_llm(judge, params, run_dir).ledger.cost_usd == 0
+
+
+@pytest.mark.parametrize("in_flight", [1, 16])  # one at a time: the clients' own caps added up to $1.23; 16: stopped at $0.17
+def test_evaluate_with_judge_service_answers_and_pairwise_spends_at_most_the_judges_cap(emulator_factory, tmp_path, in_flight):
+    """The evaluate stage builds a client for the judge's scores, the service LLM's answers, the people's labels and
+    pairwise; with the service LLM as its own judge, one `service.max_cost_usd` bounds what all of them paid."""
+    from llamaduo_nb.io import read_jsonl as read_rows, write_json, write_jsonl
+    from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, Params
+    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.stages import evaluate
+    from tests.test_service_pipeline import service_reply
+
+    emu = emulator_factory("openai", reply=service_reply, api_key=KEY)
+    run_dir = tmp_path / "run"
+    bundled = read_rows(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")
+    test = [{"prompt_id": r["prompt_id"], "task": "closed_qa", "instruction": r["messages"][0]["content"],
+             "reference": r["messages"][1]["content"], "split": "test"} for r in bundled
+            if r.get("split") == "test" and r["category"] == "Closed QA"][:4]
+    write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl", test)
+    files = []
+    for volume in (0, 4):
+        rows = [{"task": "closed_qa", "local_model": "smol", "volume": volume, "prompt_id": r["prompt_id"], "k": k,
+                 "response": r["reference"] if volume else "I do not know.", "output_tokens": 5, "input_tokens": 50,
+                 "finish_reason": "stop", "latency_s": 0.1} for r in test for k in range(2)]
+        write_jsonl(stage_dir(run_dir, "infer") / "closed_qa" / "smol" / f"{volume}.jsonl", rows)
+        files.append(f"closed_qa/smol/{volume}.jsonl")
+    write_json(stage_dir(run_dir, "coverage") / "DONE.json", {"stage": "coverage", "content": "c"})
+    write_json(stage_dir(run_dir, "infer") / "DONE.json", {"stage": "infer", "content": "i", "outputs": files})
+    for stage in ("deduplicate", "finetune"):
+        write_json(stage_dir(run_dir, stage) / "DONE.json", {"stage": stage, "content": stage})
+    cap = 1.0  # a few dozen of the ~100 calls the stage would make
+    params = Params(tasks=["closed_qa"], coverage={"source": "bundled"},
+                    service={"backend": "openai", "model": "gpt-4o", "base_url": emu.url, "api_key_env": KEY_ENV, "max_retries": 0,
+                             "max_concurrency": in_flight, "price_output_per_mtok": PRICE_OUT, "max_cost_usd": cap},
+                    # token limits above the emulator's reply lengths: a real API never bills more than max_tokens, the emulator would
+                    infer={"k": 2, "max_new_tokens": 256}, finetune={"base_models": ["smollm2-135m-instruct"], "volumes": [4]},
+                    evaluate={"m": 2, "pairwise": True, "reference_metrics": False, "bootstrap": 0, "max_new_tokens": 128},
+                    cycle={"target": "precision mean >= service - 5"})
+    with pytest.raises(ServiceStopped) as info:
+        evaluate.run(params, run_dir)
+    spent = ResponseCache(run_dir / "cache" / "llm.sqlite").spent_usd
+    print(f"\nevaluate under service.max_cost_usd = ${cap:g}: spent ${spent:.3f} in {emu.stats.total} requests")
+    assert cap / 2 < spent <= cap, (spent, cap)  # every client of the stage under the one cap, and the cap is what stopped it
+    assert f"service.max_cost_usd = ${cap:g}" in str(info.value) and "in this stage" in str(info.value)

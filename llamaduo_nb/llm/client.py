@@ -448,17 +448,23 @@ class ServiceLLM:
             f"response cache, so a re-run resumes)"
         )
 
-    def _check_open(self, request: ChatRequest) -> float:
+    async def _check_open(self, request: ChatRequest) -> float:
         """Raise _NotSent when the call path has stopped or this request could pass the cost cap;
-        else the request's worst-case cost, counted as in flight until it returns."""
-        if self.stopped:
-            raise _NotSent()
-        estimate = self._cost(request.max_input_tokens(), request.max_tokens)
-        problem = self.over_cap(estimate)
-        if problem:
+        else the request's worst-case cost, counted as in flight until it returns. While it could pass a cap
+        only with the worst case of the requests in flight, it waits for them (they usually cost less than
+        their bound): the cap stops the stage near the cap, not a concurrency's worth of bounds before it."""
+        while True:
+            if self.stopped:
+                raise _NotSent()
+            estimate = self._cost(request.max_input_tokens(), request.max_tokens)
+            problem = self.over_cap(estimate)
+            if not problem:
+                return estimate
+            if self._inflight_cost > 1e-12:
+                await asyncio.sleep(0.02)  # a real pause (not self._sleep, which tests replace): the answers in flight arrive
+                continue
             self.stopped = f"service '{self.cfg.label}' stopped: {problem}"
             raise _NotSent()
-        return estimate
 
     def over_cap(self, estimate: float) -> Optional[str]:
         """Why spending up to `estimate` more (on top of what is in flight) could pass a cap, or None."""
@@ -494,7 +500,7 @@ class ServiceLLM:
             await self._pacer.wait()
             if self._tpm is not None:
                 await self._tpm.acquire(min(request.estimated_tokens(), self._tpm_capacity))
-            estimate = self._check_open(request)
+            estimate = await self._check_open(request)
             mode = getattr(self.backend, "json_mode", None)
             self.accounting.api_calls += 1
             self._inflight_cost += estimate
