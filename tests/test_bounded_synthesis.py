@@ -136,3 +136,22 @@ def test_calls_needed():
     assert synthesize.calls_needed(100, 5, 0.1, previous=30) == 120
     assert synthesize.calls_needed(10, 5, 4.0, previous=30) == 3
     assert synthesize.calls_needed(10, 5, 0.0, previous=7) == 28
+
+
+def test_a_small_round_without_pairs_is_chance_and_the_task_goes_on(tmp_path, monkeypatch):
+    """A one-call top-up that fails (the local stand-in's answers are invalid one time in five) does not end a
+    task short of its target; only a round of EMPTY_ROUND_CALLS calls or more without a pair does."""
+
+    class OneBad(Stingy):
+        async def complete(self, request):
+            items = [] if request.repeat == 1 else [{"instruction": f"Q{request.repeat}?", "response": f"A{request.repeat}."}]
+            return Completion(text=json.dumps({"contents": items}), input_tokens=40, output_tokens=10)
+
+    monkeypatch.setattr(client_module, "make_backend", lambda cfg: OneBad(cfg))
+    params = _params(tmp_path, 2)
+    run_dir = tmp_path / "run"
+    coverage.run(params, run_dir)
+    result = synthesize.run(params, run_dir)
+    calls = read_jsonl(run_dir / "synthesize" / "calls.jsonl")
+    assert [c["round"] for c in calls] == [1, 2, 3, 3]  # 1 call, the failed top-up of 1, then 2 at the yield seen
+    assert result.counts["short_tasks"] == "none" and result.counts["pairs"] == 3

@@ -12,7 +12,8 @@ Requests go out in rounds until each task has `samples_per_task` valid pairs (`s
 The first round is a probe of at most `PROBE_CALLS` calls per task, whatever the target: a provider that
 answers nothing usable is found out for tens of calls, not tens of thousands. Later rounds top up by the yield
 observed so far, at most `ROUND_GROWTH` times the previous round's calls, at most `max_rounds` rounds (the
-paper's 300k pairs per task take 7). A task stops after a round that gave it no valid pair, and the stage
+paper's 300k pairs per task take 7). A task stops after a round of at least `EMPTY_ROUND_CALLS` calls that gave
+it no valid pair (a one-call top-up that fails is chance, not a broken provider), and the stage
 fails (never DONE) when a task has none at all; the call path's own breakers stop it sooner when answers are
 unusable call after call (`llm/client.py`), with a line that says what the provider returned.
 Call i of a task always draws the same seed pair, so a resumed or repeated run
@@ -39,6 +40,7 @@ from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_di
 
 
 PROBE_CALLS = 20  # the first round's calls per task at most: what the provider yields is measured before it is paid for
+EMPTY_ROUND_CALLS = 5  # a round of at least this many calls with no valid pair ends a task's rounds (fewer: chance)
 ROUND_GROWTH = 4  # each later round at most this many times the previous one's calls (geometric: few rounds, bounded waste)
 CALLS_PER_CYCLE = 10**7  # call numbers of cycle t start at (t-1)·10^7: no request repeats an earlier cycle's
 
@@ -121,7 +123,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
             calls.append(dict(meta, round=round_no + 1, ok=res.ok, error=res.error, pairs=len(new), cached=res.cached,
                               reasks=res.reasks, input_tokens=res.input_tokens, output_tokens=res.output_tokens))
         for task in {meta["task"] for meta, _ in jobs}:
-            if got[task] == 0:
+            if got[task] == 0 and last_round[task] >= EMPTY_ROUND_CALLS:
                 errors = [c["error"] for c in calls if c["task"] == task and c["round"] == round_no + 1 and c["error"]]
                 common = max(set(errors), key=errors.count) if errors else "the answers held no pair"
                 stopped[task] = f"round {round_no + 1} gave no valid pair from {last_round[task]} calls ({common[:200]})"
