@@ -243,8 +243,17 @@ def _rule(rule, judge: str | None = None) -> verdict.Rule:
 def _verdict_axis_label(rule: verdict.Rule) -> str:
     if rule.versus_service:
         who = "local − service" if rule.scale == 1 else f"local − {rule.scale:g} × service"
-        return f"{who}, {rule.metric} {rule.statistic.replace('coverage_', 'coverage@')} (points)"
+        return f"{who},\n{rule.metric} {rule.statistic.replace('coverage_', 'coverage@')} (points)"  # two lines: a one-panel figure is short
     return stat_label(rule.metric, rule.statistic)
+
+
+def _show_bound(ax, rule: verdict.Rule) -> None:
+    """Keep the bound's dashed line inside the axes with room around it (not on the frame)."""
+    if not rule.versus_service:
+        return
+    low, high = ax.get_ylim()
+    pad = 0.08 * (high - low)
+    ax.set_ylim(min(low, rule.bound - pad), max(high, rule.bound + pad))
 
 
 def _bound_label(rule: verdict.Rule) -> str:
@@ -302,9 +311,6 @@ def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None, gr
         trained = set(sub["volume"].astype(int))
         volumes = sorted(trained | set(grid or []))
         position = {v: i for i, v in enumerate(volumes)}  # evenly spaced: volumes double, and the base model is 0
-        for v in sorted(set(volumes) - trained):
-            ax.text(position[v], 0.04, "not trained", transform=ax.get_xaxis_transform(), ha="center", va="bottom", rotation=90,
-                    fontsize=8, color="0.55")
         for model, line in sub.groupby("local_model", sort=False):
             line = line.sort_values(["volume", "cycle"])
             _verdict_points(ax, [position[int(v)] for v in line["volume"]], line, colours[model], str(model))
@@ -314,11 +320,15 @@ def verdict_by_volume(verdicts: pd.DataFrame, rule, judge: str | None = None, gr
                 ax.annotate("chosen", (position[int(r.volume)], r.estimate), textcoords="offset points", xytext=(0, 11),
                             ha="center", fontsize=7, color=colours[model])
         ax.axhline(rule.bound, ls="--", lw=1.2, color="0.25", zorder=1)
+        _show_bound(ax, rule)
         if rule.versus_service and rule.bound != 0:
             ax.axhline(0, ls=":", lw=0.8, color="0.5", zorder=1)
-        labels = [("base" if v == 0 else f"{v:g}") + (f"\nc{c}" if c > 1 else "")
+        labels = [("base" if v == 0 else f"{v:g}") + (f"\nc{c}" if c > 1 else "") + ("" if v in trained else "\nnot trained")
                   for v, c in [(v, int(sub.loc[sub["volume"] == v, "cycle"].max()) if v in trained else 1) for v in volumes]]
         ax.set_xticks(range(len(volumes)), labels, fontsize=8)
+        for tick, v in zip(ax.get_xticklabels(), volumes):  # the search's untrained volumes, greyed under their tick
+            if v not in trained:
+                tick.set_color("0.55")
         ax.set_xlim(-0.5, len(volumes) - 0.5)
         ax.set_title(task.replace("_", " "))
         ax.set_xlabel("training samples")
@@ -353,6 +363,7 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
             line = line.assign(sequence=np.where(line["passed"].astype(bool), verdict.PASSED, verdict.FAILED))
             _verdict_points(ax, line["cycle"], line, colours[model], str(model))
         ax.axhline(rule.bound, ls="--", lw=1.2, color="0.25", zorder=1)
+        _show_bound(ax, rule)
         volumes = best[best["task"] == task].groupby("cycle")["volume"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
         ax.set_xticks(range(1, cycles + 1), [f"{c}\nn={volumes[c]}" if c in volumes.index else str(c) for c in range(1, cycles + 1)])
         ax.set_xlim(0.6, cycles + 0.4)
@@ -364,7 +375,7 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
     if best.empty:
         axes[0].text(0.5, 0.5, f"no {rule.metric} verdict yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")
     axes[0].set_ylabel(_verdict_axis_label(rule))
-    legend = [h for h in _verdict_legend(rule) if "reached" not in h.get_label()]
+    legend = [h for h in _verdict_legend(rule) if "reached" not in h.get_label() and "not needed" not in h.get_label()]
     title = f"n: training samples at the cycle's largest volume; bars: {100 * rule.level:.3g}% CI"
     bottom = _figure_legend(fig, axes, title, legend, ncol=2)
     heading = f"{rule.what().capitalize()} across cycles"

@@ -131,7 +131,8 @@ def _interval(row) -> str:
 # -- what it cost, against the full sweep --------------------------------------------------------------------------
 def accounting(params: Params, run_dir: Path | str) -> dict:
     """Adapters trained and training seconds (measured, finetune/runs.csv) against the full sweep's (the untrained
-    volumes at the measured seconds per training sample), and synthesis calls against the sweep's first round."""
+    volumes at the measured seconds per training sample), and synthesis calls against what the sweep's target needs at
+    the expected yield (`synthesize.pairs_per_call`, `expected_loss`)."""
     root = root_of(run_dir)
     runs_path = stage_dir(root, "finetune") / "runs.csv"
     runs = pd.read_csv(runs_path) if runs_path.exists() else pd.DataFrame(columns=["task", "local_model", "volume", "n_train", "seconds"])
@@ -180,5 +181,5 @@ def summary_lines(body: dict) -> list[str]:
         share = body["training_seconds"] / body["sweep_training_seconds"] if body["sweep_training_seconds"] else float("nan")
         lines.append(f"search cost: {body['adapters']} adapters and {body['training_seconds']:,.0f} s of training, against a full "
                      f"sweep's {body['sweep_adapters']} adapters and ≈ {body['sweep_training_seconds']:,.0f} s ({share:.0%}); "
-                     f"{body['synthesis_calls']:,} synthesis calls against the sweep's {body['sweep_synthesis_calls']:,}")
+                     f"{body['synthesis_calls']:,} synthesis calls against the ≈ {body['sweep_synthesis_calls']:,} the sweep's target needs")
     return lines
