@@ -246,6 +246,6 @@ def test_a_search_that_passes_at_once_trains_one_adapter(emulator, tmp_path):
     body = read_json(run_dir / "search.json")
     assert body["done"] and body["tried"] == {"closed_qa": [2]} and body["adapters"] == 1 and body["sweep_adapters"] == 3
     assert body["cells"][0]["status"] == search.FOUND
-    assert any(line.startswith("[search] search cost: 1 adapters") for line in logs)
+    assert any(line.startswith("[search] cost: 1 adapter and") for line in logs)
     verdicts = pd.read_csv(run_dir / "report" / "verdicts.csv")
     assert verdicts["chosen"].sum() == 1 and set(verdicts["volume"]) == {0, 2}

@@ -179,7 +179,7 @@ def summary_lines(body: dict) -> list[str]:
         lines.append(f"{cell['task']} · {cell['local_model']}: {what} ({cell['interval']}); volumes tried: {tried_text}")
     if "adapters" in body:
         share = body["training_seconds"] / body["sweep_training_seconds"] if body["sweep_training_seconds"] else float("nan")
-        lines.append(f"search cost: {body['adapters']} adapters and {body['training_seconds']:,.0f} s of training, against a full "
+        lines.append(f"cost: {body['adapters']} adapter{'s' if body['adapters'] != 1 else ''} and {body['training_seconds']:,.0f} s of training, against a full "
                      f"sweep's {body['sweep_adapters']} adapters and ≈ {body['sweep_training_seconds']:,.0f} s ({share:.0%}); "
                      f"{body['synthesis_calls']:,} synthesis calls against the ≈ {body['sweep_synthesis_calls']:,} the sweep's target needs")
     return lines
