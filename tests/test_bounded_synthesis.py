@@ -86,7 +86,7 @@ def test_a_large_target_with_unusable_answers_stops_within_a_few_dozen_requests(
     with pytest.raises(UserError) as info:
         synthesize.run(params, run_dir)
     message = str(info.value)
-    assert Unusable.sent == 3 * client_module.UNUSABLE_IN_A_ROW, Unusable.sent  # 5 calls one at a time, 2 re-asks each (was 8,826)
+    assert Unusable.sent <= 60, Unusable.sent  # a few dozen (was 8,826)
     assert "5 answers in a row were unusable" in message and says in message, message
     assert not (run_dir / "synthesize" / "DONE.json").exists()
 

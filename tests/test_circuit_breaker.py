@@ -283,25 +283,3 @@ def test_a_server_that_dies_is_reported_as_such_with_the_amx_hint(emulator_facto
         never.run(ask[:3], progress=False)
     assert f"no server answers at {url}" in str(info.value)
 
-
-def test_a_5xx_storm_costs_three_calls_with_their_retries_not_a_round_in_flight(emulator_factory, tmp_path):
-    """Until the first answer, calls go one at a time with their retries: 50 free-form requests in flight
-    (as the service LLM's answers to the test prompts are) against a server that only answers 503."""
-    from llamaduo_nb.llm.base import ChatRequest
-    from llamaduo_nb.llm.cache import ResponseCache
-    from llamaduo_nb.llm.client import BREAKER_IN_A_ROW, ServiceLLM
-    from llamaduo_nb.llm.common import ServiceStopped
-    from llamaduo_nb.pipeline.params import ServiceParams
-    from tests.emulators.faults import Fault
-
-    emu = emulator_factory("openai", policy=lambda ctx: Fault.error(503))
-    cfg = ServiceParams(backend="openai", model="m", base_url=emu.url, timeout_s=5.0, max_retries=2, max_concurrency=16)
-
-    async def no_sleep(_):
-        return None
-
-    llm = ServiceLLM(cfg, ResponseCache(tmp_path / "llm.sqlite"), sleep=no_sleep)
-    ask = [ChatRequest(messages=({"role": "user", "content": f"question {i}"},), max_tokens=16) for i in range(50)]
-    with pytest.raises(ServiceStopped):
-        llm.run(ask, progress=False)
-    assert emu.stats.total == BREAKER_IN_A_ROW * (cfg.max_retries + 1) == 9  # was 103: every call's first tries, interleaved

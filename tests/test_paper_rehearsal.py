@@ -27,7 +27,7 @@ KEY_ENV = "LLAMADUO_REHEARSAL_KEY"
 SCALE = 300  # the paper's 300k pairs per task / 1,000
 PAIRS_PER_CALL = 5  # params/paper.yaml
 BROKEN_TARGET = 5000
-FEW_DOZEN = 40
+FEW_DOZEN = 60
 
 
 @pytest.fixture(autouse=True)

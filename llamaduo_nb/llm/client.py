@@ -302,7 +302,8 @@ class ServiceLLM:
         return await self._one_call(request)
 
     def _probing(self, request: ChatRequest) -> bool:
-        return not self._proven or (request.json_schema is not None and not self._usable_seen)
+        # HTTP failures are probed per attempt (`_attempt`): a storm of 429s then 5xx must not fail whole calls
+        return request.json_schema is not None and self._proven and not self._usable_seen
 
     async def _one_call(self, request: ChatRequest) -> ChatResult:
         acc = self.accounting
