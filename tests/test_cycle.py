@@ -255,3 +255,17 @@ def test_a_run_folder_made_with_other_params_is_refused(tmp_path):
         refuse_changed_params(run, quick("infer.k=3"), accepted=False)
     refuse_changed_params(run, quick("infer.k=3"), accepted=True)
     assert params_differences({"a": {"b": 1}, "run_name": "x"}, {"a": {"b": 2}, "run_name": "y"}) == ["a.b: 1 → 2"]
+
+
+def test_force_stage_redoes_a_stage_and_does_not_accept_changed_params(tmp_path):
+    """`--force STAGE` and a bare `--force` are two things: only the bare one accepts params the folder was not made with."""
+    from llamaduo_nb.pipeline import runner
+
+    run = tmp_path / "run"
+    run.mkdir()
+    made_with = ["cycle.target=precision mean >= 70", "cycle.max_cycles=3"]
+    (run / "params.yaml").write_text(yaml.safe_dump(quick().dump()))
+    executed = []
+    with pytest.raises(UserError, match=r"was made with different params \(infer.k: 2 → 3\); add --force"):
+        runner.run(QUICK, run, overrides=[*made_with, "infer.k=3"], force=["finetune"], execute=lambda *a: executed.append(a))
+    assert not executed
