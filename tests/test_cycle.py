@@ -124,7 +124,7 @@ def test_cycle_folders(tmp_path):
     assert [c for c, _ in cycle_folders(run)] == [1, 2, 3]
 
 
-def test_publish_merges_cycles_and_drops_stale_later_rows(tmp_path):
+def test_publish_merges_cycles_and_keeps_later_cycles_rows_when_cycle_1_is_redone(tmp_path):
     run = tmp_path / "run"
     (run / "cycle-2").mkdir(parents=True)
     cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 10}))
@@ -134,8 +134,9 @@ def test_publish_merges_cycles_and_drops_stale_later_rows(tmp_path):
     assert pd.read_csv(run / "cycle-2" / "metrics.csv")["cycle"].tolist() == [2]
     cyc.publish(run / "cycle-2", "metrics.csv", metrics_rows(2, {("summarization", 9): 30}))  # a redo replaces its rows
     assert pd.read_csv(run / "metrics.csv")["coverage_50"].tolist() == [10, 30]
-    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 11}))  # cycle 1 redone: cycle 2's rows are stale
-    assert pd.read_csv(run / "metrics.csv")[["cycle", "coverage_50"]].values.tolist() == [[1, 11]]
+    # cycle 1 redone (one cell, `--only`): cycle 2, whose inputs did not change, is not redone and its rows stay
+    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 11}))
+    assert pd.read_csv(run / "metrics.csv")[["cycle", "coverage_50"]].values.tolist() == [[1, 11], [2, 30]]
 
 
 def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tmp_path):
@@ -254,3 +255,17 @@ def test_a_run_folder_made_with_other_params_is_refused(tmp_path):
         refuse_changed_params(run, quick("infer.k=3"), accepted=False)
     refuse_changed_params(run, quick("infer.k=3"), accepted=True)
     assert params_differences({"a": {"b": 1}, "run_name": "x"}, {"a": {"b": 2}, "run_name": "y"}) == ["a.b: 1 → 2"]
+
+
+def test_force_stage_redoes_a_stage_and_does_not_accept_changed_params(tmp_path):
+    """`--force STAGE` and a bare `--force` are two things: only the bare one accepts params the folder was not made with."""
+    from llamaduo_nb.pipeline import runner
+
+    run = tmp_path / "run"
+    run.mkdir()
+    made_with = ["cycle.target=precision mean >= 70", "cycle.max_cycles=3"]
+    (run / "params.yaml").write_text(yaml.safe_dump(quick().dump()))
+    executed = []
+    with pytest.raises(UserError, match=r"was made with different params \(infer.k: 2 → 3\); add --force"):
+        runner.run(QUICK, run, overrides=[*made_with, "infer.k=3"], force=["finetune"], execute=lambda *a: executed.append(a))
+    assert not executed

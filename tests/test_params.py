@@ -55,6 +55,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("finetune:\n  base_models: [no-such-model-alias]\n", "finetune.base_models"),
         ("finetune:\n  base_models: [/tmp/missing.gguf]\n", "finetune.base_models"),
         ("service:\n  backend: local\n  model: nothing-here\n", "service.model"),
+        ("finetune:\n  base_models: [HuggingFaceTB/SmolLM2-135M-Instruct, other-org/smollm2-135m-instruct]\n", "finetune.base_models"),
     ],
 )
 def test_mistakes_name_file_and_field(tmp_path, text, field):

@@ -8,7 +8,7 @@ from llamaduo_nb.stages import coverage
 from llamaduo_nb.errors import UserError
 from llamaduo_nb.io import atomic_path, read_json, write_json
 from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import StageRun, is_done, read_done, stage_fingerprint
+from llamaduo_nb.pipeline.units import StageRun, is_done, read_done, stage_fingerprint, update_manifest
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -43,6 +43,11 @@ def test_coverage_stage_writes_done_last_and_skips(tmp_path):
     manifest = read_json(run_dir / "manifest.json")
     assert manifest["stages"]["coverage"]["counts"]["train"] == 24
     assert manifest["versions"]["torch"] and manifest["seed"] == 42
+    assert manifest["stages"]["coverage"]["code"]["versions"]["torch"] and done["code"] == manifest["stages"]["coverage"]["code"]
+    recorded = (run_dir / "manifest.json").read_bytes()
+    update_manifest(run_dir, params)  # an invocation that ran no stage: the code that made the outputs stays recorded
+    assert read_json(run_dir / "manifest.json")["stages"]["coverage"]["code"] == done["code"]
+    assert json.loads(recorded)["git_commit"] == read_json(run_dir / "manifest.json").get("git_commit")
 
 
 def test_changed_params_redo_the_stage_and_invalidate_downstream(tmp_path):

@@ -31,12 +31,15 @@ class ChatRequest:
     # answers one request asks for (`n`; the K answers then come back as a JSON list of texts)
     seed: Optional[int] = None
     n: int = 1
+    # the served model's weights (an adapter's or a GGUF's content fingerprint): not sent, but in the cache key, so
+    # a model retrained behind the same served name is asked again instead of answered from the cache
+    weights: Optional[str] = None
 
     def key(self, backend: str, model: str, base_url: Optional[str] = None) -> str:
         """Cache key: everything that changes the answer."""
         body = asdict(self)
         body.pop("fields")
-        for name, default in (("seed", None), ("n", 1)):  # absent unless set: keys made before these fields stay valid
+        for name, default in (("seed", None), ("n", 1), ("weights", None)):  # absent unless set: earlier keys stay valid
             if body[name] == default:
                 body.pop(name)
         body.update(backend=backend, model=model, base_url=base_url or "")

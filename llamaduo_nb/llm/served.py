@@ -71,8 +71,10 @@ def honours_n(cfg: ServiceParams) -> bool:
 
 
 def answer(cfg: ServiceParams, cache, prompts: list[dict], k: int, temperature: float, top_p: float, max_new_tokens: int,
-           seed: int, use_n: bool, desc: str = "answers") -> list[dict]:
+           seed: int, use_n: bool, desc: str = "answers", weights: Optional[str] = None) -> list[dict]:
     """K answers per prompt: rows (prompt_id, k, response, input_tokens, output_tokens, finish_reason, latency_s).
+    `weights`: the served model's content fingerprint, part of each answer's cache key (a retrained model behind the
+    same name is asked again; None: the name alone, for a model the workbench did not make).
 
     With `use_n` one request per prompt asks for K answers (seed `seed`); otherwise K requests, answer k
     with seed `seed + k`. Raises UserError when a server that was found to honour `n` returns fewer."""
@@ -81,7 +83,7 @@ def answer(cfg: ServiceParams, cache, prompts: list[dict], k: int, temperature: 
     requests, index = [], []
     for p in prompts:
         messages = ({"role": "user", "content": p["instruction"]},)
-        common = dict(messages=messages, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        common = dict(messages=messages, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, weights=weights)
         if use_n and k > 1:
             requests.append(ChatRequest(**common, seed=seed, n=k))
             index.append((p["prompt_id"], None))

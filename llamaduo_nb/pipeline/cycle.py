@@ -48,9 +48,10 @@ def params_for_cycle(params: Params, run_dir: Path | str) -> Params:
 def publish(run_dir: Path | str, name: str, frame: pd.DataFrame) -> Path:
     """Write a cycle's table to its own folder and merge it into `<run>/<name>` (all cycles, column `cycle`).
 
-    The rows of this cycle replace its earlier rows; rows of LATER cycles are dropped, because they
-    were computed from this cycle's outputs as they were and will be rewritten when those cycles rerun.
-    """
+    The rows of this cycle replace its earlier rows. Rows of LATER cycles are read back from their own folders:
+    a redone cycle 1 (one cell redone with `--only`) must not lose cycle 2's rows, which a cycle 2 whose inputs did
+    not change never writes again. A later cycle whose inputs did change is redone and publishes anew; one the loop
+    no longer reaches is retired with its folder (`retire_later_cycles`)."""
     cycle, root = cycle_of(run_dir), root_of(run_dir)
     if cycle > 1:
         write_csv(Path(run_dir) / name, frame)
@@ -61,7 +62,14 @@ def publish(run_dir: Path | str, name: str, frame: pd.DataFrame) -> Path:
             earlier = pd.read_csv(combined_path)
     if not earlier.empty and "cycle" in earlier.columns:
         earlier = earlier[earlier["cycle"] < cycle]
-    combined = pd.concat([earlier, frame], ignore_index=True) if not earlier.empty else frame
+    later = []
+    for t, folder in cycle_folders(root):
+        own = folder / name
+        if t > cycle and own.exists() and own.stat().st_size > 0:
+            with contextlib.suppress(pd.errors.EmptyDataError):
+                later.append(pd.read_csv(own))
+    parts = [f for f in [earlier, frame, *later] if not f.empty]
+    combined = pd.concat(parts, ignore_index=True) if parts else frame
     return write_csv(combined_path, combined)
 
 

@@ -12,6 +12,8 @@ from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from llamaduo_nb.models import short_name
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_DIR = PROJECT_ROOT / "params" / "prompts"
 # The coverage set shipped in the package (written for this project, in No Robots' schema).
@@ -202,6 +204,18 @@ class FinetuneParams(Strict):
     @classmethod
     def _sorted_unique(cls, v):
         return sorted(set(v))
+
+    @field_validator("base_models")
+    @classmethod
+    def _distinct_folders(cls, v):
+        """Each base model's adapters and answers live under its short name: two that share one would overwrite each other."""
+        seen: dict = {}
+        for ref in v:
+            other = seen.setdefault(short_name(ref), ref)
+            if other != ref:
+                raise ValueError(f"{other!r} and {ref!r} share the folder name {short_name(ref)!r}: their adapters and answers "
+                                 f"would overwrite each other; copy or link one under another name")
+        return v
 
 
 class InferParams(Strict):

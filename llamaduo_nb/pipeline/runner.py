@@ -99,11 +99,12 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     def stages_for(params: Params) -> list[str]:  # deploy by name, or at the end of a whole run when enabled
         return chosen if stages or params.deploy.enabled else [s for s in chosen if s != "deploy"]
 
+    accepted = "" in (force or [])  # a bare --force accepts changed params; --force STAGE only redoes STAGE
     if len(family) == 1:
-        return _run_one(family[0], run_dir, stages_for(family[0]), forced, bool(force), log, only, execute)
+        return _run_one(family[0], run_dir, stages_for(family[0]), forced, accepted, log, only, execute)
     members = {service_slug(p): p for p in family}
     for slug, params in members.items():  # refuse before any member runs
-        refuse_changed_params(run_dir / slug, params, bool(force))
+        refuse_changed_params(run_dir / slug, params, accepted)
     log(f"sweep over {len(family)} service LLMs: {', '.join(p.service.label for p in family)}; run folder: {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "sweep.json", {"service_llms": {slug: p.service.label for slug, p in members.items()},

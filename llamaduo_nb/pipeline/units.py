@@ -417,6 +417,7 @@ class StageRun:
             "units": units or {},
             "llm": llm or {},
             "inputs": {u: output_content(self.run_dir, u) for u in UPSTREAM[self.stage]},
+            "code": {"git_commit": _git_commit(), "versions": _versions()},  # the code that made these outputs
             **(extra or {}),
         }
         update_manifest(self.run_dir, self.params, self.stage, done)
@@ -443,19 +444,22 @@ def _versions() -> dict:
 
 
 def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None) -> dict:
-    """Record versions, seeds, git commit and (when given) one stage's DONE record in manifest.json."""
+    """Record seeds, params and (when given) one stage's DONE record in manifest.json. The code (git commit, package
+    versions) is recorded per stage, when the stage made its outputs: an invocation that skips every stage leaves it
+    as it was, and the top-level `git_commit` / `versions` are the code of the stage that ran last."""
     path = Path(run_dir) / "manifest.json"
     manifest = read_json(path) if path.exists() else {}
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["layout"] = LAYOUT
     manifest["run_name"] = params.run_name
     manifest["seed"] = params.seed
-    manifest["git_commit"] = _git_commit()
-    manifest["versions"] = _versions()
     manifest["params_fingerprint"] = fingerprint(without_operational(params.dump()))
     stages = manifest.setdefault("stages", {})
     if stage and done:
         stages[stage] = {k: done[k] for k in ("fingerprint", "content", "completion_id", "finished_at", "seconds", "counts", "units", "llm")}
+        if done.get("code"):
+            stages[stage]["code"] = done["code"]
+            manifest["git_commit"], manifest["versions"] = done["code"]["git_commit"], done["code"]["versions"]
         if done.get("warnings"):  # e.g. the deploy stage's parity check: the served model is not the evaluated one
             stages[stage]["warnings"] = done["warnings"]
     totals: dict = {}

@@ -261,10 +261,10 @@ def _parity(params: Params, run_dir: Path, cell: dict, folder: Path, model_ref: 
         config = server_config(server.url, name, max_concurrency=1)  # llama.cpp's server answers one request at a time
         began = time.time()
         sampled = answer(config, cache_for(run_dir), prompts, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed,
-                         use_n=honours_n(config), desc=f"deploy {name} · served answers")
+                         use_n=honours_n(config), desc=f"deploy {name} · served answers", weights=made_from["gguf"])
         seconds = time.time() - began
         greedy_served = answer(config, cache_for(run_dir), prompts, 1, 0.0, 1.0, cfg.max_new_tokens, seed, use_n=False,
-                               desc=f"deploy {name} · served greedy")
+                               desc=f"deploy {name} · served greedy", weights=made_from["gguf"])
     tokens_per_s = round(sum(r["output_tokens"] or 0 for r in sampled) / max(seconds, 1e-9), 1)
     greedy_adapter = _adapter_greedy(params, model_ref, adapter_dir, prompts)
     identical, agreement = greedy_agreement(greedy_served, greedy_adapter)

@@ -209,7 +209,7 @@ class _Server:
         names = {c["volume"]: served_name(model_name, task, c["volume"]) for c in cells}
         return {c["volume"]: answer(self.config(names[c["volume"]]), cache_for(run_dir), prompts, cfg.k, cfg.temperature, cfg.top_p,
                                     cfg.max_new_tokens, volume_seed(self.params, task, c["volume"]), self.use_n,
-                                    desc=f"infer {task} · {names[c['volume']]}")
+                                    desc=f"infer {task} · {names[c['volume']]}", weights=c.get("content"))
                 for c in cells}
 
 
