@@ -21,7 +21,8 @@ Unusable answers have a breaker of their own: a call whose answer is still inval
 at the token limit, prose, a refusal, an empty list) cost up to `max_reasks + 1` paid requests though every
 one came back HTTP 200. After `UNUSABLE_IN_A_ROW` such calls in a row, or a share of `UNUSABLE_SHARE` over the
 last `UNUSABLE_WINDOW` (at least `UNUSABLE_MIN`), nothing more is sent (until one answer is usable, calls
-go one at a time, retries and re-asks included, so a provider that only returns unusable answers costs a few calls), and the message says what the provider
+go one at a time between the first answer and the first usable one, so a provider that only returns unusable
+answers costs a few dozen requests), and the message says what the provider
 returned and which setting to change (`unusable_kind`).
 
 Until the first answer arrives requests go one at a time, so a bad key or model costs
@@ -293,9 +294,8 @@ class ServiceLLM:
     # -- internals --------------------------------------------------------
     async def _one(self, request: ChatRequest) -> ChatResult:
         if self._probing(request):
-            # one call (with its retries and re-asks) at a time until one is answered, and answered usably: a dead
-            # server or key costs BREAKER_IN_A_ROW calls, a provider that only returns unusable answers
-            # UNUSABLE_IN_A_ROW, not a whole round in flight whose retries interleave
+            # after the first answer, one call (with its re-asks) at a time until one is usable: a provider that
+            # only returns unusable answers is stopped after UNUSABLE_IN_A_ROW calls, not a whole round in flight
             async with self._first_calls:
                 if self._probing(request):
                     return await self._one_call(request)
