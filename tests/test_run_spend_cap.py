@@ -156,30 +156,14 @@ def test_a_services_stage_cap_is_shared_by_every_client_the_stage_builds(emulato
 def test_evaluate_with_judge_service_answers_and_pairwise_spends_at_most_the_judges_cap(emulator_factory, tmp_path, in_flight):
     """The evaluate stage builds a client for the judge's scores, the service LLM's answers, the people's labels and
     pairwise; with the service LLM as its own judge, one `service.max_cost_usd` bounds what all of them paid."""
-    from llamaduo_nb.io import read_jsonl as read_rows, write_json, write_jsonl
-    from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, Params
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.pipeline.params import Params
     from llamaduo_nb.stages import evaluate
+    from tests.test_service_competitor import answered_run
     from tests.test_service_pipeline import service_reply
 
     emu = emulator_factory("openai", reply=service_reply, api_key=KEY)
     run_dir = tmp_path / "run"
-    bundled = read_rows(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")
-    test = [{"prompt_id": r["prompt_id"], "task": "closed_qa", "instruction": r["messages"][0]["content"],
-             "reference": r["messages"][1]["content"], "split": "test"} for r in bundled
-            if r.get("split") == "test" and r["category"] == "Closed QA"][:4]
-    write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl", test)
-    files = []
-    for volume in (0, 4):
-        rows = [{"task": "closed_qa", "local_model": "smol", "volume": volume, "prompt_id": r["prompt_id"], "k": k,
-                 "response": r["reference"] if volume else "I do not know.", "output_tokens": 5, "input_tokens": 50,
-                 "finish_reason": "stop", "latency_s": 0.1} for r in test for k in range(2)]
-        write_jsonl(stage_dir(run_dir, "infer") / "closed_qa" / "smol" / f"{volume}.jsonl", rows)
-        files.append(f"closed_qa/smol/{volume}.jsonl")
-    write_json(stage_dir(run_dir, "coverage") / "DONE.json", {"stage": "coverage", "content": "c"})
-    write_json(stage_dir(run_dir, "infer") / "DONE.json", {"stage": "infer", "content": "i", "outputs": files})
-    for stage in ("deduplicate", "finetune"):
-        write_json(stage_dir(run_dir, stage) / "DONE.json", {"stage": stage, "content": stage})
+    answered_run(run_dir, prompts=4, k=2)
     cap = 1.0  # a few dozen of the ~100 calls the stage would make
     params = Params(tasks=["closed_qa"], coverage={"source": "bundled"},
                     service={"backend": "openai", "model": "gpt-4o", "base_url": emu.url, "api_key_env": KEY_ENV, "max_retries": 0,

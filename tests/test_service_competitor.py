@@ -315,30 +315,39 @@ def assert_reads_offline(page: str) -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
-    """Hand-written answers of a 'local model' at volumes 0 and 4; the packaged SmolLM2 answers as the service
-    LLM and judges everything: metrics.csv has its rows, pairwise has local-vs-service rows, the figures
-    draw its band, the report says which volume is not worse, the bundled labels are checked."""
+def answered_run(run_dir, prompts: int, k: int) -> list[dict]:
+    """A run folder as infer leaves it: `prompts` bundled closed-QA test prompts answered K times by a 'local model'
+    at volume 0 ("I do not know.") and 4 (the reference), earlier stages marked done. Returns the test prompts."""
     from llamaduo_nb.io import read_jsonl, write_json, write_jsonl
     from llamaduo_nb.pipeline.units import stage_dir
-    from llamaduo_nb.stages import evaluate, report
 
-    run_dir = tmp_path / "run"
-    test = [dict(r, task="closed_qa") for r in read_jsonl(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")]
     test = [{"prompt_id": r["prompt_id"], "task": "closed_qa", "instruction": r["messages"][0]["content"],
-             "reference": r["messages"][1]["content"], "split": "test"} for r in test
-            if r.get("split") == "test" and r["category"] == "Closed QA"][:1]
+             "reference": r["messages"][1]["content"], "split": "test"} for r in read_jsonl(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")
+            if r.get("split") == "test" and r["category"] == "Closed QA"][:prompts]
     write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl", test)
     files = []
-    for volume, answer in ((0, lambda r: "I do not know."), (4, lambda r: r["reference"])):
-        rows = [{"task": "closed_qa", "local_model": "smol", "volume": volume, "prompt_id": r["prompt_id"], "k": 0, "response": answer(r),
-                 "output_tokens": 5, "input_tokens": 50, "finish_reason": "stop", "latency_s": 0.1} for r in test]
+    for volume in (0, 4):
+        rows = [{"task": "closed_qa", "local_model": "smol", "volume": volume, "prompt_id": r["prompt_id"], "k": j,
+                 "response": r["reference"] if volume else "I do not know.", "output_tokens": 5, "input_tokens": 50,
+                 "finish_reason": "stop", "latency_s": 0.1} for r in test for j in range(k)]
         write_jsonl(stage_dir(run_dir, "infer") / "closed_qa" / "smol" / f"{volume}.jsonl", rows)
         files.append(f"closed_qa/smol/{volume}.jsonl")
     write_json(stage_dir(run_dir, "coverage") / "DONE.json", {"stage": "coverage", "content": "c"})
     write_json(stage_dir(run_dir, "infer") / "DONE.json", {"stage": "infer", "content": "i", "outputs": files})
     for stage in ("deduplicate", "finetune"):
         write_json(stage_dir(run_dir, stage) / "DONE.json", {"stage": stage, "content": stage})
+    return test
+
+
+def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
+    """Hand-written answers of a 'local model' at volumes 0 and 4; the packaged SmolLM2 answers as the service
+    LLM and judges everything: metrics.csv has its rows, pairwise has local-vs-service rows, the figures
+    draw its band, the report says which volume is not worse, the bundled labels are checked."""
+    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.stages import evaluate, report
+
+    run_dir = tmp_path / "run"
+    answered_run(run_dir, prompts=1, k=1)
     params = Params(tasks=["closed_qa"], coverage={"source": "bundled"},
                     service={"backend": "local", "model": "smollm2-135m-instruct", "batch_size": 8},
                     infer={"k": 1, "max_new_tokens": 24}, finetune={"base_models": ["smollm2-135m-instruct"], "volumes": [4]},
