@@ -144,12 +144,12 @@ def test_infer_through_the_real_server_answers_each_volume_by_its_own_model(depl
 
     with serving.LlamaServer(tmp_path / "base.log", model=base_gguf, alias=SMOL) as server:  # a stock server: base model only
         with pytest.raises(UserError, match=rf"does not serve {SMOL}-closed_qa-2, {SMOL}-closed_qa-4 \(it lists: {SMOL}\)"):
-            in_process(params_file, run_dir, "infer.engine=openai", f"infer.base_url={server.url}", stages="infer", force=["infer"])
+            in_process(params_file, run_dir, "infer.engine=openai", f"infer.base_url={server.url}", stages="infer", force=["", "infer"])
         assert server.chat_requests() == {}  # refused before a single answer
 
     with serving.LlamaServer(tmp_path / "all.log", models=[(base_gguf, SMOL)] + models) as server:
         in_process(params_file, run_dir, "infer.engine=openai", f"infer.base_url={server.url}", "infer.temperature=0",
-                   stages="infer", force=["infer"])
+                   stages="infer", force=["", "infer"])
         requests = sum(server.chat_requests().values())
     answers = {v: pd.DataFrame(read_jsonl(run_dir / "infer" / "closed_qa" / SMOL / f"{v}.jsonl")) for v in (0, 2, 4)}
     for frame in answers.values():  # K answers per prompt (the server ignores n), with tokens
