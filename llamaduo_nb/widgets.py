@@ -23,11 +23,13 @@ from llamaduo_nb.stages import coverage
 from llamaduo_nb.stages import evaluate
 
 from llamaduo_nb.stages import infer
-from llamaduo_nb.pipeline.cycle import with_cycle
-from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.core.rows import with_cycle
+from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.methods.metrics import answer_scores, coverage_at, is_service
-from llamaduo_nb.pipeline.units import cycle_folders, root_of, stage_dir
+from llamaduo_nb.methods.metrics import answer_scores, coverage_at
+from llamaduo_nb.core.rows import is_service
+from llamaduo_nb.core.units import cycle_folders, root_of, stage_dir
+from llamaduo_nb.stages.evaluate import verdict_rule
 
 ALL = "all"
 
@@ -445,7 +447,6 @@ def verdict_explorer(params, run_dir: Path | str):
     import ipywidgets as w
     from IPython.display import Markdown, display
 
-    from llamaduo_nb.pipeline.cycle import verdict_rule
 
     scores = evaluate.load_answer_scores(run_dir)
     base = verdict_rule(params)

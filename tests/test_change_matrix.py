@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llamaduo_nb.io import read_json, read_jsonl, write_jsonl
-from llamaduo_nb.models import resolve
+from llamaduo_nb.core.io import read_json, read_jsonl, write_jsonl
+from llamaduo_nb.core.models import resolve
 from llamaduo_nb.pipeline import runner
-from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE
+from llamaduo_nb.core.params import BUNDLED_COVERAGE
 from tests.emulators.openai_emulator import OpenAIEmulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]
@@ -153,7 +153,7 @@ def case(finished, tmp_path, emulator):
 
 
 def models() -> set:
-    from llamaduo_nb.models import short_name
+    from llamaduo_nb.core.models import short_name
 
     return {SMOL, short_name(_second_model())}
 
@@ -401,7 +401,7 @@ def test_force_a_stage_redoes_its_units_and_what_depends_on_them(case):
 
 
 def test_changed_params_without_force_are_refused(case):
-    from llamaduo_nb.errors import UserError
+    from llamaduo_nb.core.errors import UserError
 
     run_dir, before, apply = case
     with pytest.raises(UserError, match=r"infer\.k: 1 → 2"):
@@ -422,14 +422,14 @@ def test_a_run_folder_of_the_earlier_layout_is_refused_with_one_line(tmp_path, f
 
 
 def test_opening_the_report_notebook_on_a_finished_run_changes_no_file(finished, tmp_path):
-    """Notebook 07 executed by hand (papermill, as JupyterLab would) on a finished run: every file byte-identical."""
+    """Notebook 08 executed by hand (papermill, as JupyterLab would) on a finished run: every file byte-identical."""
     import papermill as pm
 
     params_file, source, _ = finished
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
-    pm.execute_notebook(str(runner.NOTEBOOK_DIR / "07_report.ipynb"), str(tmp_path / "07.ipynb"),
+    pm.execute_notebook(str(runner.NOTEBOOK_DIR / "08_report.ipynb"), str(tmp_path / "07.ipynb"),
                         parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir)},
                         kernel_name="python3", cwd=str(runner.NOTEBOOK_DIR), progress_bar=False)
     now = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}

@@ -14,7 +14,7 @@ from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm import client as llm_client
 from llamaduo_nb.llm.client import ServiceLLM
-from llamaduo_nb.pipeline.params import Params, ServiceParams
+from llamaduo_nb.core.params import Params, ServiceParams
 
 
 class JudgeBackend(Backend):
@@ -79,7 +79,7 @@ def _service(tmp_path, params, backend):
 def _judge(tmp_path, decide, resp=None, **evaluate):
     params = _params(**evaluate)
     backend = JudgeBackend(decide)
-    rows = pairwise.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
+    rows = evaluate.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
     return pd.DataFrame(rows), backend
 
 
@@ -219,7 +219,7 @@ def _stub_local(scores):
     """A LocalBackend without a model: judge_scores looked up from `scores` (answer -> (similarity, precision))."""
     from llamaduo_nb.llm.local import LocalBackend
 
-    from llamaduo_nb.methods.likelihood_judge import LikelihoodJudge
+    from llamaduo_nb.llm.likelihood_judge import LikelihoodJudge
 
     backend = object.__new__(LocalBackend)
     backend.judge = object.__new__(LikelihoodJudge)
@@ -263,7 +263,7 @@ def test_pairwise_prompt_contract():
     jsonschema.validate({"winner": "tie", "reason": "same"}, prompt.schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"winner": "C", "reason": "?"}, prompt.schema)
-    from llamaduo_nb.errors import UserError
+    from llamaduo_nb.core.errors import UserError
 
     with pytest.raises(UserError):
         pairwise.load_pairwise_prompt("no_such_prompt")
@@ -290,8 +290,8 @@ class BothJudge(Backend):
 
 def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatch):
     from llamaduo_nb.methods import reference_metrics
-    from llamaduo_nb.io import write_json, write_jsonl
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.io import write_json, write_jsonl
+    from llamaduo_nb.core.units import stage_dir
 
     run_dir = tmp_path / "run"
     write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl",
@@ -366,5 +366,5 @@ def test_real_local_judge_prefers_the_reference_in_both_orders(tmp_path):
         {"task": "closed_qa", "local_model": "m", "volume": 4, "prompt_id": "p", "k": 0, "response": "It opened in 1932."},
     ])
     service = ServiceLLM(cfg, ResponseCache(tmp_path / "c.sqlite"), backend=LocalBackend(cfg))
-    rows = pd.DataFrame(pairwise.judge_pairs(params, params.judges[0], resp, refs, service))
+    rows = pd.DataFrame(evaluate.judge_pairs(params, params.judges[0], resp, refs, service))
     assert list(rows["outcome"]) == ["win", "win"]

@@ -19,16 +19,17 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer
 
+from llamaduo_nb.stages import BY_NAME
 from llamaduo_nb import figures
 from llamaduo_nb import widgets
 
 from llamaduo_nb.stages import report
-from llamaduo_nb.io import write_csv, write_json, write_jsonl
+from llamaduo_nb.core.io import write_csv, write_json, write_jsonl
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.metrics import aggregate, answer_scores
-from llamaduo_nb.pipeline.cycle import cycle_verdicts
+from llamaduo_nb.methods.verdict import cycle_verdicts
 from llamaduo_nb.stages import evaluate
-from llamaduo_nb.pipeline.params import CycleTarget
+from llamaduo_nb.core.params import CycleTarget
 
 TASKS = ("summarization", "closed_qa")
 MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct")
@@ -299,12 +300,12 @@ def test_cost_figure_notes_a_free_local_stand_in(tmp_path):
 
 
 def test_report_run_writes_every_figure_as_png_and_svg(run2):
-    from llamaduo_nb.pipeline import units
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.core import units
+    from llamaduo_nb.core.params_file import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params" / "quickstart.yaml",
                          ["service.backend=openai", "service.model=gpt-4o"])  # judge openai:gpt-4o, as in fake_run
-    for up in units.UPSTREAM["report"]:  # the report only needs its upstream stages to be done
+    for up in BY_NAME["report"].upstream:  # the report only needs its upstream stages to be done
         write_json(units.done_path(run2, up), {"completion_id": up})
     result = report.run(params, run2, force=True)
     figures = run2 / "report"

@@ -18,12 +18,14 @@ import pandas as pd
 import pytest
 from matplotlib.patches import Polygon, Rectangle
 
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.core.rows import read_human_labels
 from llamaduo_nb import figures
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.methods import agreement, verdict
 from llamaduo_nb.methods.metrics import aggregate
 from llamaduo_nb.pipeline import cycle
-from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, CycleTarget, Params
+from llamaduo_nb.core.params import BUNDLED_HUMAN_LABELS, CycleTarget, Params
 
 SERVICE = "service:openai:gpt-4o"
 
@@ -114,7 +116,7 @@ def test_agreement_tables_per_judge_and_between_judges():
 
 
 def test_bundled_labels_are_valid_and_name_bundled_test_prompts():
-    labels = agreement.read_human_labels(BUNDLED_HUMAN_LABELS)
+    labels = read_human_labels(BUNDLED_HUMAN_LABELS)
     test_ids = {json.loads(line)["prompt_id"] for line in (BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl").read_text().splitlines()
                 if json.loads(line).get("split") == "test"}
     assert len(labels) >= 24 and {row["prompt_id"] for row in labels} <= test_ids
@@ -130,7 +132,7 @@ def test_bundled_labels_are_valid_and_name_bundled_test_prompts():
     ('{"prompt_id": "p", "answer": "x", "similarity": "high"}', "similarity"),
 ])
 def test_a_bad_labels_file_names_the_file_the_line_and_the_field(tmp_path, line, field):
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.core.params_file import load_params
 
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"prompt_id": "p", "answer": "fine", "similarity": 50}\n' + line + "\n")
@@ -187,7 +189,7 @@ def test_every_target_says_how_it_is_decided(text, words):
 def test_decide_stops_without_the_service_llms_answers():
     params = Params(cycle={"target": "precision mean >= service", "max_cycles": 3}, evaluate={"judges": [{"name": "j"}]})
     scores = scores_fixture()
-    without = verdict.verdict_table(scores[scores["volume"] != -1], cycle.verdict_rule(params))
+    without = verdict.verdict_table(scores[scores["volume"] != -1], evaluate.verdict_rule(params))
     stopped = cycle.decide(params, 1, without)
     assert stopped.stop and "needs the service LLM's own judged answers" in stopped.reason
 
@@ -318,8 +320,8 @@ def assert_reads_offline(page: str) -> None:
 def answered_run(run_dir, prompts: int, k: int) -> list[dict]:
     """A run folder as infer leaves it: `prompts` bundled closed-QA test prompts answered K times by a 'local model'
     at volume 0 ("I do not know.") and 4 (the reference), earlier stages marked done. Returns the test prompts."""
-    from llamaduo_nb.io import read_jsonl, write_json, write_jsonl
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.io import read_jsonl, write_json, write_jsonl
+    from llamaduo_nb.core.units import stage_dir
 
     test = [{"prompt_id": r["prompt_id"], "task": "closed_qa", "instruction": r["messages"][0]["content"],
              "reference": r["messages"][1]["content"], "split": "test"} for r in read_jsonl(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")
@@ -343,7 +345,7 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     """Hand-written answers of a 'local model' at volumes 0 and 4; the packaged SmolLM2 answers as the service
     LLM and judges everything: metrics.csv has its rows, pairwise has local-vs-service rows, the figures
     draw its band, the report says which volume is not worse, the bundled labels are checked."""
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.units import stage_dir
     from llamaduo_nb.stages import evaluate, report
 
     run_dir = tmp_path / "run"
@@ -379,15 +381,15 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     page = widgets.static_answers(run_dir)
     assert "service LLM local:smollm2-135m-instruct: its answer (same k)" in page and "id smol/4/0" in page
 
-    # notebook 07 on this run, exported as report.html: every section present, readable offline
+    # notebook 08 on this run, exported as report.html: every section present, readable offline
     import papermill as pm
 
-    from llamaduo_nb.io import write_yaml
+    from llamaduo_nb.core.io import write_yaml
     from llamaduo_nb.pipeline.runner import NOTEBOOK_DIR
 
     write_yaml(run_dir / "params.yaml", params.dump())
-    executed = tmp_path / "07_report.ipynb"
-    pm.execute_notebook(str(NOTEBOOK_DIR / "07_report.ipynb"), str(executed), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+    executed = tmp_path / "08_report.ipynb"
+    pm.execute_notebook(str(NOTEBOOK_DIR / "08_report.ipynb"), str(executed), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
                         parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir)}, progress_bar=False)
     page = report.export_html(executed, run_dir / "report.html").read_text()
     assert_reads_offline(page)

@@ -2,8 +2,8 @@
 
 Reads: `coverage/test.jsonl` and the answer files infer made for the current grid. Writes:
 `evaluate/<judge>.jsonl` (one row per judgement: scores, reasons, raw JSON, valid flag or error),
-`metrics.csv` at the run folder's top (the paper's aggregates with bootstrap CIs, judge spread and
-failed share: see `methods/metrics.py`), DONE.json. Judge prompt: `params/prompts/judge.yaml` (the
+`evaluate/metrics.csv` (the paper's aggregates with their intervals, judge spread and failed share: see
+`methods/metrics.py`), DONE.json. The runner gathers every cycle's tables into `<run>/metrics.csv`. Judge prompt: `params/prompts/judge.yaml` (the
 reference's JSON contract).
 
 Units: each judgement, identified by its request's content: the answer's text, the instruction and
@@ -26,8 +26,8 @@ judge; the reference answers apart) and
 
 Optional, beside the paper:
 - `evaluate.pairwise`: MT-Bench-style verdicts, tuned answer vs the base model's and vs the service
-  LLM's, both orders (`methods/pairwise.py`): `evaluate/pairwise.jsonl`, `pairwise.csv` at the run
-  folder's top (column `baseline`);
+  LLM's, both orders (`methods/pairwise.py`): `evaluate/pairwise.jsonl`, `evaluate/pairwise.csv`
+  (column `baseline`; every cycle's in `<run>/pairwise.csv`);
 - `evaluate.reference_metrics`: ROUGE-L and embedding cosine vs the reference per answer, and
   their Spearman correlation with the judge (`methods/reference_metrics.py`):
   `evaluate/reference_metrics.csv`, `evaluate/correlations.csv`.
@@ -44,20 +44,23 @@ from typing import Optional
 
 import pandas as pd
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_csv_or_empty, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import file_fingerprint, read_csv_or_empty, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.methods import agreement, pairwise, reference_metrics, verdict
-from llamaduo_nb.methods.metrics import SERVICE_VOLUME, aggregate, answer_scores, is_service, service_name
-from llamaduo_nb.pipeline.cycle import publish, verdict_rule
-from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, Params, ServiceParams
-from llamaduo_nb.pipeline.units import SERVICE_OPERATIONAL, StageResult, StageRun, Unit, cycle_folders, cycle_of, root_of, stage_dir
-from llamaduo_nb.prompts import load_prompt
+from llamaduo_nb.methods.metrics import aggregate, answer_scores
+from llamaduo_nb.core.rows import LABEL_METRICS, SERVICE_VOLUME, is_service, read_human_labels, service_name
+from llamaduo_nb.core.params import BUNDLED_HUMAN_LABELS, Params, ServiceParams, resolve_prompt
+from llamaduo_nb.core.units import (SERVICE_OPERATIONAL, Stage, StageResult, StageRun, Unit, cycle_folders, cycle_of, depends_on, optional_file,
+                                        read_done, root_of, stage_dir)
+from llamaduo_nb.core.prompts import load_prompt
 from llamaduo_nb.stages import coverage, infer
 
 
 PAIRWISE_JSONL = pairwise.PAIRWISE_JSONL
+PAIRWISE_CSV = "pairwise.csv"
+METRICS_CSV = "metrics.csv"
 REFERENCE_METRICS_CSV = "reference_metrics.csv"
 CORRELATIONS_CSV = "correlations.csv"
 SERVICE_ANSWERS = "service_answers"  # evaluate/service_answers/<task>.jsonl
@@ -107,10 +110,23 @@ def judgement_row(meta: dict, result) -> dict:
     return row
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("evaluate", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    """The judge prompts' content, the human labels' content, and the sampling the service LLM answers with."""
+    cfg = params.evaluate
+    labels = cfg.labels_file(params.coverage.source)
+    return {"prompt": file_fingerprint(resolve_prompt(cfg.prompt)),
+            "pairwise_prompt": file_fingerprint(resolve_prompt(cfg.pairwise_prompt)) if cfg.pairwise else None,
+            "human_labels": optional_file(labels) if labels else None,
+            "service_answers": depends_on(params, ["infer.k", "infer.temperature", "infer.top_p", "infer.max_new_tokens"])
+            if cfg.service_answers else None}
+
+
+STAGE = Stage("evaluate", upstream=("coverage", "infer"), depends_on=("seed", "tasks", "evaluate", "service"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     if params.evaluate.pairwise:
         pairwise.load_pairwise_prompt(params.evaluate.pairwise_prompt)  # a missing prompt fails before any call
     stage.begin()
@@ -144,10 +160,10 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     judgements = pd.concat(frames, ignore_index=True)
     cfg = params.evaluate
     metrics = aggregate(judgements, cfg.zetas)
-    publish(run_dir, "metrics.csv", metrics)  # this cycle's rows, also merged into the run's metrics.csv
+    write_csv(stage_dir(run_dir, "evaluate") / METRICS_CSV, metrics)
     counts.update(judgements=len(judgements), invalid=int((~judgements["valid"]).sum()), answers=len(responses), metric_rows=len(metrics))
     _remove_stale(run_dir, cfg, params.judges)
-    outputs += [judge_file(run_dir, j).name for j in params.judges]
+    outputs += [judge_file(run_dir, j).name for j in params.judges] + [METRICS_CSV]
     if labelled is not None and len(labelled):
         items, label_accounting = check_judges_against_people(params, run_dir, labelled, references)
         accounting.update(label_accounting)
@@ -157,7 +173,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         shutil.rmtree(stage_dir(run_dir, "evaluate") / HUMAN_LABELS, ignore_errors=True)
     if cfg.pairwise:
         summary, pair_accounting = run_pairwise(params, run_dir, local_responses, references, service_answers=service_responses)
-        outputs.append(PAIRWISE_JSONL)
+        outputs += [PAIRWISE_JSONL, PAIRWISE_CSV]
         accounting.update(pair_accounting)
         counts.update(pairwise_verdicts=int(summary["judgements"].sum()), pairwise_errors=int(summary["errors"].sum()))
     if cfg.reference_metrics:
@@ -283,7 +299,7 @@ def human_labels(params: Params, references: dict) -> Optional[list[dict]]:
     if path is None:
         return None
     try:
-        rows = agreement.read_human_labels(path)
+        rows = read_human_labels(path)
     except ValueError as exc:
         raise UserError(f"evaluate.human_labels: {exc}") from None
     bundled = path == BUNDLED_HUMAN_LABELS
@@ -318,7 +334,7 @@ def labelled_answers(labels: list[dict], references: dict, responses: pd.DataFra
             if answer is None:
                 raise UserError(f"{path}: label {label['label']}: answer_id: '{label['answer_id']}' is not an answer to "
                                 f"prompt {label['prompt_id'][:12]}… in this run (ids as the answer browser shows them)")
-        for metric in agreement.LABEL_METRICS:
+        for metric in LABEL_METRICS:
             if label.get(metric) is not None:
                 rows.append({"item": _item(label["prompt_id"], answer), "prompt_id": label["prompt_id"],
                              "task": references[label["prompt_id"]]["task"], "answer": answer, "metric": metric,
@@ -381,7 +397,19 @@ def pairwise_file(run_dir: Path | str) -> Path:
 
 
 def pairwise_summary_file(run_dir: Path | str) -> Path:
-    return Path(run_dir) / "pairwise.csv"
+    return stage_dir(run_dir, "evaluate") / PAIRWISE_CSV
+
+
+def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, service, baseline: Optional[pd.DataFrame] = None,
+                baseline_name: str = pairwise.BASE, baseline_volume: int = pairwise.BASELINE_VOLUME) -> list[dict]:
+    """Build, send (only the pairs whose answers differ) and parse one judge's pairwise verdicts (against the
+    base model, or against `baseline`'s answers)."""
+    jobs = pairwise.build_requests(params, judge, responses, references, baseline=baseline, baseline_name=baseline_name,
+                          baseline_volume=baseline_volume)
+    sent = [i for i, (_, req) in enumerate(jobs) if req is not None]
+    results = service.run([jobs[i][1] for i in sent], desc="pairwise ×2 orders") if sent else []
+    by_job = dict(zip(sent, results))
+    return [pairwise.judgement_row(meta, by_job.get(i)) for i, (meta, _) in enumerate(jobs)]
 
 
 def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, references: dict,
@@ -396,25 +424,25 @@ def run_pairwise(params: Params, run_dir: Path | str, responses: pd.DataFrame, r
     rows, accounting = [], {}
     for judge in params.judges:
         service = make_service(judge)
-        rows += pairwise.judge_pairs(params, judge, local, references, service)
+        rows += judge_pairs(params, judge, local, references, service)
         if service_answers is not None and len(service_answers):
-            rows += pairwise.judge_pairs(params, judge, local, references, service, baseline=service_answers,
+            rows += judge_pairs(params, judge, local, references, service, baseline=service_answers,
                                          baseline_name=service_name(params.service.label), baseline_volume=SERVICE_VOLUME)
         accounting[f"{judge.label} (pairwise)"] = service.accounting.as_dict()
     for row in rows:
         row["cycle"] = cycle_of(run_dir)
     write_jsonl(pairwise_file(run_dir), rows)
     summary = pairwise.summarise(pd.DataFrame(rows))
-    publish(run_dir, "pairwise.csv", summary)  # this cycle's rows, also merged into the run's pairwise.csv
+    write_csv(pairwise_summary_file(run_dir), summary)
     return summary, accounting
 
 
 def load_pairwise(run_dir: Path | str) -> pd.DataFrame:
-    """pairwise.csv, or an empty frame when the run did no pairwise comparison (`baseline`: base or service:<label>)."""
-    path = pairwise_summary_file(run_dir)
-    if not path.exists():
+    """The pairwise summary of a run folder (every cycle) or of one `cycle-<t>/` folder (that cycle); an empty
+    frame when the run did no pairwise comparison (`baseline`: base or service:<label>)."""
+    frame = _every_cycle(run_dir, PAIRWISE_CSV)
+    if frame.empty:
         return pd.DataFrame(columns=pairwise.SUMMARY_COLUMNS)
-    frame = pd.read_csv(path)
     return frame if "baseline" in frame.columns else frame.assign(baseline=pairwise.BASE)
 
 
@@ -448,6 +476,15 @@ def load_answer_scores(run_dir: Path | str) -> pd.DataFrame:
     return answer_scores(judgements, unscored=True) if len(judgements) else pd.DataFrame(columns=ANSWER_SCORE_COLUMNS)
 
 
+def verdict_rule(params: Params) -> verdict.Rule:
+    """The run's one rule (`methods/verdict.py`): the cycle target at `cycle.alpha`, with the first judge by default;
+    in a volume search, α split over every look the search could make."""
+    looks = 1
+    if params.finetune.search:  # the base model, each grid volume, each later cycle
+        looks = 1 + len(params.finetune.volumes) + (params.cycle.max_cycles - 1)
+    return verdict.Rule.from_target(params.cycle.target, params.cycle.alpha, params.judges[0].label, looks)
+
+
 def run_verdicts(params: Params, run_dir: Path | str, up_to_cycle: int | None = None) -> pd.DataFrame:
     """The verdict of every (task, local model, cycle, volume) of the run (`methods/verdict.py`), cycles ≤ `up_to_cycle`."""
     scores = load_answer_scores(run_dir)
@@ -457,5 +494,14 @@ def run_verdicts(params: Params, run_dir: Path | str, up_to_cycle: int | None = 
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:
-    """metrics.csv of a run folder (every cycle) or of one `cycle-<t>/` folder (that cycle)."""
-    return pd.read_csv(Path(run_dir) / "metrics.csv")
+    """The metrics of a run folder (every cycle) or of one `cycle-<t>/` folder (that cycle)."""
+    return _every_cycle(run_dir, METRICS_CSV)
+
+
+def _every_cycle(run_dir: Path | str, name: str) -> pd.DataFrame:
+    """One of evaluate's tables: each cycle's own, read from its evaluate folder where that evaluate finished (so a
+    redone cycle never hides another's rows, and an unfinished one shows none)."""
+    folders = [Path(run_dir)] if cycle_of(run_dir) > 1 else [f for _, f in cycle_folders(run_dir)]
+    frames = [read_csv_or_empty(stage_dir(f, "evaluate") / name) for f in folders if read_done(f, "evaluate")]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

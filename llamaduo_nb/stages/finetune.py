@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.io import fingerprint, read_json, write_csv, write_json
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.models import load_tokenizer, load_training_base, short_name
-from llamaduo_nb.pipeline.execution import UnitJob, run_units
-from llamaduo_nb.pipeline.params import FinetuneParams, Params
-from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_of, set_aside, stage_dir
+from llamaduo_nb.core.io import fingerprint, read_json, write_csv, write_json
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import load_tokenizer, load_training_base, model_identity, short_name
+from llamaduo_nb.core.execution import UnitJob, run_units
+from llamaduo_nb.core.params import FinetuneParams, Params
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, Unit, cycle_of, earlier_cycles, set_aside, stage_dir
+from llamaduo_nb.stages.deduplicate import kept_before, load_kept
 
 
 SYNTHESIS_ID = re.compile(r"-c(\d+)-(\d+)-(\d+)$")  # <task>-c<cycle>-<call>-<j>, as synthesize names a pair
@@ -164,7 +165,7 @@ def adapter_unit(params: Params, run_dir: Path | str, task: str, model_ref: str,
     cfg = params.finetune
     made_from = {
         "finetune": cfg.model_dump(mode="json", exclude={"volumes", "base_models", "search", "volumes_by_task"}),
-        "quantization": effective_quantization(cfg, warn=False), "base_model": model_ref, "seed": params.seed,
+        "quantization": effective_quantization(cfg, warn=False), "base_model": model_identity(model_ref), "seed": params.seed,
         "pairs": pairs_fingerprint(pairs), "n_train": len(pairs),
     }
     out = unit_dir(run_dir, task, model_ref, volume)
@@ -251,12 +252,19 @@ def grid(params: Params, run_dir: Path | str, kept: list[dict]) -> list[tuple[st
     return cells
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("finetune", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    # every earlier cycle's kept pairs (a later cycle trains on them too) and what the base models are now
+    return {"earlier_cycles": earlier_cycles(run_dir, "deduplicate"),
+            "base_models": [model_identity(ref) for ref in params.finetune.base_models]}
+
+
+STAGE = Stage("finetune", upstream=("deduplicate",), depends_on=("seed", "tasks", "finetune"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     stage.begin()
-    from llamaduo_nb.stages.deduplicate import kept_before, load_kept
 
     cells = grid(params, run_dir, kept_before(run_dir) + load_kept(run_dir))
     wanted = {unit_dir(run_dir, task, model_ref, volume) for task, model_ref, volume, _ in cells}
