@@ -190,11 +190,36 @@ def test_the_finished_run_reports_its_grid_and_a_rerun_changes_nothing(finished,
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     before = snapshot(run_dir)
+    manifest = read_json(run_dir / "manifest.json")
     calls = emulator.stats.total
     logs = run(params_file, run_dir, force=())
     assert snapshot(run_dir) == before and emulator.stats.total == calls
     stage_lines = [line for line in logs if re.match(r"^\[(coverage|synthesize|deduplicate|finetune|infer|evaluate|report)\]", line)]
     assert len(stage_lines) == 7 and all("up to date" in line for line in stage_lines), stage_lines
+    # the manifest keeps a history of invocations; the code each stage was made by is left as it was
+    again = read_json(run_dir / "manifest.json")
+    assert len(again["invocations"]) == len(manifest["invocations"]) + 1 and again["invocations"][-1]["arguments"] == [str(params_file)]
+    assert {s: r["code"] for s, r in again["stages"].items()} == {s: r["code"] for s, r in manifest["stages"].items()}
+    assert read_json(next(run_dir.glob("finetune/*/*/*/UNIT.json")))["code"]["llamaduo-nb"]  # and every unit
+
+
+def test_a_changed_base_model_file_retrains_and_reanswers_that_model_only(case):
+    """The second local model is a GGUF named by its path: a file with another size or time is another model."""
+    import os
+
+    run_dir, before, apply = case
+    path = Path(_second_model())
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        after = apply()["after"]
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = {m for m in models() if m != SMOL}
+    assert redone(before, after, "adapter") == grid(local_models=second)
+    assert redone(before, after, "answers") == grid(local_models=second) | {(t, m, 0) for t in ("closed_qa", "summarization") for m in second}
+    assert kept(before, after, "adapter") == grid(local_models={SMOL})
+    assert_reports_exactly(run_dir, grid())
 
 
 # -- operational settings change nothing --------------------------------------------------------------------

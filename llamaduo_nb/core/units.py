@@ -20,6 +20,7 @@ DONE.json matches and whose outputs are unchanged is skipped without looking at 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import platform
@@ -153,7 +154,7 @@ class Unit:
 
     def commit(self, **extra) -> dict:
         record = dict(extra, fingerprint=self.fingerprint, made_from=self.made_from, content=content_fingerprint(self.outputs),
-                      made_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), unit_id=uuid.uuid4().hex)
+                      made_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), unit_id=uuid.uuid4().hex, code=code_identity())
         write_json(self.record_path, record)
         return record
 
@@ -402,7 +403,7 @@ class StageRun:
             "units": units or {},
             "llm": llm or {},
             "inputs": {u: output_content(self.run_dir, u) for u in self.contract.upstream},
-            "code": {"git_commit": _git_commit(), "versions": _versions()},  # the code that made these outputs
+            "code": {"git_commit": code_identity()["git_commit"], "dirty": code_identity()["dirty"], "versions": _versions()},
             **(extra or {}),
         }
         update_manifest(self.run_dir, self.params, self.stage, done)
@@ -410,12 +411,20 @@ class StageRun:
         return StageResult(self.stage, self.run_dir, False, counts=counts, seconds=seconds, llm=llm or {})
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+@functools.lru_cache(maxsize=1)
+def code_identity() -> dict:
+    """The code of this process: the package version, the git commit of the checkout and whether it had local
+    changes (asked once per process: every unit and stage record carries it)."""
+    def git(*args) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or None
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", "llamaduo_nb") if commit else None
+    return {"llamaduo-nb": __version__, "git_commit": commit, "dirty": bool(changes)}
 
 
 def _versions() -> dict:
@@ -428,12 +437,18 @@ def _versions() -> dict:
     return out
 
 
-def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None) -> dict:
+def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None,
+                    invocation: Optional[list[str]] = None) -> dict:
     """Record seeds, params and (when given) one stage's DONE record in manifest.json. The code (git commit, package
-    versions) is recorded per stage, when the stage made its outputs: an invocation that skips every stage leaves it
-    as it was, and the top-level `git_commit` / `versions` are the code of the stage that ran last."""
+    versions) is recorded per stage, when the stage made its outputs (and per unit, in its record): an invocation that
+    skips every stage leaves it as it was, and the top-level `git_commit` / `versions` are the code of the stage that
+    ran last. `invocation` (the command's arguments) is added to the history of invocations, never rewritten."""
     path = Path(run_dir) / "manifest.json"
     manifest = read_json(path) if path.exists() else {}
+    if invocation is not None:
+        manifest.setdefault("invocations", []).append({
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arguments": invocation, "code": code_identity(),
+            "params_fingerprint": fingerprint(without_operational(params.dump()))})
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["layout"] = LAYOUT
     manifest["run_name"] = params.run_name

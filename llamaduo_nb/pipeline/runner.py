@@ -103,8 +103,10 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
         return chosen if stages or params.deploy.enabled else [s for s in chosen if s != "deploy"]
 
     accepted = "" in (force or [])  # a bare --force accepts changed params; --force STAGE only redoes STAGE
+    invocation = ([str(params_file)] + [f"--set {o}" for o in overrides or []] + ([f"--stages {stages}"] if stages else [])
+                  + [f"--force {f}".strip() for f in force or []] + ([f"--only {only}"] if only else []))
     if len(family) == 1:
-        return _run_one(family[0], run_dir, stages_for(family[0]), forced, accepted, log, only, execute)
+        return _run_one(family[0], run_dir, stages_for(family[0]), forced, accepted, log, only, execute, invocation)
     members = {service_slug(p): p for p in family}
     for slug, params in members.items():  # refuse before any member runs
         refuse_changed_params(run_dir / slug, params, accepted)
@@ -114,7 +116,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
                                         "folders": list(members)})
     for slug, params in members.items():
         log(f"=== service LLM {params.service.label}: {run_dir / slug}")
-        _run_one(params, run_dir / slug, stages_for(params), forced, True, log, only, execute)  # params already checked above
+        _run_one(params, run_dir / slug, stages_for(params), forced, True, log, only, execute, invocation)  # params checked above
     finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
     if len(finished) > 1 and "report" in chosen:
         paths = compare_runs(finished, run_dir / "comparison")
@@ -123,7 +125,7 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
 
 
 def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str], accepted: bool, log, only: str | None = None,
-             execute=None) -> Path:
+             execute=None, invocation: list[str] | None = None) -> Path:
     check_layout(run_dir)
     refuse_changed_params(run_dir, params, accepted)
     cells = parse_only(only, params) if only else []
@@ -132,7 +134,7 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
     write_yaml(resolved, params.dump())
-    update_manifest(run_dir, params)
+    update_manifest(run_dir, params, invocation=invocation or [])
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
     if cells:

@@ -245,8 +245,6 @@ def grid(params: Params, run_dir: Path | str, kept: list[dict]) -> list[tuple[st
         for model_ref in params.finetune.base_models:
             for volume in volumes:
                 pairs = select_volume(order, volume)
-                if len(pairs) < volume:
-                    warnings.warn(f"{task}: only {len(pairs)} deduplicated pairs for volume {volume}; training on {len(pairs)}")
                 if pairs:
                     cells.append((task, model_ref, volume, pairs))
     return cells
@@ -285,10 +283,25 @@ def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) ->
     trained = [f"{r['task']}/{r['local_model']}/{r['volume']}" for r in records if not r["skipped"]]
     # the adapters' weights are the stage's content (runs.csv holds timings, which change on every training)
     outputs = [str(Path(r["adapter"]).relative_to(folder.relative_to(Path(run_dir))) / name) for r in records for name in ADAPTER_FILES]
+    short = short_volumes(table)
+    for line in short:
+        print(f"WARNING finetune {line}", flush=True)
     return stage.finish({
-        "adapters": len(records), "trained": len(trained), "reused": len(records) - len(trained),
-        "short_volumes": int(sum(r["n_train"] < r["volume"] for r in records)),
-    }, outputs=outputs, units={"redone": trained})
+        "adapters": len(records), "trained": len(trained), "reused": len(records) - len(trained), "short_volumes": len(short),
+    }, outputs=outputs, units={"redone": trained}, extra={"warnings": short} if short else None)
+
+
+def short_volumes(runs: pd.DataFrame) -> list[str]:
+    """One line per adapter trained on fewer pairs than its volume's label (deduplication kept too few): its real size,
+    and which labels share the same data, so that no figure's two volumes are silently one."""
+    lines = []
+    for row in runs[runs["n_train"] < runs["volume"]].itertuples():
+        same = runs[(runs.task == row.task) & (runs.local_model == row.local_model) & (runs.n_train == row.n_train)
+                    & (runs.volume != row.volume)]["volume"].tolist()
+        lines.append(f"{row.task} · {row.local_model}: volume {row.volume} trained on {row.n_train} pairs, short of its label"
+                     + (f" (the same data as volume {', '.join(str(v) for v in same)})" if same else "")
+                     + "; synthesize more (synthesize.samples_per_task) or drop the volume")
+    return lines
 
 
 def load_runs(run_dir: Path | str) -> pd.DataFrame:

@@ -107,10 +107,28 @@ def headline(params: Params, run_dir: Path | str) -> list[str]:
         return [verdict.rule_line(rule), "No verdict yet: the report has not read any judged answers."]
     lines = [verdict.rule_line(rule)]
     lines += [verdict.sentence(r, rule, params.service.label) for r in verdict.summary(table).to_dict("records")]
+    lines += provenance_lines(run_dir)
     if params.finetune.search:
         search = root_of(run_dir) / SEARCH_JSON
         lines += ["Volume search: " + line for line in (read_json(search).get("summary", []) if search.exists() else [])]
     return lines + planner_lines(params, table)
+
+
+def provenance_lines(run_dir: Path | str) -> list[str]:
+    """What a reader must know of how the numbers were made: volumes short of their label, and outputs made by
+    different versions of the code (each stage records the code that made it)."""
+    lines, codes = [], {}
+    for cycle, folder in cycle_folders(run_dir):
+        path = Path(folder) / "manifest.json"
+        for stage, record in ((read_json(path).get("stages") or {}) if path.exists() else {}).items():
+            code = record.get("code") or {}
+            version = (code.get("versions") or {}).get("llamaduo-nb")
+            key = f"{version} ({(code.get('git_commit') or 'no git')[:10]}{', with local changes' if code.get('dirty') else ''})"
+            codes.setdefault(key, []).append(stage if cycle == 1 else f"cycle {cycle} {stage}")
+            lines += [f"Warning: {w}" for w in record.get("warnings") or [] if stage == "finetune"]
+    if len(codes) > 1:
+        lines.append("Made by more than one version of the code: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in codes.items()))
+    return lines
 
 
 VERDICT_VIEW = ["task", "local_model", "volume", "cycle", "outcome", "sequence", "chosen", "estimate", "low", "high", "bound",
