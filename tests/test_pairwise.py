@@ -6,6 +6,7 @@ import re
 import pandas as pd
 import pytest
 
+from llamaduo_nb.stages.evaluate import competitor, judging, pairwise_verdicts
 from llamaduo_nb import figures
 from llamaduo_nb.stages import evaluate
 
@@ -79,7 +80,7 @@ def _service(tmp_path, params, backend):
 def _judge(tmp_path, decide, resp=None, **evaluate):
     params = _params(**evaluate)
     backend = JudgeBackend(decide)
-    rows = evaluate.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
+    rows = pairwise_verdicts.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
     return pd.DataFrame(rows), backend
 
 
@@ -194,8 +195,8 @@ def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
     run_dir = tmp_path / "run"
     params = _params()
     backend = JudgeBackend(first_always)
-    summary, accounting = evaluate.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
-    assert evaluate.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
+    summary, accounting = pairwise_verdicts.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
+    assert pairwise_verdicts.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
     assert list(pd.read_csv(run_dir / "pairwise.csv").columns) == pairwise.SUMMARY_COLUMNS
     assert accounting["openai:fake-judge (pairwise)"]["requests"] == 16
     assert len(evaluate.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
@@ -203,7 +204,7 @@ def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
     (run_dir / "evaluate" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
     assert len(evaluate.load_judgements(run_dir)) == 1
     # a judge named "pairwise" does not overwrite the verdicts
-    assert evaluate.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
+    assert judging.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
 
 
 def test_requests_carry_both_answers_in_their_fields():
@@ -320,7 +321,7 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     assert set(metrics["volume"]) == {-1, 0, 4, 16} and {"mean_ci_low", "mean_ci_high"} <= set(metrics.columns)
     assert set(metrics.loc[metrics["volume"] == -1, "local_model"]) == {"service:openai:fake-judge"}
     assert len(evaluate.load_judgements(run_dir)) == (12 + 4) * 2  # pairwise.jsonl is not read as judgements
-    assert len(evaluate.load_service_answers(run_dir)) == 4
+    assert len(competitor.load_service_answers(run_dir)) == 4
     assert "service_answers/summarization.jsonl" in json.loads((run_dir / "evaluate" / "DONE.json").read_text())["outputs"]
     pair = evaluate.load_pairwise(run_dir)
     assert set(pair["baseline"]) == {"base", "service:openai:fake-judge"}
@@ -349,8 +350,8 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
                     service={"backend": "openai", "model": "fake-judge"})
     evaluate.run(params, run_dir)
     assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
-    assert not evaluate.pairwise_file(run_dir).exists()
-    assert evaluate.load_service_answers(run_dir).empty and not (evaluate.load_metrics(run_dir)["volume"] == -1).any()
+    assert not pairwise_verdicts.pairwise_file(run_dir).exists()
+    assert competitor.load_service_answers(run_dir).empty and not (evaluate.load_metrics(run_dir)["volume"] == -1).any()
 
 
 @pytest.mark.slow
@@ -366,5 +367,5 @@ def test_real_local_judge_prefers_the_reference_in_both_orders(tmp_path):
         {"task": "closed_qa", "local_model": "m", "volume": 4, "prompt_id": "p", "k": 0, "response": "It opened in 1932."},
     ])
     service = ServiceLLM(cfg, ResponseCache(tmp_path / "c.sqlite"), backend=LocalBackend(cfg))
-    rows = pd.DataFrame(evaluate.judge_pairs(params, params.judges[0], resp, refs, service))
+    rows = pd.DataFrame(pairwise_verdicts.judge_pairs(params, params.judges[0], resp, refs, service))
     assert list(rows["outcome"]) == ["win", "win"]

@@ -15,7 +15,6 @@ from llamaduo_nb.stages import evaluate
 from llamaduo_nb.core.io import read_json, read_jsonl, write_jsonl
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.near_duplicates import deduplicate
-from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.pipeline import runner, search
 from llamaduo_nb.core.params import PROJECT_ROOT, DeduplicateParams
 from llamaduo_nb.core.params_file import load_params

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from matplotlib.patches import Polygon, Rectangle
 
+from llamaduo_nb.stages.evaluate import people
 from llamaduo_nb.stages import evaluate
 from llamaduo_nb.core.rows import read_human_labels
 from llamaduo_nb import figures
@@ -145,31 +146,27 @@ def test_a_bad_labels_file_names_the_file_the_line_and_the_field(tmp_path, line,
 
 
 def test_labels_of_prompts_outside_the_run_are_refused_for_your_file_and_skipped_for_the_bundled_one(tmp_path):
-    from llamaduo_nb.stages import evaluate
-
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"prompt_id": "elsewhere", "answer": "x", "precision": 50}\n')
     references = {"p1": {"task": "closed_qa", "instruction": "i", "reference": "r"}}
     params = Params(evaluate={"human_labels": str(labels)})
     with pytest.raises(UserError, match=r"labels.jsonl: label 1: prompt_id: 'elsewhere' is not a test prompt of this run"):
-        evaluate.human_labels(params, references)
-    assert evaluate.human_labels(Params(coverage={"source": "bundled"}), references) is None  # none of the bundled prompts here
-    assert evaluate.human_labels(Params(coverage={"source": "hub"}), references) is None  # bundled labels: bundled prompts only
+        people.human_labels(params, references)
+    assert people.human_labels(Params(coverage={"source": "bundled"}), references) is None  # none of the bundled prompts here
+    assert people.human_labels(Params(coverage={"source": "hub"}), references) is None  # bundled labels: bundled prompts only
 
 
 def test_an_answer_id_is_looked_up_among_the_runs_answers():
-    from llamaduo_nb.stages import evaluate
-
     references = {"p1": {"task": "closed_qa", "instruction": "i", "reference": "r"}}
     responses = pd.DataFrame([{"task": "closed_qa", "local_model": "smol", "volume": 4, "prompt_id": "p1", "k": 1, "response": "hi"},
                               {"task": "closed_qa", "local_model": SERVICE, "volume": -1, "prompt_id": "p1", "k": 0, "response": "yo"}])
     labels = [{"prompt_id": "p1", "answer_id": "smol/4/1", "precision": 80, "label": 1},
               {"prompt_id": "p1", "answer_id": f"{SERVICE}/-1/0", "similarity": 70, "precision": 60, "label": 2},
               {"prompt_id": "p1", "answer_id": "smol/4/1@c2", "precision": 10, "label": 3}]  # cycle 2's: left to it
-    rows = evaluate.labelled_answers(labels, references, responses)
+    rows = people.labelled_answers(labels, references, responses)
     assert list(rows["answer"]) == ["hi", "yo", "yo"] and list(rows["metric"]) == ["precision", "similarity", "precision"]
     with pytest.raises(UserError, match="answer_id: 'smol/16/0' is not an answer"):
-        evaluate.labelled_answers([{"prompt_id": "p1", "answer_id": "smol/16/0", "precision": 1, "label": 4}], references, responses)
+        people.labelled_answers([{"prompt_id": "p1", "answer_id": "smol/16/0", "precision": 1, "label": 4}], references, responses)
 
 
 # -- targets relative to the service LLM -----------------------------------------------------------------------
@@ -362,7 +359,7 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     assert set(service["volume"]) == {-1} and set(service["metric"]) == {"similarity", "precision"} and (service["n"] == 1).all()
     pair = evaluate.load_pairwise(run_dir)
     assert set(pair["baseline"]) == {"base", "service:local:smollm2-135m-instruct"} and set(pair["volume"]) == {4}
-    human = evaluate.load_human_check(run_dir)
+    human = people.load_human_check(run_dir)
     assert set(human["agreement"]["metric"]) == {"similarity", "precision"} and (human["agreement"]["items"] == 3).all()
     assert (human["agreement"]["reference_items"] == 1).all()  # the reference answer, reported apart
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llamaduo_nb.stages.evaluate import judging
 from llamaduo_nb import export, serving
 from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.core.io import read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
@@ -334,9 +335,9 @@ def _judge_and_compare(params: Params, run_dir: Path, cell: dict, out: Path, ser
     evaluated = cycle_folder(run_dir, cell["cycle"])
     frames = []
     for judge in params.judges:
-        jobs = evaluate.build_requests(params, judge, served, references, evaluated)
+        jobs = judging.build_requests(params, judge, served, references, evaluated)
         results = service_llm(judge, params, run_dir).run([req for _, req in jobs], desc=f"deploy · judge ×{params.evaluate.m}")
-        rows = [evaluate.judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
+        rows = [judging.judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
         if not any(r["valid"] for r in rows):
             raise UserError(f"deploy: none of the {len(rows)} judgements of the served answers by {judge.label} was valid")
         frames.append(pd.DataFrame(rows))

@@ -26,6 +26,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from llamaduo_nb.stages.evaluate import people
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
                                  score_across_cycles, score_vs_volume, served_vs_adapter, verdict_by_volume)
 from llamaduo_nb.core.io import read_json, save_figure, write_csv, write_text
@@ -252,7 +253,7 @@ def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) ->
     logs = load_train_logs(run_dir)
     if not logs.empty:
         written += save_figure(loss_curves(logs), out / "training_loss")
-    human = evaluate.load_human_check(root_of(run_dir))
+    human = people.load_human_check(root_of(run_dir))
     if not human["items"].empty:
         written += save_figure(judge_vs_human(human["items"], human["agreement"]), out / "judge_vs_human")
     parity = deploy.load_parity(root_of(run_dir))
