@@ -6,6 +6,8 @@ import re
 import pandas as pd
 import pytest
 
+import llamaduo_nb.llm
+
 from llamaduo_nb.stages.evaluate import competitor, judging, pairwise_verdicts
 from llamaduo_nb import figures
 from llamaduo_nb.stages import evaluate
@@ -196,9 +198,12 @@ def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
     params = _params()
     backend = JudgeBackend(first_always)
     summary, accounting = pairwise_verdicts.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
-    assert pairwise_verdicts.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
-    assert list(pd.read_csv(run_dir / "pairwise.csv").columns) == pairwise.SUMMARY_COLUMNS
+    summary_file = pairwise_verdicts.pairwise_summary_file(run_dir)
+    assert pairwise_verdicts.pairwise_file(run_dir).exists() and summary_file == run_dir / "evaluate" / "pairwise.csv"
+    assert list(pd.read_csv(summary_file).columns) == pairwise.SUMMARY_COLUMNS
     assert accounting["openai:fake-judge (pairwise)"]["requests"] == 16
+    assert evaluate.load_pairwise(run_dir).empty  # the run's tables show a cycle once its evaluate has finished
+    (run_dir / "evaluate" / "DONE.json").write_text("{}")
     assert len(evaluate.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
     # a single-answer judgement file beside it: load_judgements reads only that one
     (run_dir / "evaluate" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
@@ -309,7 +314,7 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
         def __init__(self, cfg, cache, backend=None, sleep=None, **caps):
             super().__init__(cfg, cache, backend=backend or BothJudge(cfg), **caps)
 
-    monkeypatch.setattr(llm_client, "ServiceLLM", Service)
+    monkeypatch.setattr(llamaduo_nb.llm, "ServiceLLM", Service)  # where the stages' service_llm finds it
     monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
     params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50}, infer={"k": 2},
                     service={"backend": "openai", "model": "fake-judge"})

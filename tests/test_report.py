@@ -125,6 +125,10 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
                         "new_pairs": {t: 3 for t in tasks}, "kept_pairs_total": {t: 3 * cycle for t in tasks},
                         "cost_usd": cost_per_call * sum(calls.values())})
     metrics = aggregate(pd.DataFrame(judgements), (50, 70))
+    for cycle in range(1, cycles + 1):  # each cycle's evaluate writes its own table; the run's is every cycle's
+        folder = root if cycle == 1 else root / f"cycle-{cycle}"
+        write_csv(folder / "evaluate" / "metrics.csv", metrics[metrics["cycle"] == cycle])
+        write_json(folder / "evaluate" / "DONE.json", {"stage": "evaluate"})
     write_csv(root / "metrics.csv", metrics)
     table = verdict.verdict_table(answer_scores(pd.DataFrame(judgements), unscored=True),
                                   verdict.Rule(statistic="coverage_50", versus_service=False, threshold=70.0))

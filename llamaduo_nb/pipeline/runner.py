@@ -148,7 +148,7 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
         for stage in before_cycles:
             if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
                 executed_now.append(stage)
-    if "evaluate" in chosen and read_done(run_dir, "evaluate"):
+    if "evaluate" in chosen and read_done(run_dir, "evaluate") is not None:
         cyc.publish_run_tables(run_dir)
         executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log, execute)
     if "deploy" in chosen and _run_stage("deploy", params, resolved, run_dir, "deploy" in forced, log, execute=execute):

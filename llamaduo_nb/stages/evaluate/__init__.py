@@ -249,6 +249,6 @@ def _every_cycle(run_dir: Path | str, name: str) -> pd.DataFrame:
     """One of evaluate's tables: each cycle's own, read from its evaluate folder where that evaluate finished (so a
     redone cycle never hides another's rows, and an unfinished one shows none)."""
     folders = [Path(run_dir)] if cycle_of(run_dir) > 1 else [f for _, f in cycle_folders(run_dir)]
-    frames = [read_csv_or_empty(stage_dir(f, "evaluate") / name) for f in folders if read_done(f, "evaluate")]
+    frames = [read_csv_or_empty(stage_dir(f, "evaluate") / name) for f in folders if read_done(f, "evaluate") is not None]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
