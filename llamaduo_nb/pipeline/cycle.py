@@ -52,7 +52,9 @@ def publish_run_tables(run_dir: Path | str) -> list[Path]:
     for name, table in (("metrics.csv", evaluate.load_metrics(root)), ("pairwise.csv", evaluate.load_pairwise(root))):
         path = root / name
         if len(table):
-            written.append(write_csv(path, table))
+            if not (path.exists() and path.read_text() == table.to_csv(index=False)):  # a run that changed nothing writes nothing
+                write_csv(path, table)
+            written.append(path)
         elif path.exists():
             path.unlink()
     return written
