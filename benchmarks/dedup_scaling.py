@@ -181,7 +181,7 @@ def rss_mb() -> float:
 
 def run_one(n: int, weights: tuple[float, float], seed: int, leak_k=None) -> dict:
     from llamaduo_nb.methods.near_duplicates import deduplicate
-    from llamaduo_nb.pipeline.params import DeduplicateParams
+    from llamaduo_nb.core.params import DeduplicateParams
 
     t0 = time.perf_counter()
     pairs, earlier, test_prompts, category, truth = make_dataset(n, seed)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.models import generate_chat, load_model, load_tokenizer, process_device
-from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, PROJECT_ROOT
-from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import _git_commit, _versions
+from llamaduo_nb.core.io import read_jsonl
+from llamaduo_nb.core.models import generate_chat, load_model, load_tokenizer, process_device
+from llamaduo_nb.core.params import BUNDLED_COVERAGE, PROJECT_ROOT
+from llamaduo_nb.core.params_file import load_params
+from llamaduo_nb.core.units import _git_commit, _versions
 
 # a ~25M-parameter Llama on a GPU (large enough to time, small enough for minutes); a ~1M one on a CPU
 SIZES = {
@@ -75,7 +75,7 @@ def train(params, model_ref: str, quantization: str, pairs: list[dict], folder: 
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from llamaduo_nb.models import load_training_base
+    from llamaduo_nb.core.models import load_training_base
     from llamaduo_nb.stages.finetune import lora_config, sft_config, to_prompt_completion
 
     cfg = params.finetune

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from llamaduo_nb.stages import coverage
-from llamaduo_nb.models import generate_chat, load_model, load_tokenizer
+from llamaduo_nb.core.models import generate_chat, load_model, load_tokenizer
 
 
 def main() -> None:

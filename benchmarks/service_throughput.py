@@ -48,7 +48,7 @@ import openai  # noqa: E402
 from llamaduo_nb.llm.base import ChatRequest  # noqa: E402
 from llamaduo_nb.llm.cache import ResponseCache  # noqa: E402
 from llamaduo_nb.llm.client import ServiceLLM  # noqa: E402
-from llamaduo_nb.pipeline.params import ServiceParams  # noqa: E402
+from llamaduo_nb.core.params import ServiceParams  # noqa: E402
 
 MODEL = "gpt-emulated"
 

@@ -6,7 +6,16 @@ import argparse
 import os
 import sys
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb import serving
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import available
+from llamaduo_nb.core.params import PROJECT_ROOT
+from llamaduo_nb.core.params_file import load_family, load_params
+from llamaduo_nb.methods.planning import pooled_sd
+from llamaduo_nb.pipeline.doctor import check_params
+from llamaduo_nb.pipeline.plan import describe
+from llamaduo_nb.pipeline.runner import WRITE_ERRNOS, StageFailed, default_run_dir, run
+from llamaduo_nb.stages.report import compare_runs, load_verdicts
 
 KEY_ENVS = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"]
 
@@ -51,7 +60,6 @@ def doctor() -> int:
     import importlib.util
     import platform
 
-    from llamaduo_nb.models import available
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores")
     try:
@@ -74,7 +82,6 @@ def doctor() -> int:
 def _keys_not_needed(params_file) -> None:
     """The report stage sends no request: let the run's key check pass without the keys. A variable
     that is not set gets a value no provider accepts, in this process and the kernels it starts."""
-    from llamaduo_nb.pipeline.params_file import load_params
 
     params = load_params(params_file)
     for cfg in [params.service] + params.judges:
@@ -103,15 +110,11 @@ def report(runs: list[str], out: str | None) -> int:
         if not (Path(run_dir) / "metrics.csv").exists():
             raise UserError(f"{run_dir}: not a finished run folder (no metrics.csv)")
     if len(runs) == 1:
-        from llamaduo_nb.pipeline.runner import run
-
         run_dir = Path(runs[0]).resolve()
         _keys_not_needed(run_dir / "params.yaml")
         run(run_dir / "params.yaml", run_dir, stages="report", force=["report"])
         print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'report'}")
         return 0
-    from llamaduo_nb.pipeline.params import PROJECT_ROOT
-    from llamaduo_nb.stages.report import compare_runs
 
     target = Path(out) if out else PROJECT_ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     for path in compare_runs(runs, target):
@@ -123,9 +126,6 @@ def _pilot(params, run_dir: str | None) -> dict:
     """The planner's pilot: the spread of the verdicts of an earlier run of these params, when its report exists."""
     from pathlib import Path
 
-    from llamaduo_nb.methods.planning import pooled_sd
-    from llamaduo_nb.pipeline.runner import default_run_dir
-    from llamaduo_nb.stages.report import load_verdicts
 
     folder = Path(run_dir) if run_dir else default_run_dir(params)
     verdicts = load_verdicts(folder) if folder.exists() else None
@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
-            from llamaduo_nb.pipeline.params_file import load_family
-
             family = load_family(args.params, args.overrides)
             params = family[0]
             services = f" × {len(family)} service LLMs" if len(family) > 1 else ""
@@ -149,30 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             code = doctor()
             if args.params:
-                from llamaduo_nb.llm.doctor import check_params
-
                 code = check_params(args.params, args.overrides, offline=args.offline)
             return code
         if args.command == "report":
             return report(args.runs, args.out)
         if args.command == "serve":
-            from llamaduo_nb import serving
-
             return serving.serve(args.gguf, args.alias, args.host, args.port, args.n_ctx, args.threads)
         if args.command == "run" and args.gpus is not None and not args.dry_run:
             raise UserError("--gpus goes with --dry-run (a run uses the GPUs its Ray cluster or machine has)")
         if args.command == "run" and args.dry_run:
-            from llamaduo_nb.pipeline.params_file import load_family
-            from llamaduo_nb.pipeline.plan import describe
-
             if args.gpus is not None and args.gpus < 1:
                 raise UserError(f"--gpus: {args.gpus} is not a number of GPUs (1 or more)")
             family = load_family(args.params, args.overrides)
             print(describe(family, gpus=args.gpus, **_pilot(family[0], args.run_dir)))
             return 0
         if args.command == "run":
-            from llamaduo_nb.pipeline.runner import StageFailed, run
-
             try:
                 run_dir = run(args.params, args.run_dir, args.overrides, args.stages, args.force, only=args.only)
             except StageFailed as exc:
@@ -184,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # unwritable run folder, disk full, …
-        from llamaduo_nb.pipeline.runner import WRITE_ERRNOS
 
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         hint = " (the run folder must be writable and its disk not full)" if exc.errno in WRITE_ERRNOS else ""

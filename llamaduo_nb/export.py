@@ -21,7 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import load_model, load_tokenizer
 
 #: quantisation types the `gguf` package can write and llama.cpp loads on any CPU
 GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0",
@@ -40,7 +41,6 @@ def merge_adapter(model_ref: str, adapter_dir: Path | str, chat_template: Option
     shared with inference in this process."""
     from peft import PeftModel
 
-    from llamaduo_nb.models import load_model, load_tokenizer
 
     base = load_model.__wrapped__(model_ref, "none")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

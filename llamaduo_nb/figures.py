@@ -18,11 +18,10 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.methods.metrics import is_service
-from llamaduo_nb.pipeline import cycle as _cycle
-from llamaduo_nb.pipeline.cycle import with_cycle
-from llamaduo_nb.pipeline.params import CycleTarget
-from llamaduo_nb.pipeline.units import STAGES
+from llamaduo_nb.core.rows import is_service
+from llamaduo_nb.core.rows import with_cycle
+from llamaduo_nb.core.params import CycleTarget
+from llamaduo_nb.methods.metrics import judge_spread
 
 KEY = ["task", "local_model", "judge", "metric"]
 CI_ALPHA = 0.18
@@ -351,7 +350,7 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
     """The verdict at each cycle's largest volume (what the stop rule reads), a panel per task, a line per local
     model, with its interval and the bound dashed; filled points passed. Works for one cycle (one point per line)."""
     rule = _rule(rule, judge)
-    best = _cycle.cycle_verdicts(verdicts) if len(verdicts) else verdicts
+    best = verdict.cycle_verdicts(verdicts) if len(verdicts) else verdicts
     tasks = list(dict.fromkeys(best["task"])) if len(best) else []
     cycles = int(best["cycle"].max()) if len(best) else 1
     width = max(4.2, 2.6 + 0.5 * cycles)
@@ -386,8 +385,8 @@ def score_across_cycles(verdicts: pd.DataFrame, rule, judge: str | None = None, 
 
 def cost_per_stage(costs: pd.DataFrame):
     """Service-LLM calls, estimated cost (USD) and wall time per stage, bars grouped by cycle (a
-    `stages.report.stage_costs` frame, read from every cycle's manifest.json)."""
-    stages = [s for s in STAGES if s in set(costs["stage"])] + sorted(set(costs["stage"]) - set(STAGES))
+    `stages.report.stage_costs` frame, read from every cycle's manifest.json, stages in the order they run)."""
+    stages = list(dict.fromkeys(costs["stage"]))
     cycles = sorted(costs["cycle"].unique()) if not costs.empty else [1]
     minutes = not costs.empty and costs["seconds"].max() > 600
     panels = [("api_calls", "service-LLM API calls", "{:.0f}"), ("cost_usd", "estimated cost (USD)", "{:.2f}"),
@@ -487,7 +486,6 @@ def loss_curves(logs: pd.DataFrame):
 
 def judge_spread_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Judge reliability per metrics.csv row: spread over M (judge_std), failed share, the mean's 95% CI."""
-    from llamaduo_nb.methods.metrics import judge_spread
 
     return judge_spread(metrics)
 

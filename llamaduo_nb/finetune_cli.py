@@ -9,7 +9,9 @@ coverage,synthesize,deduplicate`); afterwards `llamaduo run` on the same folder 
 import argparse
 import sys
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.stages import finetune
+from llamaduo_nb.core.params_file import load_params
 
 
 def main(argv=None) -> int:
@@ -20,9 +22,6 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     try:
-        from llamaduo_nb.stages import finetune
-        from llamaduo_nb.pipeline.params_file import load_params
-
         params = load_params(args.params, args.overrides)
         print(finetune.run(params, args.run_dir, force=args.force).summary())
     except UserError as exc:

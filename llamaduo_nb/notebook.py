@@ -7,15 +7,15 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 import time
 from pathlib import Path
 
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import STAGES, StageResult, check_layout
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.params_file import load_params
+from llamaduo_nb.core.units import StageResult, check_layout
+from llamaduo_nb.pipeline import runner
 
 
 def setup(params_file: str | Path, run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Params, Path]:
@@ -70,12 +70,7 @@ _WATCHING = False
 
 
 def run_stage(stage: str, params: Params, run_dir: str | Path, force: bool = False) -> StageResult:
-    from llamaduo_nb.pipeline.cycle import params_for_cycle
-
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-    module = importlib.import_module(f"llamaduo_nb.stages.{stage}")
-    result = module.run(params_for_cycle(params, run_dir), run_dir, force=force)
+    result = runner.run_stage(stage, params, run_dir, force)
     print(result.summary())
     return result
 

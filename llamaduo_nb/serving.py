@@ -20,6 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import resolve
+
 LAUNCHER = """
 import runpy, sys
 import llama_cpp.llama_cpp as low
@@ -67,7 +70,6 @@ def serve(ggufs: list[str], aliases: list[str], host: str = "127.0.0.1", port: i
     """`llamaduo serve`: llama.cpp's Python server in the foreground, the repack off (see the module's docstring)."""
     import tempfile
 
-    from llamaduo_nb.errors import UserError
 
     if not available():
         raise UserError(f"llamaduo serve needs llama.cpp's Python server: {SERVER_PIP}")
@@ -91,8 +93,6 @@ def free_port() -> int:
 
 
 def packaged_gguf() -> Path:
-    from llamaduo_nb.models import resolve
-
     source = resolve("smollm2-135m-instruct")
     return Path(source.location) / source.gguf_file
 

@@ -18,16 +18,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from llamaduo_nb.stages.evaluate import competitor, judging
 from llamaduo_nb.stages import coverage
 
 from llamaduo_nb.stages import evaluate
 
 from llamaduo_nb.stages import infer
-from llamaduo_nb.pipeline.cycle import with_cycle
-from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.core.rows import with_cycle
+from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.methods.metrics import answer_scores, coverage_at, is_service
-from llamaduo_nb.pipeline.units import cycle_folders, root_of, stage_dir
+from llamaduo_nb.methods.metrics import answer_scores, coverage_at
+from llamaduo_nb.core.rows import is_service
+from llamaduo_nb.core.units import cycle_folders, root_of, stage_dir
+from llamaduo_nb.stages.evaluate import verdict_rule
 
 ALL = "all"
 
@@ -232,7 +235,7 @@ def _across_cycles(load, run_dir: Path | str) -> pd.DataFrame:
 
 def _all_answers(folder: Path) -> pd.DataFrame:
     """A cycle's answers: the local models' (infer) and the service LLM's own (evaluate/service_answers)."""
-    return pd.concat([infer.load_responses(folder), evaluate.load_service_answers(folder)], ignore_index=True)
+    return pd.concat([infer.load_responses(folder), competitor.load_service_answers(folder)], ignore_index=True)
 
 
 def load_answers(run_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -249,7 +252,7 @@ def answer_table(run_dir: Path | str, prompt_id: str, judgements: pd.DataFrame, 
     """Every answer to one prompt (each cycle, local model, volume and k) × every judge: the mean of the
     judge's valid repeats, each repeat's score, how many repeats failed, and the first valid repeat's reasons."""
     answers = with_cycle(responses[responses["prompt_id"] == prompt_id])[["cycle", "local_model", "volume", "k", "response"]]
-    answers = answers.assign(answer_id=[evaluate.answer_id(r.local_model, r.volume, r.k, r.cycle) for r in answers.itertuples()])
+    answers = answers.assign(answer_id=[judging.answer_id(r.local_model, r.volume, r.k, r.cycle) for r in answers.itertuples()])
     j = with_cycle(judgements[judgements["prompt_id"] == prompt_id]) if not judgements.empty else judgements
     if j.empty:
         return answers.assign(judge=None, similarity=float("nan"), precision=float("nan"))
@@ -445,7 +448,6 @@ def verdict_explorer(params, run_dir: Path | str):
     import ipywidgets as w
     from IPython.display import Markdown, display
 
-    from llamaduo_nb.pipeline.cycle import verdict_rule
 
     scores = evaluate.load_answer_scores(run_dir)
     base = verdict_rule(params)

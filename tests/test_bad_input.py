@@ -22,8 +22,8 @@ import pytest
 from llamaduo_nb import cli
 
 from llamaduo_nb.pipeline import runner
-from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.io import read_jsonl
+from llamaduo_nb.core.params import PROJECT_ROOT
 
 BUNDLED = PROJECT_ROOT / "llamaduo_nb" / "data" / "coverage.jsonl"
 LOCAL = "service: {backend: local, model: smollm2-135m-instruct}\nfinetune: {base_models: [smollm2-135m-instruct], quantization: none}\n"

@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.llm import client as client_module
 from llamaduo_nb.llm.base import Backend, Completion
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.params_file import load_params
 from llamaduo_nb.stages import coverage, synthesize
 
 

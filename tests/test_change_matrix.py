@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llamaduo_nb.io import read_json, read_jsonl, write_jsonl
-from llamaduo_nb.models import resolve
+from llamaduo_nb.core.io import read_json, read_jsonl, write_jsonl
+from llamaduo_nb.core.models import resolve
 from llamaduo_nb.pipeline import runner
-from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE
+from llamaduo_nb.core.params import BUNDLED_COVERAGE
 from tests.emulators.openai_emulator import OpenAIEmulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]
@@ -153,7 +153,7 @@ def case(finished, tmp_path, emulator):
 
 
 def models() -> set:
-    from llamaduo_nb.models import short_name
+    from llamaduo_nb.core.models import short_name
 
     return {SMOL, short_name(_second_model())}
 
@@ -190,11 +190,36 @@ def test_the_finished_run_reports_its_grid_and_a_rerun_changes_nothing(finished,
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     before = snapshot(run_dir)
+    manifest = read_json(run_dir / "manifest.json")
     calls = emulator.stats.total
     logs = run(params_file, run_dir, force=())
     assert snapshot(run_dir) == before and emulator.stats.total == calls
     stage_lines = [line for line in logs if re.match(r"^\[(coverage|synthesize|deduplicate|finetune|infer|evaluate|report)\]", line)]
     assert len(stage_lines) == 7 and all("up to date" in line for line in stage_lines), stage_lines
+    # the manifest keeps a history of invocations; the code each stage was made by is left as it was
+    again = read_json(run_dir / "manifest.json")
+    assert len(again["invocations"]) == len(manifest["invocations"]) + 1 and again["invocations"][-1]["arguments"] == [str(params_file)]
+    assert {s: r["code"] for s, r in again["stages"].items()} == {s: r["code"] for s, r in manifest["stages"].items()}
+    assert read_json(next(run_dir.glob("finetune/*/*/*/UNIT.json")))["code"]["llamaduo-nb"]  # and every unit
+
+
+def test_a_changed_base_model_file_retrains_and_reanswers_that_model_only(case):
+    """The second local model is a GGUF named by its path: a file with another size or time is another model."""
+    import os
+
+    run_dir, before, apply = case
+    path = Path(_second_model())
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        after = apply()["after"]
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = {m for m in models() if m != SMOL}
+    assert redone(before, after, "adapter") == grid(local_models=second)
+    assert redone(before, after, "answers") == grid(local_models=second) | {(t, m, 0) for t in ("closed_qa", "summarization") for m in second}
+    assert kept(before, after, "adapter") == grid(local_models={SMOL})
+    assert_reports_exactly(run_dir, grid())
 
 
 # -- operational settings change nothing --------------------------------------------------------------------
@@ -401,7 +426,7 @@ def test_force_a_stage_redoes_its_units_and_what_depends_on_them(case):
 
 
 def test_changed_params_without_force_are_refused(case):
-    from llamaduo_nb.errors import UserError
+    from llamaduo_nb.core.errors import UserError
 
     run_dir, before, apply = case
     with pytest.raises(UserError, match=r"infer\.k: 1 → 2"):
@@ -422,14 +447,14 @@ def test_a_run_folder_of_the_earlier_layout_is_refused_with_one_line(tmp_path, f
 
 
 def test_opening_the_report_notebook_on_a_finished_run_changes_no_file(finished, tmp_path):
-    """Notebook 07 executed by hand (papermill, as JupyterLab would) on a finished run: every file byte-identical."""
+    """Notebook 08 executed by hand (papermill, as JupyterLab would) on a finished run: every file byte-identical."""
     import papermill as pm
 
     params_file, source, _ = finished
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir)
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
-    pm.execute_notebook(str(runner.NOTEBOOK_DIR / "07_report.ipynb"), str(tmp_path / "07.ipynb"),
+    pm.execute_notebook(str(runner.NOTEBOOK_DIR / "08_report.ipynb"), str(tmp_path / "07.ipynb"),
                         parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir)},
                         kernel_name="python3", cwd=str(runner.NOTEBOOK_DIR), progress_bar=False)
     now = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import BREAKER_IN_A_ROW, Pacer, ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped, extract_json, is_permanent, parse_reset, rate_limit_headers
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
 from tests.emulators import Fault
 
 pytestmark = pytest.mark.emulator
@@ -263,7 +263,7 @@ def test_a_server_that_dies_is_reported_as_such_with_the_amx_hint(emulator_facto
     from llamaduo_nb.llm.cache import ResponseCache
     from llamaduo_nb.llm.client import ServiceLLM
     from llamaduo_nb.llm.common import ServiceStopped
-    from llamaduo_nb.pipeline.params import ServiceParams
+    from llamaduo_nb.core.params import ServiceParams
 
     emu = emulator_factory("openai")
     cfg = ServiceParams(backend="openai", model="served", base_url=emu.url, timeout_s=5.0, max_retries=0, max_concurrency=1)

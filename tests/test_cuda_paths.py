@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaduo_nb import models
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, vllm_max_lora_rank
-from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import Unit
+from llamaduo_nb.core import models
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.params import PROJECT_ROOT, vllm_max_lora_rank
+from llamaduo_nb.core.params_file import load_params
+from llamaduo_nb.core.units import Unit
 from llamaduo_nb.stages import infer
 
 QUICKSTART = PROJECT_ROOT / "params" / "quickstart.yaml"

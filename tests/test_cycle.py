@@ -6,17 +6,19 @@ import pandas as pd
 import pytest
 import yaml
 
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.stages import BY_NAME
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.stages import deduplicate
 from llamaduo_nb.pipeline import cycle as cyc
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import write_json, write_jsonl
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, expand_volumes
-from llamaduo_nb.pipeline.params_file import load_family, load_params
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import write_json, write_jsonl
+from llamaduo_nb.core.params import PROJECT_ROOT, expand_volumes
+from llamaduo_nb.core.params_file import load_family, load_params
 from llamaduo_nb.pipeline.plan import describe
 from llamaduo_nb.pipeline.changes import params_differences, refuse_changed_params
 from llamaduo_nb.pipeline.grid import parse_only
-from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
+from llamaduo_nb.core.units import cycle_folder, cycle_folders, cycle_of, root_of, stage_fingerprint
 
 QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
 
@@ -38,7 +40,7 @@ def verdicts(params, cycle, values, judge="local:smollm2-135m-instruct", metric=
             for k in range(2):
                 rows.append({"cycle": cycle, "task": task, "local_model": "m", "judge": judge, "volume": volume, "metric": metric,
                              "prompt_id": f"{task}{p}", "k": k, "score": value + (p % 3 - 1) * 3 + k})
-    return verdict.verdict_table(pd.DataFrame(rows), cyc.verdict_rule(params), 2, 2)
+    return verdict.verdict_table(pd.DataFrame(rows), evaluate.verdict_rule(params), 2, 2)
 
 
 def quick(*sets):
@@ -124,19 +126,29 @@ def test_cycle_folders(tmp_path):
     assert [c for c, _ in cycle_folders(run)] == [1, 2, 3]
 
 
-def test_publish_merges_cycles_and_keeps_later_cycles_rows_when_cycle_1_is_redone(tmp_path):
+def evaluated(folder, frame) -> None:
+    """A cycle whose evaluate finished with `frame` as its metrics."""
+    (folder / "evaluate").mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "evaluate" / "metrics.csv", index=False)
+    write_json(folder / "evaluate" / "DONE.json", {"completion_id": "x"})
+
+
+def test_run_tables_gather_every_cycle_and_keep_later_cycles_rows_when_cycle_1_is_redone(tmp_path):
     run = tmp_path / "run"
-    (run / "cycle-2").mkdir(parents=True)
-    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 10}))
-    cyc.publish(run / "cycle-2", "metrics.csv", metrics_rows(2, {("summarization", 9): 20}))
-    combined = pd.read_csv(run / "metrics.csv")
-    assert combined["cycle"].tolist() == [1, 2]
-    assert pd.read_csv(run / "cycle-2" / "metrics.csv")["cycle"].tolist() == [2]
-    cyc.publish(run / "cycle-2", "metrics.csv", metrics_rows(2, {("summarization", 9): 30}))  # a redo replaces its rows
+    evaluated(run, metrics_rows(1, {("summarization", 4): 10}))
+    evaluated(run / "cycle-2", metrics_rows(2, {("summarization", 9): 20}))
+    cyc.publish_run_tables(run)
+    assert pd.read_csv(run / "metrics.csv")["cycle"].tolist() == [1, 2]
+    assert evaluate.load_metrics(run / "cycle-2")["cycle"].tolist() == [2]  # a cycle folder: its own rows
+    evaluated(run / "cycle-2", metrics_rows(2, {("summarization", 9): 30}))  # a redo replaces its rows
+    cyc.publish_run_tables(run)
     assert pd.read_csv(run / "metrics.csv")["coverage_50"].tolist() == [10, 30]
     # cycle 1 redone (one cell, `--only`): cycle 2, whose inputs did not change, is not redone and its rows stay
-    cyc.publish(run, "metrics.csv", metrics_rows(1, {("summarization", 4): 11}))
+    evaluated(run, metrics_rows(1, {("summarization", 4): 11}))
+    cyc.publish_run_tables(run / "cycle-2")
     assert pd.read_csv(run / "metrics.csv")[["cycle", "coverage_50"]].values.tolist() == [[1, 11], [2, 30]]
+    (run / "cycle-2" / "evaluate" / "DONE.json").unlink()  # a cycle being redone shows no rows until it finishes
+    assert evaluate.load_metrics(run)["cycle"].tolist() == [1]
 
 
 def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tmp_path):
@@ -153,10 +165,10 @@ def test_later_cycles_read_earlier_kept_pairs_and_are_redone_when_they_change(tm
     assert adjusted.synthesize.samples_per_task == 5 and params.synthesize.samples_per_task == 20
     assert cyc.params_for_cycle(quick("cycle.step=null"), later).synthesize.samples_per_task == 20  # default: samples_per_task
     assert cyc.params_for_cycle(params, run) is params
-    before = stage_fingerprint("finetune", adjusted, later)
+    before = stage_fingerprint(BY_NAME["finetune"], adjusted, later)
     write_json(run / "deduplicate" / "DONE.json", {"content": "cycle-1-redone-with-other-pairs"})
-    assert stage_fingerprint("finetune", adjusted, later) != before
-    assert stage_fingerprint("deduplicate", adjusted, later) != stage_fingerprint("deduplicate", adjusted, run)
+    assert stage_fingerprint(BY_NAME["finetune"], adjusted, later) != before
+    assert stage_fingerprint(BY_NAME["deduplicate"], adjusted, later) != stage_fingerprint(BY_NAME["deduplicate"], adjusted, run)
 
 
 def test_record_writes_scores_pairs_cost_and_reason(tmp_path):
@@ -179,9 +191,9 @@ def test_record_writes_scores_pairs_cost_and_reason(tmp_path):
 
 def test_retire_later_cycles_moves_folders_and_rows(tmp_path):
     run = tmp_path / "run"
-    (run / "cycle-2").mkdir(parents=True)
-    (run / "cycle-3").mkdir()
-    pd.concat([metrics_rows(c, {("closed_qa", 4): 1}) for c in (1, 2, 3)]).to_csv(run / "metrics.csv", index=False)
+    for c, folder in ((1, run), (2, run / "cycle-2"), (3, run / "cycle-3")):
+        evaluated(folder, metrics_rows(c, {("closed_qa", 4): 1}))
+    cyc.publish_run_tables(run)
     moved = cyc.retire_later_cycles(run, 2)
     assert len(moved) == 1 and moved[0].parent.name == "superseded" and not (run / "cycle-3").exists()
     assert pd.read_csv(run / "metrics.csv")["cycle"].tolist() == [1, 2]

@@ -27,7 +27,7 @@ from llamaduo_nb.methods.near_duplicates import (
     rouge_l_f,
     tokenize,
 )
-from llamaduo_nb.pipeline.params import DeduplicateParams
+from llamaduo_nb.core.params import DeduplicateParams
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = DeduplicateParams()

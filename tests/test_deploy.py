@@ -9,14 +9,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from llamaduo_nb.stages import BY_NAME
 from llamaduo_nb import export
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import write_jsonl
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import write_jsonl
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.pipeline.cycle import verdict_rule
-from llamaduo_nb.pipeline.params import GGUF_QUANTIZATIONS, Params
-from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import StageRun, stage_dir
+from llamaduo_nb.stages.evaluate import verdict_rule
+from llamaduo_nb.core.params import GGUF_QUANTIZATIONS, Params
+from llamaduo_nb.core.params_file import load_params
+from llamaduo_nb.core.units import StageRun, stage_dir
 from llamaduo_nb.stages import deploy, infer
 from tests.emulators.openai_emulator import OpenAIEmulator
 
@@ -147,7 +148,7 @@ def test_gguf_written_from_a_model_reads_back_as_that_model(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llamaduo_nb.models import load_model, resolve
+    from llamaduo_nb.core.models import load_model, resolve
 
     source = resolve(SMOL)
     base = load_model(SMOL, "none")
@@ -165,7 +166,7 @@ def test_gguf_written_from_a_model_reads_back_as_that_model(tmp_path):
 
 
 def test_a_wrong_tensor_layout_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from llamaduo_nb.models import load_model, resolve
+    from llamaduo_nb.core.models import load_model, resolve
 
     source = resolve(SMOL)
     base = load_model(SMOL, "none")
@@ -196,7 +197,7 @@ def finished_adapters(run_dir, prompts: int = 2) -> None:
     p = Params(tasks=["closed_qa"], service={"backend": "local"}, finetune={"base_models": [SMOL], "volumes": [2, 4]})
     rows = [{"prompt_id": f"p{i}", "task": "closed_qa", "instruction": f"Question {i}?", "reference": f"Answer {i}."} for i in range(prompts)]
     for stage in ("coverage", "synthesize", "deduplicate", "finetune"):
-        run = StageRun(stage, p, run_dir)
+        run = StageRun(BY_NAME[stage], p, run_dir)
         run.begin()
         outputs = []
         if stage == "coverage":

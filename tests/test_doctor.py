@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from llamaduo_nb.cli import main
-from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.io import read_jsonl
+from llamaduo_nb.core.params import PROJECT_ROOT
 
 pytestmark = pytest.mark.emulator
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_json, write_jsonl
-from llamaduo_nb.pipeline.execution import UnitsFailed, unit_needs, units_at_once, wall_hours
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, ExecutionParams
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import read_json, write_jsonl
+from llamaduo_nb.core.execution import UnitsFailed, unit_needs, units_at_once, wall_hours
+from llamaduo_nb.core.params import PROJECT_ROOT, ExecutionParams
 from tests.test_change_matrix import emulator  # noqa: F401 - the OpenAI emulator answering like the change matrix's
 
 
@@ -60,7 +60,7 @@ def test_dry_run_states_the_backend_the_units_at_once_and_the_hours_for_n_gpus()
 
 
 def test_execution_backend_is_validated_naming_the_field_and_file(tmp_path):
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.core.params_file import load_params
 
     with pytest.raises(UserError, match=r"quickstart.yaml.*execution.backend: Input should be 'local' or 'ray'"):
         load_params(PROJECT_ROOT / "params" / "quickstart.yaml", ["execution.backend=slurm"])
@@ -106,7 +106,7 @@ def adapter_records(run_dir: Path) -> dict:
 
 
 def answers(run_dir: Path) -> dict:
-    from llamaduo_nb.io import read_jsonl
+    from llamaduo_nb.core.io import read_jsonl
 
     return {str(p.relative_to(run_dir)): [r["response"] for r in read_jsonl(p)] for p in sorted(run_dir.glob("infer/*/*/*.jsonl"))}
 

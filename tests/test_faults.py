@@ -37,8 +37,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from llamaduo_nb.io import file_fingerprint, read_jsonl
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.io import file_fingerprint, read_jsonl
+from llamaduo_nb.core.params import PROJECT_ROOT
 from tests.emulators import Fault, OpenAIEmulator
 from tests.test_service_pipeline import KEY, KEY_ENV, _kill_tree, llamaduo, service_reply
 

@@ -3,7 +3,7 @@
 import pytest
 
 from llamaduo_nb.stages.finetune import select_volume, to_prompt_completion, training_order
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.params_file import load_params
 
 
 def _pairs(n):
@@ -31,7 +31,7 @@ def test_loss_mask_covers_the_assistant_turn_only_and_training_resumes(tmp_path)
     from trl import SFTTrainer
 
     from llamaduo_nb.stages import finetune
-    from llamaduo_nb.models import load_tokenizer
+    from llamaduo_nb.core.models import load_tokenizer
 
     params_file = tmp_path / "p.yaml"
     params_file.write_text(
@@ -45,7 +45,7 @@ def test_loss_mask_covers_the_assistant_turn_only_and_training_resumes(tmp_path)
     from datasets import Dataset
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    from llamaduo_nb.models import load_model
+    from llamaduo_nb.core.models import load_model
     import copy
 
     trainer = SFTTrainer(model=copy.deepcopy(load_model("smollm2-135m-instruct")), processing_class=tok,

@@ -12,13 +12,13 @@ import json
 
 import pytest
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import Backend
 from llamaduo_nb.llm.batch import BATCH_DISCOUNT, BatchAccounting
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
 from tests.emulators import Fault, by_attempt
 from tests.emulators.requests import SCHEMA, files_contain, request
 

@@ -8,7 +8,7 @@ from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentErro
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import extract_json
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
 
 SCHEMA = {"type": "object", "required": ["x"], "properties": {"x": {"type": "integer"}}}
 

@@ -15,12 +15,12 @@ import traceback
 
 import pytest
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM, make_backend
 from llamaduo_nb.llm.common import parse_retry_after, retry_after_from_headers
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
 from tests.emulators import Fault, by_attempt
 from tests.emulators.requests import SCHEMA, files_contain, request
 

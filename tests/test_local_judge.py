@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def judge():
     from llamaduo_nb.llm.local import LocalBackend
-    from llamaduo_nb.pipeline.params import ServiceParams
+    from llamaduo_nb.core.params import ServiceParams
 
     return LocalBackend(ServiceParams(backend="local", model="smollm2-135m-instruct"))
 
@@ -49,7 +49,7 @@ def test_json_contract_via_service_layer(judge, tmp_path):
     from llamaduo_nb.llm.base import ChatRequest
     from llamaduo_nb.llm.cache import ResponseCache
     from llamaduo_nb.llm.client import ServiceLLM
-    from llamaduo_nb.prompts import load_prompt
+    from llamaduo_nb.core.prompts import load_prompt
 
     prompt = load_prompt("judge")
     svc = ServiceLLM(judge.config, ResponseCache(tmp_path / "c.sqlite"), backend=judge)

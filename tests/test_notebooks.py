@@ -3,8 +3,8 @@
 import nbformat
 import pytest
 
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
-from llamaduo_nb.pipeline.units import NOTEBOOKS
+from llamaduo_nb.core.params import PROJECT_ROOT
+from llamaduo_nb.stages import NOTEBOOKS
 
 BOOKS = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
 

@@ -6,6 +6,9 @@ import re
 import pandas as pd
 import pytest
 
+import llamaduo_nb.llm
+
+from llamaduo_nb.stages.evaluate import competitor, judging, pairwise_verdicts
 from llamaduo_nb import figures
 from llamaduo_nb.stages import evaluate
 
@@ -14,7 +17,7 @@ from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm import client as llm_client
 from llamaduo_nb.llm.client import ServiceLLM
-from llamaduo_nb.pipeline.params import Params, ServiceParams
+from llamaduo_nb.core.params import Params, ServiceParams
 
 
 class JudgeBackend(Backend):
@@ -79,7 +82,7 @@ def _service(tmp_path, params, backend):
 def _judge(tmp_path, decide, resp=None, **evaluate):
     params = _params(**evaluate)
     backend = JudgeBackend(decide)
-    rows = pairwise.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
+    rows = pairwise_verdicts.judge_pairs(params, params.judges[0], responses() if resp is None else resp, REFERENCES, _service(tmp_path, params, backend))
     return pd.DataFrame(rows), backend
 
 
@@ -194,16 +197,19 @@ def test_run_writes_both_files_and_keeps_them_out_of_the_judgements(tmp_path):
     run_dir = tmp_path / "run"
     params = _params()
     backend = JudgeBackend(first_always)
-    summary, accounting = evaluate.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
-    assert evaluate.pairwise_file(run_dir).exists() and (run_dir / "pairwise.csv").exists()
-    assert list(pd.read_csv(run_dir / "pairwise.csv").columns) == pairwise.SUMMARY_COLUMNS
+    summary, accounting = pairwise_verdicts.run_pairwise(params, run_dir, responses(), REFERENCES, lambda j: _service(tmp_path, params, backend))
+    summary_file = pairwise_verdicts.pairwise_summary_file(run_dir)
+    assert pairwise_verdicts.pairwise_file(run_dir).exists() and summary_file == run_dir / "evaluate" / "pairwise.csv"
+    assert list(pd.read_csv(summary_file).columns) == pairwise.SUMMARY_COLUMNS
     assert accounting["openai:fake-judge (pairwise)"]["requests"] == 16
+    assert evaluate.load_pairwise(run_dir).empty  # the run's tables show a cycle once its evaluate has finished
+    (run_dir / "evaluate" / "DONE.json").write_text("{}")
     assert len(evaluate.load_verdicts(run_dir)) == 16 and len(evaluate.load_pairwise(run_dir)) == 2
     # a single-answer judgement file beside it: load_judgements reads only that one
     (run_dir / "evaluate" / "openai_fake-judge.jsonl").write_text(json.dumps({"valid": True, "similarity": 1}) + "\n")
     assert len(evaluate.load_judgements(run_dir)) == 1
     # a judge named "pairwise" does not overwrite the verdicts
-    assert evaluate.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
+    assert judging.judge_file(run_dir, ServiceParams(name="pairwise")).name != "pairwise.jsonl"
 
 
 def test_requests_carry_both_answers_in_their_fields():
@@ -219,7 +225,7 @@ def _stub_local(scores):
     """A LocalBackend without a model: judge_scores looked up from `scores` (answer -> (similarity, precision))."""
     from llamaduo_nb.llm.local import LocalBackend
 
-    from llamaduo_nb.methods.likelihood_judge import LikelihoodJudge
+    from llamaduo_nb.llm.likelihood_judge import LikelihoodJudge
 
     backend = object.__new__(LocalBackend)
     backend.judge = object.__new__(LikelihoodJudge)
@@ -263,7 +269,7 @@ def test_pairwise_prompt_contract():
     jsonschema.validate({"winner": "tie", "reason": "same"}, prompt.schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"winner": "C", "reason": "?"}, prompt.schema)
-    from llamaduo_nb.errors import UserError
+    from llamaduo_nb.core.errors import UserError
 
     with pytest.raises(UserError):
         pairwise.load_pairwise_prompt("no_such_prompt")
@@ -290,8 +296,8 @@ class BothJudge(Backend):
 
 def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatch):
     from llamaduo_nb.methods import reference_metrics
-    from llamaduo_nb.io import write_json, write_jsonl
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.io import write_json, write_jsonl
+    from llamaduo_nb.core.units import stage_dir
 
     run_dir = tmp_path / "run"
     write_jsonl(stage_dir(run_dir, "coverage") / "test.jsonl",
@@ -308,7 +314,7 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
         def __init__(self, cfg, cache, backend=None, sleep=None, **caps):
             super().__init__(cfg, cache, backend=backend or BothJudge(cfg), **caps)
 
-    monkeypatch.setattr(llm_client, "ServiceLLM", Service)
+    monkeypatch.setattr(llamaduo_nb.llm, "ServiceLLM", Service)  # where the stages' service_llm finds it
     monkeypatch.setattr(reference_metrics, "load_embedding_model", lambda: None)  # no MiniLM here: embedding column empty
     params = Params(tasks=["summarization"], evaluate={"m": 2, "pairwise": True, "bootstrap": 50}, infer={"k": 2},
                     service={"backend": "openai", "model": "fake-judge"})
@@ -320,7 +326,7 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
     assert set(metrics["volume"]) == {-1, 0, 4, 16} and {"mean_ci_low", "mean_ci_high"} <= set(metrics.columns)
     assert set(metrics.loc[metrics["volume"] == -1, "local_model"]) == {"service:openai:fake-judge"}
     assert len(evaluate.load_judgements(run_dir)) == (12 + 4) * 2  # pairwise.jsonl is not read as judgements
-    assert len(evaluate.load_service_answers(run_dir)) == 4
+    assert len(competitor.load_service_answers(run_dir)) == 4
     assert "service_answers/summarization.jsonl" in json.loads((run_dir / "evaluate" / "DONE.json").read_text())["outputs"]
     pair = evaluate.load_pairwise(run_dir)
     assert set(pair["baseline"]) == {"base", "service:openai:fake-judge"}
@@ -349,8 +355,8 @@ def test_evaluate_stage_writes_every_output_without_a_model(tmp_path, monkeypatc
                     service={"backend": "openai", "model": "fake-judge"})
     evaluate.run(params, run_dir)
     assert evaluate.load_pairwise(run_dir).empty and evaluate.load_reference_metrics(run_dir).empty
-    assert not evaluate.pairwise_file(run_dir).exists()
-    assert evaluate.load_service_answers(run_dir).empty and not (evaluate.load_metrics(run_dir)["volume"] == -1).any()
+    assert not pairwise_verdicts.pairwise_file(run_dir).exists()
+    assert competitor.load_service_answers(run_dir).empty and not (evaluate.load_metrics(run_dir)["volume"] == -1).any()
 
 
 @pytest.mark.slow
@@ -366,5 +372,5 @@ def test_real_local_judge_prefers_the_reference_in_both_orders(tmp_path):
         {"task": "closed_qa", "local_model": "m", "volume": 4, "prompt_id": "p", "k": 0, "response": "It opened in 1932."},
     ])
     service = ServiceLLM(cfg, ResponseCache(tmp_path / "c.sqlite"), backend=LocalBackend(cfg))
-    rows = pd.DataFrame(pairwise.judge_pairs(params, params.judges[0], resp, refs, service))
+    rows = pd.DataFrame(pairwise_verdicts.judge_pairs(params, params.judges[0], resp, refs, service))
     assert list(rows["outcome"]) == ["win", "win"]

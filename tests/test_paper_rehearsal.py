@@ -13,9 +13,9 @@ import math
 
 import pytest
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import read_jsonl
+from llamaduo_nb.core.params_file import load_params
 from llamaduo_nb.stages import coverage, synthesize
 from tests.emulators.faults import Fault, random_faults
 from tests.test_service_pipeline import service_reply

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.params import PROJECT_ROOT
+from llamaduo_nb.core.params_file import load_params
 
 PARAM_FILES = sorted((PROJECT_ROOT / "params").glob("*.yaml"))
 

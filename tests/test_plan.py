@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.params import PROJECT_ROOT
 
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.params_file import load_params
 from llamaduo_nb.pipeline.plan import describe
 
 

@@ -1,4 +1,4 @@
-"""The migration on a real, independently written server: a tiny run, then stage 08 · deploy. Its GGUF is
+"""The migration on a real, independently written server: a tiny run, then stage 07 · deploy. Its GGUF is
 loaded by llama.cpp's server (`llama-cpp-python[server]==0.3.36`, the install the real-server tier shares),
 answers the test prompts, is judged, and compared with the adapter as evaluated; a wrong chat template in
 the export makes the check warn; and `infer.engine: openai` answers through the real server — each
@@ -21,10 +21,10 @@ import pandas as pd
 import pytest
 
 from llamaduo_nb import serving
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_json, read_jsonl
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import read_json, read_jsonl
 from llamaduo_nb.pipeline import runner
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.params import PROJECT_ROOT
 from llamaduo_nb.stages import deploy
 from tests.emulators.openai_emulator import OpenAIEmulator
 from tests.test_change_matrix import service_reply

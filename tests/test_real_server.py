@@ -21,12 +21,12 @@ import time
 
 import pytest
 
-from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, ServiceParams
+from llamaduo_nb.core.params import PROJECT_ROOT, ServiceParams
 from llamaduo_nb import serving as real_server
 from tests.tiers import REAL_SERVER
 

@@ -19,16 +19,17 @@ import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer
 
+from llamaduo_nb.stages import BY_NAME
 from llamaduo_nb import figures
 from llamaduo_nb import widgets
 
 from llamaduo_nb.stages import report
-from llamaduo_nb.io import write_csv, write_json, write_jsonl
+from llamaduo_nb.core.io import write_csv, write_json, write_jsonl
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.metrics import aggregate, answer_scores
-from llamaduo_nb.pipeline.cycle import cycle_verdicts
+from llamaduo_nb.methods.verdict import cycle_verdicts
 from llamaduo_nb.stages import evaluate
-from llamaduo_nb.pipeline.params import CycleTarget
+from llamaduo_nb.core.params import CycleTarget
 
 TASKS = ("summarization", "closed_qa")
 MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct")
@@ -124,6 +125,10 @@ def fake_run(root: Path, cycles: int = 2, tasks=TASKS, models=MODELS, judges=JUD
                         "new_pairs": {t: 3 for t in tasks}, "kept_pairs_total": {t: 3 * cycle for t in tasks},
                         "cost_usd": cost_per_call * sum(calls.values())})
     metrics = aggregate(pd.DataFrame(judgements), (50, 70))
+    for cycle in range(1, cycles + 1):  # each cycle's evaluate writes its own table; the run's is every cycle's
+        folder = root if cycle == 1 else root / f"cycle-{cycle}"
+        write_csv(folder / "evaluate" / "metrics.csv", metrics[metrics["cycle"] == cycle])
+        write_json(folder / "evaluate" / "DONE.json", {"stage": "evaluate"})
     write_csv(root / "metrics.csv", metrics)
     table = verdict.verdict_table(answer_scores(pd.DataFrame(judgements), unscored=True),
                                   verdict.Rule(statistic="coverage_50", versus_service=False, threshold=70.0))
@@ -299,12 +304,12 @@ def test_cost_figure_notes_a_free_local_stand_in(tmp_path):
 
 
 def test_report_run_writes_every_figure_as_png_and_svg(run2):
-    from llamaduo_nb.pipeline import units
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.core import units
+    from llamaduo_nb.core.params_file import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params" / "quickstart.yaml",
                          ["service.backend=openai", "service.model=gpt-4o"])  # judge openai:gpt-4o, as in fake_run
-    for up in units.UPSTREAM["report"]:  # the report only needs its upstream stages to be done
+    for up in BY_NAME["report"].upstream:  # the report only needs its upstream stages to be done
         write_json(units.done_path(run2, up), {"completion_id": up})
     result = report.run(params, run2, force=True)
     figures = run2 / "report"

@@ -15,13 +15,13 @@ import math
 import pytest
 
 from llamaduo_nb import cli
-from llamaduo_nb.io import read_jsonl
+from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.llm.base import ChatRequest
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.client import ServiceLLM
 from llamaduo_nb.llm.common import ServiceStopped
 from llamaduo_nb.pipeline import cycle, runner
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
 from tests.test_service_pipeline import service_reply
 
 pytestmark = pytest.mark.emulator
@@ -127,8 +127,8 @@ def test_llamaduo_run_stops_at_the_run_cap_and_resumes_with_a_higher_one(emulato
 def test_a_services_stage_cap_is_shared_by_every_client_the_stage_builds(emulator_factory, tmp_path, monkeypatch):
     """Evaluate builds up to four clients for one judge (answers, people's labels, pairwise): one cap for them all."""
     from llamaduo_nb.llm import service_llm
-    from llamaduo_nb.pipeline import units
-    from llamaduo_nb.pipeline.params import Params
+    from llamaduo_nb.core import units
+    from llamaduo_nb.core.params import Params
 
     emu = emulator_factory("openai", reply=judge_reply)
     one = len(judge_reply(None)) // 4 * PRICE_OUT / 1e6
@@ -156,7 +156,7 @@ def test_a_services_stage_cap_is_shared_by_every_client_the_stage_builds(emulato
 def test_evaluate_with_judge_service_answers_and_pairwise_spends_at_most_the_judges_cap(emulator_factory, tmp_path, in_flight):
     """The evaluate stage builds a client for the judge's scores, the service LLM's answers, the people's labels and
     pairwise; with the service LLM as its own judge, one `service.max_cost_usd` bounds what all of them paid."""
-    from llamaduo_nb.pipeline.params import Params
+    from llamaduo_nb.core.params import Params
     from llamaduo_nb.stages import evaluate
     from tests.test_service_competitor import answered_run
     from tests.test_service_pipeline import service_reply

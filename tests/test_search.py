@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llamaduo_nb.io import read_json, read_jsonl, write_jsonl
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.core.io import read_json, read_jsonl, write_jsonl
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.near_duplicates import deduplicate
-from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.pipeline import runner, search
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, DeduplicateParams
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.params import PROJECT_ROOT, DeduplicateParams
+from llamaduo_nb.core.params_file import load_params
 from llamaduo_nb.stages.finetune import training_order
 
 QUICK = PROJECT_ROOT / "params" / "quickstart.yaml"
@@ -38,11 +38,11 @@ def test_volumes_search_is_a_shorthand_for_the_search_over_a_grid():
 
 
 def test_the_search_rule_splits_alpha_over_every_possible_look():
-    rule = cyc.verdict_rule(quick("finetune.volumes=search 2^2..2^4", "cycle.max_cycles=2"))
+    rule = evaluate.verdict_rule(quick("finetune.volumes=search 2^2..2^4", "cycle.max_cycles=2"))
     assert rule.looks == 1 + 3 + 1  # the base model, three volumes, one later cycle
     assert rule.test_alpha == pytest.approx(0.025 / 5) and rule.level == pytest.approx(0.99)
     assert "α/5" in verdict.rule_line(rule) and "smallest first" in verdict.rule_line(rule)
-    assert cyc.verdict_rule(quick()).looks == 1
+    assert evaluate.verdict_rule(quick()).looks == 1
 
 
 # -- data on demand: a volume's pairs do not change when synthesis grows ---------------------------------------------
@@ -91,7 +91,7 @@ def scores_for(values: dict, prompts: int = 8, judge="local:smollm2-135m-instruc
 
 def test_a_step_stops_a_task_at_its_first_pass_and_tries_the_next_volume_for_the_others():
     params = quick("finetune.volumes=search 2^2..2^4", "cycle.target=precision mean >= 70")
-    rule = cyc.verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     table = verdict.verdict_table(scores_for({("summarization", 0): 40, ("summarization", 4): 90,
                                               ("closed_qa", 0): 30, ("closed_qa", 4): 50}), rule, 2, 2)
     step = search.next_step(params, table, {"summarization": [4], "closed_qa": [4]})
@@ -108,14 +108,14 @@ def test_a_step_stops_a_task_at_its_first_pass_and_tries_the_next_volume_for_the
 
 def test_a_step_with_one_test_prompt_stops_instead_of_training_the_whole_grid():
     params = quick("finetune.volumes=search 2^2..2^4", "cycle.target=precision mean >= 70")
-    table = verdict.verdict_table(scores_for({("closed_qa", 0): 30, ("closed_qa", 4): 50}, prompts=1), cyc.verdict_rule(params), 2, 2)
+    table = verdict.verdict_table(scores_for({("closed_qa", 0): 30, ("closed_qa", 4): 50}, prompts=1), evaluate.verdict_rule(params), 2, 2)
     step = search.next_step(params.model_copy(update={"tasks": ["closed_qa"]}), table, {"closed_qa": [4]})
     assert step.done and step.cells[0]["status"] == search.CANNOT_DECIDE
 
 
 def test_the_search_picks_the_first_pass_smallest_first_and_the_base_model_first_of_all():
     params = quick("finetune.volumes=search 2^2..2^4", "cycle.target=precision mean >= 70")
-    rule = cyc.verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     table = verdict.verdict_table(scores_for({("closed_qa", 0): 30, ("closed_qa", 4): 90, ("closed_qa", 8): 50,
                                               ("closed_qa", 16): 95}), rule, 2, 2)
     assert table.set_index("volume")["sequence"].to_dict() == {0: verdict.WENT_ON, 4: verdict.PASSED, 8: verdict.NOT_NEEDED,
@@ -124,7 +124,7 @@ def test_the_search_picks_the_first_pass_smallest_first_and_the_base_model_first
     assert np.allclose(table["level"], 1 - 2 * 0.025 / 4)
     # the sweep's fixed sequence, on the same scores, stops at 8 and picks 16
     sweep = verdict.verdict_table(scores_for({("closed_qa", 0): 30, ("closed_qa", 4): 90, ("closed_qa", 8): 50,
-                                              ("closed_qa", 16): 95}), cyc.verdict_rule(quick("cycle.target=precision mean >= 70")), 2, 2)
+                                              ("closed_qa", 16): 95}), evaluate.verdict_rule(quick("cycle.target=precision mean >= 70")), 2, 2)
     assert sweep.loc[sweep["chosen"], "volume"].tolist() == [16]
 
 
@@ -136,7 +136,7 @@ def test_on_monotone_verdicts_the_search_and_the_sweep_pick_the_same_volume(seed
     volumes = [0, 4, 8, 16, 32]
     first = int(rng.integers(0, len(volumes) + 1))  # where the passes start (len: none)
     values = {("closed_qa", v): (95.0 if i >= first else float(rng.uniform(20, 60))) for i, v in enumerate(volumes)}
-    searching = cyc.verdict_rule(quick("finetune.volumes=search 2^2..2^5", "cycle.target=precision mean >= 70"))
+    searching = evaluate.verdict_rule(quick("finetune.volumes=search 2^2..2^5", "cycle.target=precision mean >= 70"))
     import dataclasses
 
     sweeping = dataclasses.replace(searching, looks=1, alpha=searching.test_alpha)  # the fixed sequence at the same level

@@ -18,12 +18,15 @@ import pandas as pd
 import pytest
 from matplotlib.patches import Polygon, Rectangle
 
+from llamaduo_nb.stages.evaluate import people
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.core.rows import read_human_labels
 from llamaduo_nb import figures
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.methods import agreement, verdict
 from llamaduo_nb.methods.metrics import aggregate
 from llamaduo_nb.pipeline import cycle
-from llamaduo_nb.pipeline.params import BUNDLED_HUMAN_LABELS, CycleTarget, Params
+from llamaduo_nb.core.params import BUNDLED_HUMAN_LABELS, CycleTarget, Params
 
 SERVICE = "service:openai:gpt-4o"
 
@@ -114,7 +117,7 @@ def test_agreement_tables_per_judge_and_between_judges():
 
 
 def test_bundled_labels_are_valid_and_name_bundled_test_prompts():
-    labels = agreement.read_human_labels(BUNDLED_HUMAN_LABELS)
+    labels = read_human_labels(BUNDLED_HUMAN_LABELS)
     test_ids = {json.loads(line)["prompt_id"] for line in (BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl").read_text().splitlines()
                 if json.loads(line).get("split") == "test"}
     assert len(labels) >= 24 and {row["prompt_id"] for row in labels} <= test_ids
@@ -130,7 +133,7 @@ def test_bundled_labels_are_valid_and_name_bundled_test_prompts():
     ('{"prompt_id": "p", "answer": "x", "similarity": "high"}', "similarity"),
 ])
 def test_a_bad_labels_file_names_the_file_the_line_and_the_field(tmp_path, line, field):
-    from llamaduo_nb.pipeline.params_file import load_params
+    from llamaduo_nb.core.params_file import load_params
 
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"prompt_id": "p", "answer": "fine", "similarity": 50}\n' + line + "\n")
@@ -143,31 +146,27 @@ def test_a_bad_labels_file_names_the_file_the_line_and_the_field(tmp_path, line,
 
 
 def test_labels_of_prompts_outside_the_run_are_refused_for_your_file_and_skipped_for_the_bundled_one(tmp_path):
-    from llamaduo_nb.stages import evaluate
-
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"prompt_id": "elsewhere", "answer": "x", "precision": 50}\n')
     references = {"p1": {"task": "closed_qa", "instruction": "i", "reference": "r"}}
     params = Params(evaluate={"human_labels": str(labels)})
     with pytest.raises(UserError, match=r"labels.jsonl: label 1: prompt_id: 'elsewhere' is not a test prompt of this run"):
-        evaluate.human_labels(params, references)
-    assert evaluate.human_labels(Params(coverage={"source": "bundled"}), references) is None  # none of the bundled prompts here
-    assert evaluate.human_labels(Params(coverage={"source": "hub"}), references) is None  # bundled labels: bundled prompts only
+        people.human_labels(params, references)
+    assert people.human_labels(Params(coverage={"source": "bundled"}), references) is None  # none of the bundled prompts here
+    assert people.human_labels(Params(coverage={"source": "hub"}), references) is None  # bundled labels: bundled prompts only
 
 
 def test_an_answer_id_is_looked_up_among_the_runs_answers():
-    from llamaduo_nb.stages import evaluate
-
     references = {"p1": {"task": "closed_qa", "instruction": "i", "reference": "r"}}
     responses = pd.DataFrame([{"task": "closed_qa", "local_model": "smol", "volume": 4, "prompt_id": "p1", "k": 1, "response": "hi"},
                               {"task": "closed_qa", "local_model": SERVICE, "volume": -1, "prompt_id": "p1", "k": 0, "response": "yo"}])
     labels = [{"prompt_id": "p1", "answer_id": "smol/4/1", "precision": 80, "label": 1},
               {"prompt_id": "p1", "answer_id": f"{SERVICE}/-1/0", "similarity": 70, "precision": 60, "label": 2},
               {"prompt_id": "p1", "answer_id": "smol/4/1@c2", "precision": 10, "label": 3}]  # cycle 2's: left to it
-    rows = evaluate.labelled_answers(labels, references, responses)
+    rows = people.labelled_answers(labels, references, responses)
     assert list(rows["answer"]) == ["hi", "yo", "yo"] and list(rows["metric"]) == ["precision", "similarity", "precision"]
     with pytest.raises(UserError, match="answer_id: 'smol/16/0' is not an answer"):
-        evaluate.labelled_answers([{"prompt_id": "p1", "answer_id": "smol/16/0", "precision": 1, "label": 4}], references, responses)
+        people.labelled_answers([{"prompt_id": "p1", "answer_id": "smol/16/0", "precision": 1, "label": 4}], references, responses)
 
 
 # -- targets relative to the service LLM -----------------------------------------------------------------------
@@ -187,7 +186,7 @@ def test_every_target_says_how_it_is_decided(text, words):
 def test_decide_stops_without_the_service_llms_answers():
     params = Params(cycle={"target": "precision mean >= service", "max_cycles": 3}, evaluate={"judges": [{"name": "j"}]})
     scores = scores_fixture()
-    without = verdict.verdict_table(scores[scores["volume"] != -1], cycle.verdict_rule(params))
+    without = verdict.verdict_table(scores[scores["volume"] != -1], evaluate.verdict_rule(params))
     stopped = cycle.decide(params, 1, without)
     assert stopped.stop and "needs the service LLM's own judged answers" in stopped.reason
 
@@ -318,8 +317,8 @@ def assert_reads_offline(page: str) -> None:
 def answered_run(run_dir, prompts: int, k: int) -> list[dict]:
     """A run folder as infer leaves it: `prompts` bundled closed-QA test prompts answered K times by a 'local model'
     at volume 0 ("I do not know.") and 4 (the reference), earlier stages marked done. Returns the test prompts."""
-    from llamaduo_nb.io import read_jsonl, write_json, write_jsonl
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.io import read_jsonl, write_json, write_jsonl
+    from llamaduo_nb.core.units import stage_dir
 
     test = [{"prompt_id": r["prompt_id"], "task": "closed_qa", "instruction": r["messages"][0]["content"],
              "reference": r["messages"][1]["content"], "split": "test"} for r in read_jsonl(BUNDLED_HUMAN_LABELS.parent / "coverage.jsonl")
@@ -343,7 +342,7 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     """Hand-written answers of a 'local model' at volumes 0 and 4; the packaged SmolLM2 answers as the service
     LLM and judges everything: metrics.csv has its rows, pairwise has local-vs-service rows, the figures
     draw its band, the report says which volume is not worse, the bundled labels are checked."""
-    from llamaduo_nb.pipeline.units import stage_dir
+    from llamaduo_nb.core.units import stage_dir
     from llamaduo_nb.stages import evaluate, report
 
     run_dir = tmp_path / "run"
@@ -360,7 +359,7 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     assert set(service["volume"]) == {-1} and set(service["metric"]) == {"similarity", "precision"} and (service["n"] == 1).all()
     pair = evaluate.load_pairwise(run_dir)
     assert set(pair["baseline"]) == {"base", "service:local:smollm2-135m-instruct"} and set(pair["volume"]) == {4}
-    human = evaluate.load_human_check(run_dir)
+    human = people.load_human_check(run_dir)
     assert set(human["agreement"]["metric"]) == {"similarity", "precision"} and (human["agreement"]["items"] == 3).all()
     assert (human["agreement"]["reference_items"] == 1).all()  # the reference answer, reported apart
 
@@ -379,15 +378,15 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     page = widgets.static_answers(run_dir)
     assert "service LLM local:smollm2-135m-instruct: its answer (same k)" in page and "id smol/4/0" in page
 
-    # notebook 07 on this run, exported as report.html: every section present, readable offline
+    # notebook 08 on this run, exported as report.html: every section present, readable offline
     import papermill as pm
 
-    from llamaduo_nb.io import write_yaml
+    from llamaduo_nb.core.io import write_yaml
     from llamaduo_nb.pipeline.runner import NOTEBOOK_DIR
 
     write_yaml(run_dir / "params.yaml", params.dump())
-    executed = tmp_path / "07_report.ipynb"
-    pm.execute_notebook(str(NOTEBOOK_DIR / "07_report.ipynb"), str(executed), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
+    executed = tmp_path / "08_report.ipynb"
+    pm.execute_notebook(str(NOTEBOOK_DIR / "08_report.ipynb"), str(executed), kernel_name="python3", cwd=str(NOTEBOOK_DIR),
                         parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir)}, progress_bar=False)
     page = report.export_html(executed, run_dir / "report.html").read_text()
     assert_reads_offline(page)

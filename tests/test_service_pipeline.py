@@ -26,8 +26,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from llamaduo_nb.io import read_jsonl
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
+from llamaduo_nb.core.io import read_jsonl
+from llamaduo_nb.core.params import PROJECT_ROOT
 from tests.emulators import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.emulator]

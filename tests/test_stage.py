@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+from llamaduo_nb.stages import BY_NAME
 from llamaduo_nb.stages import coverage
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import atomic_path, read_json, write_json
-from llamaduo_nb.pipeline.params_file import load_params
-from llamaduo_nb.pipeline.units import StageRun, is_done, read_done, stage_fingerprint, update_manifest
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import atomic_path, read_json, write_json
+from llamaduo_nb.core.params_file import load_params
+from llamaduo_nb.core.units import StageRun, is_done, read_done, stage_fingerprint, update_manifest
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -34,8 +35,8 @@ def test_coverage_stage_writes_done_last_and_skips(tmp_path):
     first = coverage.run(params, run_dir)
     assert not first.skipped and first.counts["train"] == 24 and first.counts["test"] == 8
     done = read_done(run_dir, "coverage")
-    assert done["fingerprint"] == stage_fingerprint("coverage", params, run_dir)
-    assert is_done("coverage", params, run_dir)
+    assert done["fingerprint"] == stage_fingerprint(BY_NAME["coverage"], params, run_dir)
+    assert is_done(BY_NAME["coverage"], params, run_dir)
     mtime = (run_dir / "coverage" / "train.jsonl").stat().st_mtime_ns
     second = coverage.run(params, run_dir)
     assert second.skipped
@@ -54,13 +55,13 @@ def test_changed_params_redo_the_stage_and_invalidate_downstream(tmp_path):
     params = _params(tmp_path)
     run_dir = tmp_path / "run"
     coverage.run(params, run_dir)
-    synth_fp_before = stage_fingerprint("synthesize", params, run_dir)
+    synth_fp_before = stage_fingerprint(BY_NAME["synthesize"], params, run_dir)
     changed = _params(tmp_path, "coverage: {max_test_prompts: 3}\n")
-    assert not is_done("coverage", changed, run_dir)
+    assert not is_done(BY_NAME["coverage"], changed, run_dir)
     result = coverage.run(changed, run_dir)
     assert not result.skipped and result.counts["test"] == 3
     # a new completion upstream changes every downstream fingerprint
-    assert stage_fingerprint("synthesize", changed, run_dir) != synth_fp_before
+    assert stage_fingerprint(BY_NAME["synthesize"], changed, run_dir) != synth_fp_before
 
 
 def test_operational_settings_do_not_invalidate(tmp_path):
@@ -68,9 +69,9 @@ def test_operational_settings_do_not_invalidate(tmp_path):
     b = _params(tmp_path, "")
     b.service.max_concurrency = 3
     b.service.requests_per_minute = 10
-    assert stage_fingerprint("synthesize", a, tmp_path) == stage_fingerprint("synthesize", b, tmp_path)
+    assert stage_fingerprint(BY_NAME["synthesize"], a, tmp_path) == stage_fingerprint(BY_NAME["synthesize"], b, tmp_path)
     b.service.model = "other"
-    assert stage_fingerprint("synthesize", a, tmp_path) != stage_fingerprint("synthesize", b, tmp_path)
+    assert stage_fingerprint(BY_NAME["synthesize"], a, tmp_path) != stage_fingerprint(BY_NAME["synthesize"], b, tmp_path)
 
 
 def test_force_redoes(tmp_path):
@@ -82,7 +83,7 @@ def test_force_redoes(tmp_path):
 def test_stage_refuses_without_upstream(tmp_path):
     params = _params(tmp_path)
     with pytest.raises(UserError, match="needs stage 'coverage'"):
-        StageRun("synthesize", params, tmp_path / "run").begin()
+        StageRun(BY_NAME["synthesize"], params, tmp_path / "run").begin()
 
 
 def test_coverage_rejects_overlap_and_bad_rows(tmp_path):
@@ -121,7 +122,7 @@ def test_bundled_coverage_set_has_every_task():
 
 
 def test_a_unit_is_reused_only_with_the_same_fingerprint_and_unchanged_content(tmp_path):
-    from llamaduo_nb.pipeline.units import Unit
+    from llamaduo_nb.core.units import Unit
 
     out = tmp_path / "answers.jsonl"
     out.write_text("a\n")
@@ -139,7 +140,7 @@ def test_a_unit_is_reused_only_with_the_same_fingerprint_and_unchanged_content(t
 
 
 def test_content_fingerprint_reads_bytes_not_bookkeeping(tmp_path):
-    from llamaduo_nb.pipeline.units import content_fingerprint
+    from llamaduo_nb.core.units import content_fingerprint
 
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -171,7 +172,7 @@ def test_force_of_a_stage_reaches_every_stage_that_depends_on_it():
 
 
 def test_setting_aside_moves_outputs_and_their_records(tmp_path, capsys):
-    from llamaduo_nb.pipeline.units import set_aside
+    from llamaduo_nb.core.units import set_aside
 
     run = tmp_path / "run"
     answers = run / "infer" / "closed_qa" / "m" / "4.jsonl"
@@ -186,7 +187,7 @@ def test_setting_aside_moves_outputs_and_their_records(tmp_path, capsys):
 
 
 def test_a_folder_of_the_earlier_layout_is_refused(tmp_path):
-    from llamaduo_nb.pipeline.units import check_layout
+    from llamaduo_nb.core.units import check_layout
 
     run = tmp_path / "run"
     (run / "responses").mkdir(parents=True)

@@ -9,7 +9,7 @@ from llamaduo_nb.stages import coverage
 from llamaduo_nb.stages import synthesize
 from llamaduo_nb.llm import client as client_module
 from llamaduo_nb.llm.base import Backend, Completion
-from llamaduo_nb.pipeline.params_file import load_params
+from llamaduo_nb.core.params_file import load_params
 
 
 class FakeService(Backend):
@@ -86,7 +86,7 @@ def test_same_call_index_same_seed(tmp_path):
     params = _params(tmp_path, 4)
     coverage.run(params, tmp_path / "run")
     seeds = [r for r in coverage.load(tmp_path / "run", "train") if r["task"] == "coding"]
-    from llamaduo_nb.prompts import load_prompt
+    from llamaduo_nb.core.prompts import load_prompt
 
     prompt = load_prompt("synthesize")
     a = synthesize.request_for(params, prompt, None, seeds, "coding", 5)

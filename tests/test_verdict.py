@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.pipeline import cycle
-from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.core.params import Params
 from llamaduo_nb.stages import deploy, report
 
 from .verdict_simulation import paired
@@ -122,7 +123,7 @@ def params(**cycle_fields) -> Params:
 def test_the_stop_rule_deploy_and_the_report_name_the_same_volume(tmp_path):
     p = params()
     scores = scores_fixture()
-    table = verdict.verdict_table(scores, cycle.verdict_rule(p), p.infer.k, p.evaluate.m, p.service.label)
+    table = verdict.verdict_table(scores, evaluate.verdict_rule(p), p.infer.k, p.evaluate.m, p.service.label)
     decision = cycle.decide(p, 2, table)
     assert decision.met and decision.stop
     (chosen,) = deploy.choose_cells(table, p)
@@ -143,7 +144,7 @@ def test_the_stop_rule_goes_on_when_the_target_is_not_shown():
     p = params()
     scores = scores_fixture()
     scores = scores[scores["volume"].isin([-1, 0, 4])]
-    table = verdict.verdict_table(scores, cycle.verdict_rule(p), 2, 1, p.service.label)
+    table = verdict.verdict_table(scores, evaluate.verdict_rule(p), 2, 1, p.service.label)
     decision = cycle.decide(p, 1, table, new_pairs=None)
     assert not decision.stop and "no volume is shown to be not worse" in decision.reason
     assert decision.scores[0]["volume"] == 4 and decision.scores[0]["outcome"] == verdict.NOT_SHOWN

@@ -12,8 +12,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from llamaduo_nb.pipeline.params import PROJECT_ROOT
-from llamaduo_nb.pipeline.units import NOTEBOOKS, STAGES
+from llamaduo_nb.core.params import PROJECT_ROOT
+from llamaduo_nb.stages import NAMES as STAGES, NOTEBOOKS
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 

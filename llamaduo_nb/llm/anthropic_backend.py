@@ -17,7 +17,6 @@ are `TransientError` (with `retry-after` when sent); other HTTP errors are
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import anthropic
@@ -88,16 +87,7 @@ class AnthropicBackend(SDKClientBackend):
         return kwargs
 
     async def complete(self, request: ChatRequest) -> Completion:
-        try:
-            raw = await self._sdk().messages.with_raw_response.create(**self.build(request))
-            msg = raw.parse()
-            if inspect.isawaitable(msg):  # SDK 2.x: the async raw response parses in a coroutine
-                msg = await msg
-        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
-            mapped = self._translate(exc)
-            if mapped is exc:
-                raise
-            raise mapped from None
+        raw, msg = await self._raw_create(self._sdk().messages.with_raw_response.create, **self.build(request))
         completion = self._completion(msg)
         completion.limits = rate_limit_headers(raw.headers)
         return completion

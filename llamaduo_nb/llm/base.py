@@ -9,6 +9,8 @@ Retries, rate limits, caching, JSON validation and accounting live in
 
 from __future__ import annotations
 
+import inspect
+
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -121,6 +123,24 @@ class Backend:
 
     async def complete(self, request: ChatRequest) -> Completion:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _translate(self, exc: Exception) -> Exception:  # an SDK backend maps its SDK's errors to the contract
+        return exc
+
+    async def _raw_create(self, create, **kwargs) -> tuple:
+        """(raw response, parsed body) of an SDK's `with_raw_response.create(**kwargs)` (the raw one carries the rate
+        limit headers), the SDK's errors mapped to the backend contract."""
+        try:
+            raw = await create(**kwargs)
+            body = raw.parse()
+            if inspect.isawaitable(body):  # the async raw response of newer SDKs parses in a coroutine
+                body = await body
+        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
+            mapped = self._translate(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
+        return raw, body
 
     def complete_batch(self, requests: list[ChatRequest]) -> list[Completion]:  # pragma: no cover
         raise NotImplementedError

@@ -53,8 +53,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.progress import tqdm
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.progress import tqdm
 from llamaduo_nb.llm.base import ChatRequest, ChatResult, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.common import Accounting, describe_error, reask_request, validate_output
 

@@ -42,9 +42,9 @@ from typing import Optional
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
-from llamaduo_nb.progress import tqdm
+from llamaduo_nb.core.progress import tqdm
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, ChatResult, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.cache import ResponseCache
 from llamaduo_nb.llm.common import (Accounting, ServiceStopped, describe_error, reask_request, unusable_kind,
@@ -65,6 +65,7 @@ _LOCAL_BACKENDS: dict = {}  # one in-process model per process: the judge and pa
 
 
 def make_backend(cfg) -> Backend:
+    # Each backend is imported when chosen: each pulls in its provider's SDK (or torch), optional and heavy.
     if cfg.backend == "local":
         from llamaduo_nb.llm.local import LocalBackend
 
@@ -258,7 +259,7 @@ class ServiceLLM:
         cfg = self.cfg
         self._load_json_mode()
         if getattr(cfg, "batch_api", False):  # the provider's batch API instead of live calls (llm/batch.py)
-            from llamaduo_nb.llm.batch import run_batch_api
+            from llamaduo_nb.llm.batch import run_batch_api  # the providers' batch SDK calls, only when asked for
 
             results = await run_batch_api(self, requests, desc, progress)
             if self.stopped:

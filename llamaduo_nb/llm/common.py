@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import jsonschema
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, PermanentError, TransientError
 
 

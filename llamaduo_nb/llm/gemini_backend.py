@@ -30,7 +30,7 @@ from typing import Optional
 from google import genai
 from google.genai import errors, types
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import Backend, ChatRequest, Completion, PermanentError, TransientError
 from llamaduo_nb.llm.common import Scrubber, is_permanent, resolve_key, retry_after_from_headers, split_system
 

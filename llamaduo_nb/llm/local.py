@@ -7,7 +7,7 @@ usable in that role:
 - as a judge it does not write digits: a tiny model's written scores are flat (it gave
   0/0 to a good answer; reading its distribution over score tokens gave ~45 to a good
   answer, an unrelated one and an empty one alike). It scores by likelihood instead
-  (`methods/likelihood_judge.py`), which is deterministic, so its M repeats agree.
+  (`llm/likelihood_judge.py`), which is deterministic, so its M repeats agree.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import json
 import threading
 
 from llamaduo_nb.llm.base import Backend, ChatRequest, Completion
-from llamaduo_nb.methods.likelihood_judge import LikelihoodJudge
+from llamaduo_nb.llm.likelihood_judge import LikelihoodJudge
+from llamaduo_nb.core.models import load_model, load_tokenizer
+from llamaduo_nb.core.models import generate_chat
 
 
 class LocalBackend(Backend):
@@ -27,7 +29,6 @@ class LocalBackend(Backend):
 
     def __init__(self, config):
         super().__init__(config)
-        from llamaduo_nb.models import load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(config.model)
         self.model = load_model(config.model)
@@ -64,8 +65,6 @@ class LocalBackend(Backend):
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        from llamaduo_nb.models import generate_chat
-
         req = requests[0]
         processors = None
         if req.json_schema is not None:

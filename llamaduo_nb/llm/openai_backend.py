@@ -13,7 +13,6 @@ Also the home of the helpers the other API backends share (`retry_after_from_hea
 
 from __future__ import annotations
 
-import inspect
 import json
 
 from llamaduo_nb.llm.base import ChatRequest, Completion, PermanentError, TransientError
@@ -104,16 +103,7 @@ class OpenAIBackend(SDKClientBackend):
         return kwargs
 
     async def complete(self, request: ChatRequest) -> Completion:
-        try:
-            raw = await self._sdk().chat.completions.with_raw_response.create(**self.request_body(request))
-            resp = raw.parse()
-            if inspect.isawaitable(resp):  # the async raw response of newer SDKs parses in a coroutine
-                resp = await resp
-        except Exception as exc:  # noqa: BLE001 - mapped to the backend contract
-            mapped = self._translate(exc)
-            if mapped is exc:
-                raise
-            raise mapped from None
+        raw, resp = await self._raw_create(self._sdk().chat.completions.with_raw_response.create, **self.request_body(request))
         completion = self._completion(resp, request.n)
         completion.limits = rate_limit_headers(raw.headers)
         return completion

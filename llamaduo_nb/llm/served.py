@@ -16,9 +16,11 @@ import json
 import time
 from typing import Optional
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.pipeline.params import ServiceParams
+from llamaduo_nb.core.params import ServiceParams
+from llamaduo_nb.llm.common import resolve_key
+from llamaduo_nb.llm.client import ServiceLLM
 
 
 def server_config(base_url: str, model: str, api_key_env: Optional[str] = None, max_concurrency: int = 4,
@@ -31,7 +33,6 @@ def server_config(base_url: str, model: str, api_key_env: Optional[str] = None, 
 def _client(cfg: ServiceParams):
     import openai
 
-    from llamaduo_nb.llm.common import resolve_key
 
     return openai.OpenAI(base_url=cfg.base_url, api_key=resolve_key(cfg, ("OPENAI_API_KEY",)), timeout=min(cfg.timeout_s, 120),
                          max_retries=2)
@@ -78,7 +79,6 @@ def answer(cfg: ServiceParams, cache, prompts: list[dict], k: int, temperature: 
 
     With `use_n` one request per prompt asks for K answers (seed `seed`); otherwise K requests, answer k
     with seed `seed + k`. Raises UserError when a server that was found to honour `n` returns fewer."""
-    from llamaduo_nb.llm.client import ServiceLLM
 
     requests, index = [], []
     for p in prompts:

@@ -36,26 +36,12 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from llamaduo_nb.methods.verdict import value_interval
+
 METRICS = ("similarity", "precision")
 GROUP = ["cycle", "task", "local_model", "judge", "volume"]
-# The service LLM's own answers are judged like a volume's; their rows are named `service:<label>` and carry
-# volume -1: the service LLM is not trained, and -1 keeps it apart from the base model's 0 and the tuned
-# volumes (> 0) in every volume filter.
-SERVICE_PREFIX = "service:"
-SERVICE_VOLUME = -1
 ANSWER = GROUP + ["prompt_id", "k"]
 CI_LEVEL = 0.95
-
-
-def service_name(label: str) -> str:
-    """The `local_model` value of the service LLM's own answers."""
-    return SERVICE_PREFIX + label
-
-
-def is_service(local_models) -> pd.Series:
-    """True where a `local_model` value names the service LLM's own answers."""
-    values = local_models if isinstance(local_models, pd.Series) else pd.Series(list(local_models), dtype=object)
-    return values.astype(str).str.startswith(SERVICE_PREFIX)
 
 
 def coverage_at(scores, zeta: float) -> float:
@@ -97,7 +83,6 @@ def prompt_intervals(scores, prompts, zetas=(50, 70), level: float = CI_LEVEL) -
     `scores[i]` is answer i's score, `prompts[i]` its test prompt. Returns {"mean": (low, high),
     "coverage_50": (low, high), ...}; NaN bounds when there is no spread to measure (fewer than 2 prompts,
     or every prompt with the same value)."""
-    from llamaduo_nb.methods.verdict import value_interval
 
     scores = np.asarray(scores, dtype=float)
     keys = [f"coverage_{z}" for z in zetas]

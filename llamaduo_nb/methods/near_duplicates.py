@@ -51,7 +51,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from llamaduo_nb.pipeline.params import DeduplicateParams
+from llamaduo_nb.core.params import DeduplicateParams
+from llamaduo_nb.core.progress import tqdm
 
 SEED = 1  # MinHash permutation seed (fixed: results must not change between runs)
 # (false-positive weight, false-negative weight) for datasketch's choice of LSH
@@ -351,8 +352,6 @@ def _check_pairs(pairs: list, what: str) -> None:
 
 
 def _tqdm(progress: bool, **kw):
-    from llamaduo_nb.progress import tqdm
-
     return tqdm(disable=not progress, mininterval=0.5, **kw)
 
 

@@ -32,9 +32,10 @@ from typing import Optional
 
 import pandas as pd
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.prompts import Prompt, load_prompt
+from llamaduo_nb.llm.common import extract_json
+from llamaduo_nb.core.prompts import Prompt, load_prompt
 
 PAIRWISE_JSONL = "pairwise.jsonl"
 VERDICTS = ("A", "B", "tie")
@@ -110,8 +111,6 @@ def parse_verdict(result) -> tuple[str, Optional[str]]:
         return ERROR, None
     parsed = result.parsed
     if parsed is None and result.text:
-        from llamaduo_nb.llm.common import extract_json
-
         try:
             parsed = extract_json(result.text)
         except ValueError:
@@ -186,15 +185,3 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
         )
         out.append(record)
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS).sort_values(GROUP).reset_index(drop=True)
-
-
-def judge_pairs(params, judge, responses: pd.DataFrame, references: dict, service, baseline: Optional[pd.DataFrame] = None,
-                baseline_name: str = BASE, baseline_volume: int = BASELINE_VOLUME) -> list[dict]:
-    """Build, send (only the pairs whose answers differ) and parse one judge's pairwise verdicts (against the
-    base model, or against `baseline`'s answers)."""
-    jobs = build_requests(params, judge, responses, references, baseline=baseline, baseline_name=baseline_name,
-                          baseline_volume=baseline_volume)
-    sent = [i for i, (_, req) in enumerate(jobs) if req is not None]
-    results = service.run([jobs[i][1] for i in sent], desc="pairwise ×2 orders") if sent else []
-    by_job = dict(zip(sent, results))
-    return [judgement_row(meta, by_job.get(i)) for i, (meta, _) in enumerate(jobs)]

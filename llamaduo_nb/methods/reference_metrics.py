@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from llamaduo_nb.methods.metrics import ANSWER, METRICS, answer_scores
+from llamaduo_nb.methods.near_duplicates import rouge_l_f
 
 REFERENCE_METRICS = ("rouge_l", "embedding_cosine")
 KEYS = ["cycle", "task", "local_model", "volume", "prompt_id", "k"]
@@ -31,7 +32,6 @@ def rouge_l(references: list[str], answers: list[str]) -> list[float]:
     """ROUGE-L F of each answer against its reference: rouge-score's RougeScorer(["rougeL"]) numbers
     (its tokenisation, no stemmer), computed with the dedup stage's bit-parallel LCS (rouge-score's
     O(mn) table takes seconds per pair of long answers; tests check both agree)."""
-    from llamaduo_nb.methods.near_duplicates import rouge_l_f
 
     return [float(rouge_l_f(ref or "", ans or "")) for ref, ans in zip(references, answers)]
 

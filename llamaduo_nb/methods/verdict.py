@@ -54,6 +54,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from llamaduo_nb.core.rows import is_service, with_cycle
+
 ALPHA = 0.025  # one-sided; the printed interval is the two-sided 1 − 2α = 95 % one
 FAILURE_SCORE = 0.0  # an answer that failed or could not be judged: the worst score
 METHOD = "paired t-interval over test prompts"
@@ -353,8 +355,6 @@ def verdict_table(scores: pd.DataFrame, rule: Rule, k: int | None = None, m: int
     `scores`: answer scores with columns task, local_model, judge, metric, cycle, volume, prompt_id, k, score
     (NaN for an answer without a valid judgement), the service LLM's rows named by `is_service`. The service
     LLM's answers of its first cycle are the comparison (it answers alike in every cycle)."""
-    from llamaduo_nb.methods.metrics import is_service
-
     data = scores[scores["metric"] == rule.metric] if len(scores) else scores
     data = data.assign(cycle=1) if "cycle" not in data.columns else data
     judge = rule.judge or (data.loc[~is_service(data["local_model"]).to_numpy(), "judge"].iloc[0] if len(data) else None)
@@ -486,6 +486,19 @@ def equivalence(a: pd.DataFrame, b: pd.DataFrame, margin: float, alpha: float = 
     else:
         outcome = NOT_SHOWN_EQUIVALENT
     return Equivalence(outcome, interval.estimate, interval.low, interval.high, margin, interval.n, interval.sd, "", level)
+
+
+def cycle_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (cycle, task, local model): the verdict row of the cycle's largest volume (the first the fixed sequence
+    tests once the cycle is done; the base model only where the cycle trained nothing). The across-cycles figure
+    and cycles.json read it."""
+    if table.empty:
+        return table
+    data = with_cycle(table)
+    trained = data.groupby("cycle")["volume"].transform("max").gt(0)
+    data = data[(data["volume"] > 0) | ~trained]
+    idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
+    return data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable").reset_index(drop=True)
 
 
 # -- one-sample intervals for the tables and figures ------------------------------------------------------------

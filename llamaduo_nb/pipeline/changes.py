@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import without_operational
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.units import without_operational
 
 
 def refuse_changed_params(run_dir: Path, params: Params, accepted: bool) -> None:

@@ -12,7 +12,6 @@ folder's top records each cycle's scores and the reason the loop stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -21,12 +20,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.io import read_json, read_jsonl, write_csv, write_json
+from llamaduo_nb.core.io import read_json, read_jsonl, write_csv, write_json
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.rows import with_cycle
+from llamaduo_nb.core.units import CYCLES_JSON, cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import cycle_folder, cycle_folders, cycle_of, read_done, root_of, stage_dir
+from llamaduo_nb.stages import evaluate
+from llamaduo_nb.pipeline import search
+from llamaduo_nb.llm.cache import recorded_spend
 
-CYCLES_JSON = "cycles.json"
 SUPERSEDED = "superseded"  # later cycles of an earlier, longer loop are moved here, never deleted
 
 
@@ -35,8 +37,6 @@ def params_for_cycle(params: Params, run_dir: Path | str) -> Params:
     in cycle 1 of a volume search, the volumes it has reached and the data they need (pipeline/search.py)."""
     if cycle_of(run_dir) == 1:
         if params.finetune.search:
-            from llamaduo_nb.pipeline import search
-
             return search.params_for_step(params, search.tried(params, run_dir))
         return params
     adjusted = params.model_copy(deep=True)
@@ -45,32 +45,19 @@ def params_for_cycle(params: Params, run_dir: Path | str) -> Params:
 
 
 # -- combined tables at the run folder's top ------------------------------------------------------
-def publish(run_dir: Path | str, name: str, frame: pd.DataFrame) -> Path:
-    """Write a cycle's table to its own folder and merge it into `<run>/<name>` (all cycles, column `cycle`).
-
-    The rows of this cycle replace its earlier rows. Rows of LATER cycles are read back from their own folders:
-    a redone cycle 1 (one cell redone with `--only`) must not lose cycle 2's rows, which a cycle 2 whose inputs did
-    not change never writes again. A later cycle whose inputs did change is redone and publishes anew; one the loop
-    no longer reaches is retired with its folder (`retire_later_cycles`)."""
-    cycle, root = cycle_of(run_dir), root_of(run_dir)
-    if cycle > 1:
-        write_csv(Path(run_dir) / name, frame)
-    combined_path = root / name
-    earlier = pd.DataFrame()
-    if combined_path.exists() and combined_path.stat().st_size > 0:
-        with contextlib.suppress(pd.errors.EmptyDataError):
-            earlier = pd.read_csv(combined_path)
-    if not earlier.empty and "cycle" in earlier.columns:
-        earlier = earlier[earlier["cycle"] < cycle]
-    later = []
-    for t, folder in cycle_folders(root):
-        own = folder / name
-        if t > cycle and own.exists() and own.stat().st_size > 0:
-            with contextlib.suppress(pd.errors.EmptyDataError):
-                later.append(pd.read_csv(own))
-    parts = [f for f in [earlier, frame, *later] if not f.empty]
-    combined = pd.concat(parts, ignore_index=True) if parts else frame
-    return write_csv(combined_path, combined)
+def publish_run_tables(run_dir: Path | str) -> list[Path]:
+    """`<run>/metrics.csv` and `<run>/pairwise.csv`: every cycle's evaluate tables in one (column `cycle`), for the
+    researcher. Written after each evaluate by the runner or the notebook; the stages read each cycle's own tables."""
+    written, root = [], root_of(run_dir)
+    for name, table in (("metrics.csv", evaluate.load_metrics(root)), ("pairwise.csv", evaluate.load_pairwise(root))):
+        path = root / name
+        if len(table):
+            if not (path.exists() and path.read_text() == table.to_csv(index=False)):  # a run that changed nothing writes nothing
+                write_csv(path, table)
+            written.append(path)
+        elif path.exists():
+            path.unlink()
+    return written
 
 
 # -- the stop rule ---------------------------------------------------------------------------------
@@ -81,35 +68,6 @@ class Decision:
     scores: list = field(default_factory=list)
     met: bool = False
     short: str = ""  # the reason without the verdict sentences (a figure's title); empty: the reason is short already
-
-
-def with_cycle(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with an integer `cycle` column (1 where it has none: a run from before cycles)."""
-    if "cycle" in frame.columns:
-        return frame.assign(cycle=pd.to_numeric(frame["cycle"], errors="coerce").fillna(1).astype(int))
-    return frame.assign(cycle=1)
-
-
-def verdict_rule(params: Params) -> verdict.Rule:
-    """The run's one rule (`methods/verdict.py`): the cycle target at `cycle.alpha`, with the first judge by default;
-    in a volume search, α split over every look the search could make."""
-    looks = 1
-    if params.finetune.search:  # the base model, each grid volume, each later cycle
-        looks = 1 + len(params.finetune.volumes) + (params.cycle.max_cycles - 1)
-    return verdict.Rule.from_target(params.cycle.target, params.cycle.alpha, params.judges[0].label, looks)
-
-
-def cycle_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (cycle, task, local model): the verdict row of the cycle's largest volume (the first the fixed sequence
-    tests once the cycle is done; the base model only where the cycle trained nothing). The across-cycles figure
-    and cycles.json read it."""
-    if table.empty:
-        return table
-    data = with_cycle(table)
-    trained = data.groupby("cycle")["volume"].transform("max").gt(0)
-    data = data[(data["volume"] > 0) | ~trained]
-    idx = data.groupby(["cycle", "task", "local_model"], sort=False)["volume"].idxmax()
-    return data.loc[idx.to_numpy()].sort_values(["task", "local_model", "cycle"], kind="stable").reset_index(drop=True)
 
 
 SCORE_FIELDS = ["cycle", "task", "local_model", "judge", "volume", "outcome", "passed", "estimate", "low", "high", "bound", "prompts",
@@ -140,9 +98,9 @@ def decide(params: Params, cycle: int, verdicts: pd.DataFrame, cost_usd: float =
     target is met when, for every (task, local model), the fixed sequence finds a volume (its largest passes). The
     reason is the verdict's own sentences, a researcher can put them in a log."""
     cfg = params.cycle
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     table = with_cycle(verdicts)[lambda f: f["cycle"] <= cycle] if len(verdicts) else verdicts
-    records = [_record(r) for r in cycle_verdicts(table).to_dict("records") if r["cycle"] == cycle] if len(table) else []
+    records = [_record(r) for r in verdict.cycle_verdicts(table).to_dict("records") if r["cycle"] == cycle] if len(table) else []
     if table.empty:
         return Decision(True, f"cycle {cycle} has no {cfg.target.metric} scores to decide the target {cfg.target}", records)
     found = verdict.summary(table)
@@ -179,7 +137,6 @@ def run_spend(run_dir: Path | str) -> float:
     """What the run has paid the service LLMs so far, as the stop rule weighs it against cycle.max_cost_usd: the
     response cache's spend ledger (every paid answer, whichever stage, cycle or re-run paid it, including a stage
     stopped at a cap), or the stages' recorded costs for a run folder from before the ledger."""
-    from llamaduo_nb.llm.cache import recorded_spend
 
     root = root_of(run_dir)
     recorded = sum(cycle_cost(folder) for _, folder in cycle_folders(root))
@@ -209,7 +166,7 @@ def record(params: Params, run_dir: Path | str, decisions: list[tuple[int, Decis
                        "new_pairs": new, "kept_pairs_total": dict(sorted(totals.items())), "cost_usd": round(cost, 6)})
     last = decisions[-1][1] if decisions else None
     body = {
-        "target": str(params.cycle.target), "target_fields": params.cycle.target.model_dump(), "rule": verdict.rule_line(verdict_rule(params)),
+        "target": str(params.cycle.target), "target_fields": params.cycle.target.model_dump(), "rule": verdict.rule_line(evaluate.verdict_rule(params)),
         "max_cycles": params.cycle.max_cycles,
         "step": params.cycle.step or params.synthesize.samples_per_task, "cycles": cycles, "cost_usd": round(spent, 6),
         "stopped": stopped, "stop_reason": last.reason if (last and stopped) else None,
@@ -232,11 +189,7 @@ def retire_later_cycles(run_dir: Path | str, last_cycle: int) -> list[Path]:
             target.parent.mkdir(exist_ok=True)
             shutil.move(str(folder), str(target))
             moved.append(target)
-    for name in ("metrics.csv", "pairwise.csv"):
-        path = root / name
-        if moved and path.exists() and path.stat().st_size > 0:
-            frame = pd.read_csv(path)
-            if "cycle" in frame.columns:
-                write_csv(path, frame[frame["cycle"] <= last_cycle])
+    if moved:
+        publish_run_tables(root)
     return moved
 

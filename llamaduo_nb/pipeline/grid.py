@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.models import short_name
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import done_path, stage_dir
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import short_name
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.units import done_path, stage_dir
 
 
 def parse_only(text: str, params: Params) -> list[tuple[str, str, int]]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 
 from llamaduo_nb.methods import planning, verdict
-from llamaduo_nb.pipeline import execution
-from llamaduo_nb.pipeline.params import Params
+from llamaduo_nb.core import execution
+from llamaduo_nb.core.params import Params
 from llamaduo_nb.stages.synthesize import PROBE_CALLS, ROUND_GROWTH
+from llamaduo_nb.stages import coverage
+from llamaduo_nb.stages.evaluate import verdict_rule
+from llamaduo_nb.pipeline.search import synthesis_target
 
 # Assumptions for the estimate (printed with it): tokens per synthesis request and reply, per judge
 # request and reply, and fine-tuning throughput on one GPU.
@@ -24,7 +27,6 @@ def test_prompts_per_task(params: Params) -> int | None:
         return params.coverage.max_test_prompts
     if params.coverage.source == "hub":
         return None
-    from llamaduo_nb.stages import coverage
 
     try:
         _, test = coverage.split_rows(coverage.load_rows(params), params)
@@ -120,7 +122,6 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
                      + (f"; parity check: {per_judge:,} calls per judge (${parity_cost:,.2f})" if per_judge else ""))
         total_calls += per_judge * len(judges)
         total_cost += parity_cost
-    from llamaduo_nb.pipeline.cycle import verdict_rule
 
     rule = verdict_rule(params)
     lines.append("Verdict: " + verdict.rule_line(rule))
@@ -155,7 +156,6 @@ def describe(family: Params | list[Params], gpus: int | None = None, pilot_sd: f
 def search_plan(family: list[Params]) -> list[str]:
     """The volume search against the full sweep: adapters, GPU-hours and synthesis calls per (task, local model) for
     each place the answer could be, and their mean over those places taken as equally likely."""
-    from llamaduo_nb.pipeline.search import synthesis_target
 
     params = family[0]
     ft, syn = params.finetune, params.synthesize
@@ -169,8 +169,8 @@ def search_plan(family: list[Params]) -> list[str]:
     for j, volume in enumerate(grid):
         outcomes.append((_volume(volume), j + 1, hours(grid[: j + 1]), calls(volume)))
     outcomes.append(("none", *sweep))
-    lines = [f"Volume search (finetune.volumes: search): smallest volume first, stopping at the first not worse; "
-             f"per (task, local model), if the answer is:"]
+    lines = ["Volume search (finetune.volumes: search): smallest volume first, stopping at the first not worse; "
+             "per (task, local model), if the answer is:"]
     for label, adapters, h, c in outcomes:
         lines.append(f"  {label:>5}: {adapters} adapter{'s' if adapters != 1 else ''}, {h:,.1f} GPU-hours, {c:,} synthesis calls per task")
     mean = [sum(o[i] for o in outcomes) / len(outcomes) for i in (1, 2, 3)]

@@ -20,16 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import write_json, write_yaml
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import write_json, write_yaml
 from llamaduo_nb.llm.common import check_keys
 from llamaduo_nb.pipeline.changes import refuse_changed_params
-from llamaduo_nb.pipeline.execution import check_backend
+from llamaduo_nb.core.execution import check_backend
 from llamaduo_nb.pipeline.grid import parse_only, redo_cells
-from llamaduo_nb.pipeline.params import PROJECT_ROOT, Params
-from llamaduo_nb.pipeline.params_file import service_slug
-from llamaduo_nb.pipeline.params_file import load_family
-from llamaduo_nb.pipeline.units import NOTEBOOKS, OPTIONAL_UPSTREAM, STAGES, UPSTREAM, check_layout, cycle_folder, is_done, update_manifest
+from llamaduo_nb.core.params import PROJECT_ROOT, Params
+from llamaduo_nb.core.params_file import service_slug
+from llamaduo_nb.core.params_file import load_family, load_params
+from llamaduo_nb.core.units import StageResult, check_layout, cycle_folder, is_done, read_done, update_manifest
+from llamaduo_nb.pipeline import cycle as cyc
+from llamaduo_nb.pipeline import search
+from llamaduo_nb.pipeline.doctor import before_paying
+from llamaduo_nb.stages import BY_NAME, NAMES, NOTEBOOKS, evaluate
+from llamaduo_nb.stages.report import compare_runs, export_html
 
 CYCLE_STAGES = ["synthesize", "deduplicate", "finetune", "infer", "evaluate"]
 AFTER_CYCLES = ("deploy", "report")  # once, over every cycle's results
@@ -43,12 +48,12 @@ def default_run_dir(params: Params) -> Path:
 
 def parse_stages(text: str | None) -> list[str]:
     if not text:
-        return list(STAGES)
+        return list(NAMES)
     chosen = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in STAGES]
+    unknown = [s for s in chosen if s not in NAMES]
     if unknown:
-        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    return [s for s in STAGES if s in chosen]
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(NAMES)})")
+    return [s for s in NAMES if s in chosen]
 
 
 def check_notebooks() -> None:
@@ -67,10 +72,10 @@ def check_notebooks() -> None:
 def downstream(stages: list[str]) -> list[str]:
     """The stages and every stage that depends on them, in order."""
     out = set(stages)
-    for stage in STAGES:  # STAGES is in dependency order
-        if any(up in out for up in UPSTREAM[stage] + OPTIONAL_UPSTREAM.get(stage, [])):
+    for stage in NAMES:  # in the order they run
+        if any(up in out for up in BY_NAME[stage].inputs()):
             out.add(stage)
-    return [s for s in STAGES if s in out]
+    return [s for s in NAMES if s in out]
 
 
 def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: list[str] | None = None,
@@ -89,8 +94,6 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
     for params in family:
         check_keys([params.service] + params.judges)
         check_backend(params.execution)
-    from llamaduo_nb.llm.doctor import before_paying
-
     problems = before_paying(family)
     if problems:  # one line, before anything is written or paid for
         raise UserError("; ".join(problems) + " (llamaduo doctor PARAMS checks everything a run needs)")
@@ -100,8 +103,10 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
         return chosen if stages or params.deploy.enabled else [s for s in chosen if s != "deploy"]
 
     accepted = "" in (force or [])  # a bare --force accepts changed params; --force STAGE only redoes STAGE
+    invocation = ([str(params_file)] + [f"--set {o}" for o in overrides or []] + ([f"--stages {stages}"] if stages else [])
+                  + [f"--force {f}".strip() for f in force or []] + ([f"--only {only}"] if only else []))
     if len(family) == 1:
-        return _run_one(family[0], run_dir, stages_for(family[0]), forced, accepted, log, only, execute)
+        return _run_one(family[0], run_dir, stages_for(family[0]), forced, accepted, log, only, execute, invocation)
     members = {service_slug(p): p for p in family}
     for slug, params in members.items():  # refuse before any member runs
         refuse_changed_params(run_dir / slug, params, accepted)
@@ -111,18 +116,16 @@ def run(params_file: str | Path, run_dir: str | Path | None = None, overrides: l
                                         "folders": list(members)})
     for slug, params in members.items():
         log(f"=== service LLM {params.service.label}: {run_dir / slug}")
-        _run_one(params, run_dir / slug, stages_for(params), forced, True, log, only, execute)  # params already checked above
+        _run_one(params, run_dir / slug, stages_for(params), forced, True, log, only, execute, invocation)  # params checked above
     finished = [run_dir / slug for slug in members if (run_dir / slug / "metrics.csv").exists()]
     if len(finished) > 1 and "report" in chosen:
-        from llamaduo_nb.stages.report import compare_runs
-
         paths = compare_runs(finished, run_dir / "comparison")
         log(f"comparison of the service LLMs: {run_dir / 'comparison'} ({len(paths)} files)")
     return run_dir
 
 
 def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str], accepted: bool, log, only: str | None = None,
-             execute=None) -> Path:
+             execute=None, invocation: list[str] | None = None) -> Path:
     check_layout(run_dir)
     refuse_changed_params(run_dir, params, accepted)
     cells = parse_only(only, params) if only else []
@@ -131,7 +134,7 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
     write_yaml(resolved, params.dump())
-    update_manifest(run_dir, params)
+    update_manifest(run_dir, params, invocation=invocation or [])
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
     if cells:
@@ -145,7 +148,8 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
         for stage in before_cycles:
             if _run_stage(stage, params, resolved, run_dir, stage in forced, log, execute=execute):
                 executed_now.append(stage)
-    if "evaluate" in chosen and (run_dir / "metrics.csv").exists():
+    if "evaluate" in chosen and read_done(run_dir, "evaluate") is not None:
+        cyc.publish_run_tables(run_dir)
         executed_now += run_cycles(params, resolved, run_dir, chosen, forced, log, execute)
     if "deploy" in chosen and _run_stage("deploy", params, resolved, run_dir, "deploy" in forced, log, execute=execute):
         executed_now.append("deploy")
@@ -153,8 +157,6 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
         executed_now.append("report")
     report_notebook = run_dir / "notebooks" / NOTEBOOKS["report"]
     if report_notebook.exists() and ("report" in executed_now or not (run_dir / "report.html").exists()):
-        from llamaduo_nb.stages.report import export_html
-
         export_html(report_notebook, run_dir / "report.html")
         log(f"report: {run_dir / 'report.html'}")
     return run_dir
@@ -162,18 +164,18 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
 
 def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, force: bool, log, label: str = "", execute=None) -> bool:
     """Run one stage's notebook in `folder` (the run folder or a cycle folder) unless it is up to date."""
-    from llamaduo_nb.pipeline.cycle import params_for_cycle
-
     executed = folder / "notebooks" / NOTEBOOKS[stage]
     name = f"{label}{stage}"
     in_process = execute is execute_in_process  # no executed notebook to keep then
-    if not force and is_done(stage, params_for_cycle(params, folder), folder) and (executed.exists() or in_process):
+    if not force and is_done(BY_NAME[stage], cyc.params_for_cycle(params, folder), folder) and (executed.exists() or in_process):
         log(f"[{name}] up to date, skipped")
         return False
     executed.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{name}] running {NOTEBOOKS[stage]} …")
     began = time.time()
     (execute or _execute)(stage, params_file, folder, executed, force)
+    if stage == "evaluate":
+        cyc.publish_run_tables(folder)
     log(f"[{name}] done in {time.time() - began:.1f} s")
     return True
 
@@ -181,10 +183,6 @@ def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, forc
 def run_search(params: Params, params_file: Path, run_dir: Path, stages: list[str], forced: list[str], log, execute=None) -> list[str]:
     """The volume search (pipeline/search.py): stages 01→06 of cycle 1 with the volumes reached so far, judged, then
     one more volume for every (task, local model) not yet decided, until each is found, exhausted or undecidable."""
-    from llamaduo_nb.pipeline import search
-    from llamaduo_nb.pipeline.cycle import verdict_rule
-    from llamaduo_nb.stages import evaluate
-
     executed, step_no = [], 0
     while True:
         step_no += 1
@@ -197,7 +195,7 @@ def run_search(params: Params, params_file: Path, run_dir: Path, stages: list[st
         if "evaluate" not in stages:
             return executed  # nothing judged: the search cannot take a step
         step = search.next_step(params, evaluate.run_verdicts(params, run_dir, up_to_cycle=1), volumes)
-        search.record(params, run_dir, step, verdict_rule(params))
+        search.record(params, run_dir, step, evaluate.verdict_rule(params))
         log(f"[search] {step.line()}")
         if step.done:
             for line in search.summary_lines(search.state(run_dir)):
@@ -210,9 +208,6 @@ def run_cycles(params: Params, params_file: Path, run_dir: Path, chosen: list[st
 
     Writes `cycles.json` after every decision, so an interrupted loop shows where it stood and
     `run` again picks it up (finished cycles are skipped stage by stage)."""
-    from llamaduo_nb.pipeline import cycle as cyc
-    from llamaduo_nb.stages import evaluate
-
     executed, decisions, t = [], [], 1
     while True:
         folder = cycle_folder(run_dir, t)
@@ -293,10 +288,20 @@ def execute_in_process(stage: str, params_file: Path, run_dir: Path, executed: P
     """Run a stage by calling the function its notebook calls, in this process, without a kernel: the same
     units and files, but no executed notebook (and so no report.html). The tests use it where a kernel per
     stage would cost minutes."""
-    from llamaduo_nb import notebook
+    folder = Path(run_dir).resolve()
+    check_layout(folder)
+    print(run_stage(stage, load_params(params_file), folder, force).summary())
 
-    params, folder = notebook.setup(params_file, run_dir)
-    notebook.run_stage(stage, params, folder, force)
+
+def run_stage(stage: str, params: Params, run_dir: str | Path, force: bool = False) -> StageResult:
+    """One stage in one folder (the run folder or a cycle's), as its notebook runs it; after evaluate, every
+    cycle's tables in one at the run folder's top."""
+    if stage not in BY_NAME:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(NAMES)})")
+    result = BY_NAME[stage].run(cyc.params_for_cycle(params, run_dir), run_dir, force=force)
+    if stage == "evaluate":
+        cyc.publish_run_tables(run_dir)
+    return result
 
 
 class StageFailed(Exception):

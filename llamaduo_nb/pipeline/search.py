@@ -28,13 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.io import read_json, read_jsonl, write_json
+from llamaduo_nb.core.io import read_json, read_jsonl, write_json
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.models import short_name
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import root_of, stage_dir
+from llamaduo_nb.core.models import short_name
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.units import SEARCH_JSON, root_of, stage_dir
 
-SEARCH_JSON = "search.json"
 FOUND, EXHAUSTED, CANNOT_DECIDE, GOING_ON = "found", "grid exhausted", "cannot decide", "going on"
 
 
@@ -164,6 +163,7 @@ def record(params: Params, run_dir: Path | str, step: Step, rule: verdict.Rule) 
     body = {"grid": list(params.finetune.volumes), "rule": verdict.rule_line(rule), "looks": rule.looks,
             "alpha_per_look": rule.test_alpha, "tried": step.next, "steps": steps, "done": step.done,
             "cells": step.cells if step.done else [], **(accounting(params, root) if step.done else {})}
+    body["summary"] = summary_lines(body)  # what the report shows
     return write_json(root / SEARCH_JSON, body)
 
 

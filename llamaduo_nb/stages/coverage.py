@@ -9,37 +9,25 @@ Writes: `coverage/train.jsonl`, `coverage/test.jsonl` (rows with `task` added),
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
-from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, TASK_CATEGORIES, Params
-from llamaduo_nb.pipeline.units import StageResult, StageRun, stage_dir
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.core.params import BUNDLED_COVERAGE, Params
+from llamaduo_nb.core.rows import read_coverage_file, split_rows, validate_rows
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, stage_dir
 
 BUNDLED = BUNDLED_COVERAGE
-REQUIRED = ("prompt", "prompt_id", "messages", "category")
-CATEGORY_TASKS = {v: k for k, v in TASK_CATEGORIES.items()}
 
 
-def _read_file(path: Path) -> list[dict]:
-    if not path.exists():
-        raise UserError(f"coverage.path: file not found: {path}")
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path).to_dict("records")
-        return read_jsonl(path)
-    except ValueError as exc:
-        raise UserError(f"{path}: not valid JSONL ({exc})") from None
 
-
-def _from_hub(name: str) -> list[dict]:
-    from datasets import load_dataset  # needs internet (or a filled HF cache)
+def _from_hub(name: str, revision: str | None = None) -> list[dict]:
+    from datasets import load_dataset  # heavy, and needs internet (or a filled HF cache)
 
     try:
-        ds = load_dataset(name)
+        ds = load_dataset(name, revision=revision)
     except Exception as exc:  # noqa: BLE001 - any hub failure is the user's to fix
         raise UserError(f"coverage.hub_dataset: could not load '{name}' ({type(exc).__name__}: {str(exc)[:160]})") from None
     rows = []
@@ -57,92 +45,34 @@ def load_rows(params: Params) -> list[dict]:
         rows = read_jsonl(BUNDLED)
         where = "bundled coverage set"
     elif cov.source == "file":
-        rows = _read_file(Path(cov.path))
+        rows = read_coverage_file(Path(cov.path))
         where = cov.path
     else:
-        rows = _from_hub(cov.hub_dataset)
+        rows = _from_hub(cov.hub_dataset, cov.hub_revision)
         where = cov.hub_dataset
     if not rows:
         raise UserError(f"{where}: the coverage set is empty")
     return validate_rows(rows, where, params)
 
 
-def check_file(params: Params) -> None:
-    """Called when params with `coverage.source: file` are loaded, so that an empty file, rows not in
-    No Robots' schema, an unknown category or a test prompt also in train stop the run before anything
-    is written (one line naming the file)."""
-    where = params.coverage.path
-    rows = _read_file(Path(where))
-    if not rows:
-        raise UserError(f"{where}: the coverage set is empty")
-    try:
-        split_rows(validate_rows(rows, where, params), params)
-    except UserError as exc:
-        message = str(exc)
-        raise UserError(message if message.startswith(where) else f"{where}: {message}") from None
+def source_fingerprint(params: Params, run_dir: Path | None = None) -> dict:
+    """The coverage source's content: the bundled or given file's bytes; a Hub dataset: its name and revision."""
+    cov = params.coverage
+    if cov.source == "bundled":
+        source = file_fingerprint(BUNDLED)
+    elif cov.source == "file":
+        source = file_fingerprint(cov.path) if cov.path and Path(cov.path).exists() else None
+    else:
+        source = f"{cov.hub_dataset}@{cov.hub_revision or 'latest'}"
+    return {"source": source}
 
 
-def validate_rows(rows: list[dict], where: str, params: Params) -> list[dict]:
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: row {i + 1}: not an object (expected No Robots' schema: {', '.join(REQUIRED)})")
-        missing = [k for k in REQUIRED if k not in row]
-        if missing:
-            raise UserError(f"{where}: row {i + 1}: missing {', '.join(missing)} (expected No Robots' schema: {', '.join(REQUIRED)})")
-        messages = list(row["messages"]) if not isinstance(row["messages"], (str, bytes, dict)) else [None]
-        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            raise UserError(f"{where}: row {i + 1}: messages must be a list of {{role, content}} objects")
-        roles = [m.get("role") for m in messages]
-        if "user" not in roles or "assistant" not in roles:
-            raise UserError(f"{where}: row {i + 1}: messages need a user and an assistant turn")
-        if row["category"] not in CATEGORY_TASKS and row["category"] not in ("Generation", "Brainstorm", "Rewrite", "Chat", "Open QA", "Extract", "Other"):
-            raise UserError(f"{where}: row {i + 1}: category '{row['category']}' is not a No Robots category")
-        user = next(m["content"] for m in messages if m["role"] == "user")
-        assistant = next(m["content"] for m in messages if m["role"] == "assistant")
-        out.append({
-            "prompt": row["prompt"], "prompt_id": row["prompt_id"], "category": row["category"],
-            "task": CATEGORY_TASKS.get(row["category"]), "split": row.get("split"),
-            "instruction": user, "reference": assistant,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        })
-    return out
+STAGE = Stage("coverage", upstream=(), depends_on=("seed", "tasks", "coverage"), reads=source_fingerprint)
+run = STAGE.run
 
 
-def split_rows(rows: list[dict], params: Params) -> tuple[list[dict], list[dict]]:
-    wanted = [r for r in rows if r["task"] in params.tasks]
-    missing = [t for t in params.tasks if not any(r["task"] == t for r in wanted)]
-    if missing:
-        raise UserError(f"tasks: no coverage examples for {', '.join(missing)} (category {', '.join(TASK_CATEGORIES[t] for t in missing)})")
-    train, test = [], []
-    for task in params.tasks:
-        rows_t = [r for r in wanted if r["task"] == task]
-        if all(r.get("split") in ("train", "test") for r in rows_t):
-            tr = [r for r in rows_t if r["split"] == "train"]
-            te = [r for r in rows_t if r["split"] == "test"]
-        else:
-            shuffled = sorted(rows_t, key=lambda r: r["prompt_id"])
-            random.Random(params.seed).shuffle(shuffled)
-            n_test = max(1, round(len(shuffled) * params.coverage.test_fraction))
-            te, tr = shuffled[:n_test], shuffled[n_test:]
-        if params.coverage.max_test_prompts:
-            te = te[: params.coverage.max_test_prompts]
-        if not tr or not te:
-            raise UserError(f"coverage: task {task} needs at least one train and one test example (has {len(tr)} / {len(te)})")
-        train += [dict(r, split="train") for r in tr]
-        test += [dict(r, split="test") for r in te]
-    overlap = {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
-    train_prompts = {t["instruction"] for t in train}
-    overlap |= {r["prompt_id"] for r in test if r["instruction"] in train_prompts}  # same prompt, other id
-    if overlap:
-        raise UserError(f"coverage: {len(overlap)} prompt(s) are in both the train and the test split (e.g. prompt_id {sorted(overlap)[0][:12]}…)")
-    return train, test
-
-
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("coverage", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     rows = load_rows(params)
     train, test = split_rows(rows, params)
     stage.begin()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.core.io import read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.methods.near_duplicates import deduplicate
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_folder, cycle_of, stage_dir
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, cycle_folder, cycle_of, earlier_cycles, stage_dir
 from llamaduo_nb.stages import coverage, synthesize
 
 
@@ -29,10 +29,16 @@ def kept_before(run_dir: Path | str) -> list[dict]:
     return out
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("deduplicate", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    return {"earlier_cycles": earlier_cycles(run_dir, "deduplicate")}  # a later cycle removes what earlier ones kept
+
+
+STAGE = Stage("deduplicate", upstream=("coverage", "synthesize"), depends_on=("tasks", "deduplicate"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     stage.begin()
     pairs = synthesize.load(run_dir)
     calls = read_jsonl(stage_dir(run_dir, "synthesize") / "calls.jsonl")

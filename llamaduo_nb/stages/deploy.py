@@ -1,4 +1,4 @@
-"""Stage 8 · deploy: the chosen local model exported for serving, and proof that the served model is the
+"""Stage 7 · deploy: the chosen local model exported for serving, and proof that the served model is the
 one that was evaluated.
 
 For each chosen cell (`deploy.cells`; default per task and local model, the smallest volume that meets
@@ -34,17 +34,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llamaduo_nb.stages.evaluate import judging
 from llamaduo_nb import export, serving
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import read_csv_or_empty, read_json, read_jsonl, write_csv, write_json, write_jsonl
 from llamaduo_nb.methods import verdict
 from llamaduo_nb.methods.metrics import aggregate, answer_scores
-from llamaduo_nb.models import PACKAGED_MODELS, resolve, short_name
-from llamaduo_nb.pipeline.cycle import verdict_rule, with_cycle
-from llamaduo_nb.pipeline.params import CELL_PATTERN, Params, vllm_max_lora_rank
-from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, content_fingerprint, cycle_folder, stage_dir
+from llamaduo_nb.core.models import PACKAGED_MODELS, model_identity, resolve, short_name
+from llamaduo_nb.core.rows import with_cycle
+from llamaduo_nb.core.params import CELL_PATTERN, Params, vllm_max_lora_rank
+from llamaduo_nb.core.units import (Stage, StageResult, StageRun, Unit, content_fingerprint, cycle_folder, later_cycles, optional_file,
+                                        root_of, stage_dir)
 from llamaduo_nb.stages import coverage, evaluate, finetune
 from llamaduo_nb.stages.infer import served_name, volume_seed
+from llamaduo_nb.llm import cache_for
+from llamaduo_nb.llm.served import answer, honours_n, server_config
+from llamaduo_nb.core.models import generate_chat, load_model, load_tokenizer
+from llamaduo_nb.llm import service_llm
 
 CELLS_CSV = "cells.csv"
 PARITY_CSV = "parity.csv"
@@ -60,7 +66,7 @@ def choose_cells(verdicts: pd.DataFrame, params: Params) -> list[dict]:
 
     `verdicts`: `evaluate.run_verdicts`. Each: {task, local_model, volume, cycle, value, met, why}. The base model
     (volume 0) is never exported."""
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     data = with_cycle(verdicts[verdicts["volume"] > 0]) if len(verdicts) else verdicts
     if params.deploy.cells:
         return [_named_cell(cell, data) for cell in params.deploy.cells]
@@ -119,11 +125,22 @@ def _adapter(run_dir: Path, cell: dict) -> tuple[Path, str]:
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("deploy", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
-    run_dir = Path(run_dir)
+def _reads(params: Params, run_dir: Path) -> dict:
+    # deploy picks among every cycle's adapters, by the verdicts of every cycle
+    return {"cycles": later_cycles(run_dir, "evaluate"), "cycle_adapters": later_cycles(run_dir, "finetune"),
+            "cycles.json": optional_file(root_of(run_dir) / "cycles.json"),
+            "base_models": [model_identity(ref) for ref in params.finetune.base_models]}
+
+
+STAGE = Stage("deploy", upstream=("coverage", "finetune", "evaluate"), reads=_reads, depends_on=(
+    "seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer", "evaluate", "service", "cycle.target", "cycle.alpha",
+    "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity", "deploy.min_greedy_agreement",
+    "deploy.parity_margin", "finetune.search", "finetune.volumes", "cycle.max_cycles"))
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     if not (run_dir / "metrics.csv").exists():
         raise UserError(f"stage 'deploy' needs stage 'evaluate' to have finished in {run_dir} first")
     cells = choose_cells(evaluate.run_verdicts(params, run_dir), params)  # a bad deploy.cells fails before anything is written
@@ -182,7 +199,7 @@ def _export(params: Params, cell: dict, folder: Path, model_ref: str, adapter_di
             force: bool) -> tuple[dict, bool]:
     """Merged model, GGUF, Modelfile and commands of one cell (reused when made from the same things)."""
     cfg = params.deploy
-    made_from = {"adapter": adapter_content, "base_model": model_ref, "chat_template": params.finetune.chat_template,
+    made_from = {"adapter": adapter_content, "base_model": model_identity(model_ref), "chat_template": params.finetune.chat_template,
                  "served_chat_template": cfg.chat_template, "quantization": cfg.quantization, "merged_dtype": cfg.merged_dtype,
                  "infer": {k: getattr(params.infer, k) for k in ("temperature", "top_p", "max_new_tokens")}}
     unit = Unit(folder / "export", folder / "export" / "UNIT.json", made_from)
@@ -251,8 +268,6 @@ def _parity(params: Params, run_dir: Path, cell: dict, folder: Path, model_ref: 
     unit.discard()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    from llamaduo_nb.llm import cache_for
-    from llamaduo_nb.llm.served import answer, honours_n, server_config
 
     cfg = params.infer
     name = export_name(cell)
@@ -285,7 +300,6 @@ def _adapter_greedy(params: Params, model_ref: str, adapter_dir: Path, prompts: 
     """The adapter's greedy answer per prompt, with transformers as infer answers (base + LoRA, not merged)."""
     from peft import PeftModel
 
-    from llamaduo_nb.models import generate_chat, load_model, load_tokenizer
 
     base = load_model(model_ref, "none")
     tokenizer = load_tokenizer(model_ref, params.finetune.chat_template)
@@ -317,15 +331,13 @@ def greedy_agreement(served: list[dict], adapter: dict, first_words: int = FIRST
 
 
 def _judge_and_compare(params: Params, run_dir: Path, cell: dict, out: Path, served: pd.DataFrame, prompts: list[dict]) -> pd.DataFrame:
-    from llamaduo_nb.llm import service_llm
-
     references = {p["prompt_id"]: p for p in prompts}
     evaluated = cycle_folder(run_dir, cell["cycle"])
     frames = []
     for judge in params.judges:
-        jobs = evaluate.build_requests(params, judge, served, references, evaluated)
+        jobs = judging.build_requests(params, judge, served, references, evaluated)
         results = service_llm(judge, params, run_dir).run([req for _, req in jobs], desc=f"deploy · judge ×{params.evaluate.m}")
-        rows = [evaluate.judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
+        rows = [judging.judgement_row(meta, res) for (meta, _), res in zip(jobs, results)]
         if not any(r["valid"] for r in rows):
             raise UserError(f"deploy: none of the {len(rows)} judgements of the served answers by {judge.label} was valid")
         frames.append(pd.DataFrame(rows))

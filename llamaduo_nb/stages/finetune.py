@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from llamaduo_nb.io import fingerprint, read_json, write_csv, write_json
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.models import load_tokenizer, load_training_base, short_name
-from llamaduo_nb.pipeline.execution import UnitJob, run_units
-from llamaduo_nb.pipeline.params import FinetuneParams, Params
-from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_of, set_aside, stage_dir
+from llamaduo_nb.core.io import fingerprint, read_json, write_csv, write_json
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.models import load_tokenizer, load_training_base, model_identity, short_name
+from llamaduo_nb.core.execution import UnitJob, run_units
+from llamaduo_nb.core.params import FinetuneParams, Params
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, Unit, cycle_of, earlier_cycles, set_aside, stage_dir
+from llamaduo_nb.stages.deduplicate import kept_before, load_kept
 
 
 SYNTHESIS_ID = re.compile(r"-c(\d+)-(\d+)-(\d+)$")  # <task>-c<cycle>-<call>-<j>, as synthesize names a pair
@@ -164,7 +165,7 @@ def adapter_unit(params: Params, run_dir: Path | str, task: str, model_ref: str,
     cfg = params.finetune
     made_from = {
         "finetune": cfg.model_dump(mode="json", exclude={"volumes", "base_models", "search", "volumes_by_task"}),
-        "quantization": effective_quantization(cfg, warn=False), "base_model": model_ref, "seed": params.seed,
+        "quantization": effective_quantization(cfg, warn=False), "base_model": model_identity(model_ref), "seed": params.seed,
         "pairs": pairs_fingerprint(pairs), "n_train": len(pairs),
     }
     out = unit_dir(run_dir, task, model_ref, volume)
@@ -244,19 +245,24 @@ def grid(params: Params, run_dir: Path | str, kept: list[dict]) -> list[tuple[st
         for model_ref in params.finetune.base_models:
             for volume in volumes:
                 pairs = select_volume(order, volume)
-                if len(pairs) < volume:
-                    warnings.warn(f"{task}: only {len(pairs)} deduplicated pairs for volume {volume}; training on {len(pairs)}")
                 if pairs:
                     cells.append((task, model_ref, volume, pairs))
     return cells
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("finetune", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    # every earlier cycle's kept pairs (a later cycle trains on them too) and what the base models are now
+    return {"earlier_cycles": earlier_cycles(run_dir, "deduplicate"),
+            "base_models": [model_identity(ref) for ref in params.finetune.base_models]}
+
+
+STAGE = Stage("finetune", upstream=("deduplicate",), depends_on=("seed", "tasks", "finetune"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     stage.begin()
-    from llamaduo_nb.stages.deduplicate import kept_before, load_kept
 
     cells = grid(params, run_dir, kept_before(run_dir) + load_kept(run_dir))
     wanted = {unit_dir(run_dir, task, model_ref, volume) for task, model_ref, volume, _ in cells}
@@ -277,10 +283,25 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     trained = [f"{r['task']}/{r['local_model']}/{r['volume']}" for r in records if not r["skipped"]]
     # the adapters' weights are the stage's content (runs.csv holds timings, which change on every training)
     outputs = [str(Path(r["adapter"]).relative_to(folder.relative_to(Path(run_dir))) / name) for r in records for name in ADAPTER_FILES]
+    short = short_volumes(table)
+    for line in short:
+        print(f"WARNING finetune {line}", flush=True)
     return stage.finish({
-        "adapters": len(records), "trained": len(trained), "reused": len(records) - len(trained),
-        "short_volumes": int(sum(r["n_train"] < r["volume"] for r in records)),
-    }, outputs=outputs, units={"redone": trained})
+        "adapters": len(records), "trained": len(trained), "reused": len(records) - len(trained), "short_volumes": len(short),
+    }, outputs=outputs, units={"redone": trained}, extra={"warnings": short} if short else None)
+
+
+def short_volumes(runs: pd.DataFrame) -> list[str]:
+    """One line per adapter trained on fewer pairs than its volume's label (deduplication kept too few): its real size,
+    and which labels share the same data, so that no figure's two volumes are silently one."""
+    lines = []
+    for row in runs[runs["n_train"] < runs["volume"]].itertuples():
+        same = runs[(runs.task == row.task) & (runs.local_model == row.local_model) & (runs.n_train == row.n_train)
+                    & (runs.volume != row.volume)]["volume"].tolist()
+        lines.append(f"{row.task} · {row.local_model}: volume {row.volume} trained on {row.n_train} pairs, short of its label"
+                     + (f" (the same data as volume {', '.join(str(v) for v in same)})" if same else "")
+                     + "; synthesize more (synthesize.samples_per_task) or drop the volume")
+    return lines
 
 
 def load_runs(run_dir: Path | str) -> pd.DataFrame:

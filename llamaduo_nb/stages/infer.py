@@ -22,17 +22,23 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-from llamaduo_nb.progress import tqdm
+from llamaduo_nb.core.progress import tqdm
 
 from llamaduo_nb.stages import coverage
 
 from llamaduo_nb.stages import finetune
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import fingerprint, read_jsonl, write_csv, write_jsonl
-from llamaduo_nb.models import chat_texts, generate_chat, load_model, load_tokenizer, short_name
-from llamaduo_nb.pipeline.execution import UnitJob, run_units
-from llamaduo_nb.pipeline.params import Params, vllm_max_lora_rank
-from llamaduo_nb.pipeline.units import StageResult, StageRun, Unit, cycle_folder, cycle_of, read_done, set_aside, stage_dir
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import fingerprint, read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.core.models import chat_texts, generate_chat, load_model, load_tokenizer, model_identity, short_name
+from llamaduo_nb.core.execution import UnitJob, run_units
+from llamaduo_nb.core.params import Params, vllm_max_lora_rank
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, Unit, cycle_folder, cycle_of, read_done, set_aside, stage_dir
+from llamaduo_nb.core.models import PACKAGED_MODELS, resolve
+from llamaduo_nb.core.params import VLLM_MAX_LORA_RANKS
+from llamaduo_nb.llm.served import server_config
+from llamaduo_nb.llm.served import check_served, honours_n
+from llamaduo_nb.llm import cache_for
+from llamaduo_nb.llm.served import answer
 
 
 # how answers are fetched from a server, not what they are
@@ -81,7 +87,6 @@ def _check_engine(params: Params) -> None:
 def vllm_engine_args(params: Params, model_ref: str) -> dict:
     """vLLM `LLM(...)` arguments for one base model: LoRA on, the smallest `max_lora_rank` vLLM accepts that
     holds finetune.lora.r, the run's seed."""
-    from llamaduo_nb.models import PACKAGED_MODELS, resolve
 
     src = resolve(model_ref)
     args = {"model": str(Path(src.location) / src.gguf_file) if src.gguf_file else src.location, "enable_lora": True,
@@ -98,7 +103,6 @@ def _vllm_ranks() -> tuple[int, ...]:
     """The ranks the installed vLLM accepts for max_lora_rank (its MaxLoRARanks), else those of the schema."""
     import typing
 
-    from llamaduo_nb.pipeline.params import VLLM_MAX_LORA_RANKS
 
     try:
         from vllm.config.lora import MaxLoRARanks
@@ -186,14 +190,10 @@ class _Server:
         self.use_n: Optional[bool] = None
 
     def config(self, name: str):
-        from llamaduo_nb.llm.served import server_config
-
         cfg = self.params.infer
         return server_config(cfg.base_url, name, cfg.api_key_env, cfg.max_concurrency)
 
     def check(self, names: list[str]) -> None:
-        from llamaduo_nb.llm.served import check_served, honours_n
-
         check_served(self.config(names[0]), sorted(set(names)))
         cfg = self.params.infer
         if self.use_n is None:
@@ -202,31 +202,35 @@ class _Server:
                                                  else f"ignores n: {cfg.k} seeded requests per prompt"), flush=True)
 
     def answer_cells(self, run_dir: Path, task: str, model_name: str, cells: list[dict], prompts: list[dict]) -> dict:
-        from llamaduo_nb.llm import cache_for
-        from llamaduo_nb.llm.served import answer
-
         cfg = self.params.infer
         names = {c["volume"]: served_name(model_name, task, c["volume"]) for c in cells}
         return {c["volume"]: answer(self.config(names[c["volume"]]), cache_for(run_dir), prompts, cfg.k, cfg.temperature, cfg.top_p,
                                     cfg.max_new_tokens, volume_seed(self.params, task, c["volume"]), self.use_n,
-                                    desc=f"infer {task} · {names[c['volume']]}", weights=c.get("content"))
+                                    desc=f"infer {task} · {names[c['volume']]}", weights=c["weights"])
                 for c in cells}
 
 
 def answer_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, prompts: list[dict],
                 adapter_content: str | None) -> Unit:
     made_from = {
-        "infer": params.infer.model_dump(mode="json", exclude=INFER_OPERATIONAL), "seed": params.seed, "base_model": model_ref,
+        "infer": params.infer.model_dump(mode="json", exclude=INFER_OPERATIONAL), "seed": params.seed, "base_model": model_identity(model_ref),
         "chat_template": params.finetune.chat_template, "volume": volume, "adapter": adapter_content,
         "prompts": coverage.prompts_fingerprint(prompts),
     }
     return Unit.file(unit_path(run_dir, task, short_name(model_ref), volume), made_from)
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("infer", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    return {"base_models": [model_identity(ref) for ref in params.finetune.base_models]}
+
+
+STAGE = Stage("infer", upstream=("coverage", "finetune"),
+              depends_on=("seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     _check_engine(params)
     stage.begin()
     test = coverage.load(run_dir, "test")
@@ -239,8 +243,10 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
         for model_ref in params.finetune.base_models:
             model_name = short_name(model_ref)
             adapters = runs[(runs.task == task) & (runs.local_model == model_name)].sort_values("volume")
-            cells = [{"volume": 0, "adapter": None, "content": None}]
-            cells += [{"volume": int(r.volume), "adapter": r.adapter, "content": r.content} for r in adapters.itertuples()]
+            # `weights`: what a server must be serving under the cell's name (the base model's identity, an adapter's content)
+            cells = [{"volume": 0, "adapter": None, "content": None, "weights": fingerprint(model_identity(model_ref))}]
+            cells += [{"volume": int(r.volume), "adapter": r.adapter, "content": r.content, "weights": r.content}
+                      for r in adapters.itertuples()]
             units = {c["volume"]: answer_unit(params, run_dir, task, model_ref, c["volume"], prompts, c["content"]) for c in cells}
             wanted |= {u.outputs[0] for u in units.values()}
             todo = [c for c in cells if not units[c["volume"]].current(force)]

@@ -1,4 +1,4 @@
-"""Stage 7 · report: the paper's figures, the metrics table, report.html.
+"""Stage 8 · report: the paper's figures, the metrics table, report.html.
 
 Reads: `metrics.csv` (at the run folder's top, every cycle), each cycle's judgements, `deduplicate/funnel.csv`,
 `finetune/` training logs and `manifest.json`, `evaluate/human_labels/`, and `cycles.json` when the run
@@ -19,21 +19,22 @@ answered again in every cycle; the figures and the table show it once (its first
 
 from __future__ import annotations
 
+import graphlib
 import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from llamaduo_nb.stages.evaluate import people
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
                                  score_across_cycles, score_vs_volume, served_vs_adapter, verdict_by_volume)
-from llamaduo_nb.io import read_json, save_figure, write_csv, write_text
+from llamaduo_nb.core.io import read_json, save_figure, write_csv, write_text
 from llamaduo_nb.methods import planning, verdict
-from llamaduo_nb.methods.metrics import is_service
-from llamaduo_nb.pipeline import cycle as _cycle
-from llamaduo_nb.pipeline.cycle import verdict_rule, with_cycle
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.pipeline.units import STAGES, StageResult, StageRun, cycle_folders, root_of, stage_dir
+from llamaduo_nb.core.rows import is_service, with_cycle
+from llamaduo_nb.core.params import Params
+from llamaduo_nb.core.units import (CYCLES_JSON, SEARCH_JSON, Stage, StageResult, StageRun, cycle_folders, later_cycles, optional_file, root_of,
+                                    stage_dir)
 from llamaduo_nb.stages import deploy, evaluate, finetune
 
 NOT_THE_PAPER = (
@@ -64,7 +65,7 @@ def load_verdicts(run_dir: Path | str) -> pd.DataFrame:
 def noise_table(params: Params, run_dir: Path | str) -> pd.DataFrame:
     """Per cell: where the variance of its verdict comes from (prompts, K answers, M judgements) and the interval's
     half-width with twice each (`methods/planning.py`), on the score scale of the target's metric."""
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     judgements = evaluate.load_all_judgements(run_dir)
     if judgements.empty:
         return pd.DataFrame()
@@ -88,7 +89,7 @@ def noise_table(params: Params, run_dir: Path | str) -> pd.DataFrame:
 
 def planner_lines(params: Params, verdicts: pd.DataFrame) -> list[str]:
     """The planner per task, from the spread of the task's decided cells (the pilot), else the stated default."""
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     if verdicts.empty:
         return [planning.planner_line(rule, None, None, "")]
     lines = []
@@ -102,16 +103,33 @@ def planner_lines(params: Params, verdicts: pd.DataFrame) -> list[str]:
 def headline(params: Params, run_dir: Path | str) -> list[str]:
     """The report's first lines: the rule, per (task, local model) the verdict's sentence, and the planner."""
     table = load_verdicts(run_dir)
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     if table.empty:
         return [verdict.rule_line(rule), "No verdict yet: the report has not read any judged answers."]
     lines = [verdict.rule_line(rule)]
     lines += [verdict.sentence(r, rule, params.service.label) for r in verdict.summary(table).to_dict("records")]
+    lines += provenance_lines(run_dir)
     if params.finetune.search:
-        from llamaduo_nb.pipeline import search
-
-        lines += ["Volume search: " + line for line in search.summary_lines(search.state(run_dir))]
+        search = root_of(run_dir) / SEARCH_JSON
+        lines += ["Volume search: " + line for line in (read_json(search).get("summary", []) if search.exists() else [])]
     return lines + planner_lines(params, table)
+
+
+def provenance_lines(run_dir: Path | str) -> list[str]:
+    """What a reader must know of how the numbers were made: volumes short of their label, and outputs made by
+    different versions of the code (each stage records the code that made it)."""
+    lines, codes = [], {}
+    for cycle, folder in cycle_folders(run_dir):
+        path = Path(folder) / "manifest.json"
+        for stage, record in ((read_json(path).get("stages") or {}) if path.exists() else {}).items():
+            code = record.get("code") or {}
+            version = (code.get("versions") or {}).get("llamaduo-nb")
+            key = f"{version} ({(code.get('git_commit') or 'no git')[:10]}{', with local changes' if code.get('dirty') else ''})"
+            codes.setdefault(key, []).append(stage if cycle == 1 else f"cycle {cycle} {stage}")
+            lines += [f"Warning: {w}" for w in record.get("warnings") or [] if stage == "finetune"]
+    if len(codes) > 1:
+        lines.append("Made by more than one version of the code: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in codes.items()))
+    return lines
 
 
 VERDICT_VIEW = ["task", "local_model", "volume", "cycle", "outcome", "sequence", "chosen", "estimate", "low", "high", "bound",
@@ -134,7 +152,7 @@ def noise_view(run_dir: Path | str) -> pd.DataFrame:
 
 def load_cycles(run_dir: Path | str) -> dict | None:
     """`<run>/cycles.json` (written by the runner when it cycles), or None."""
-    path = root_of(run_dir) / _cycle.CYCLES_JSON
+    path = root_of(run_dir) / CYCLES_JSON
     return read_json(path) if path.exists() else None
 
 
@@ -182,25 +200,38 @@ def stage_costs(run_dir: Path | str) -> pd.DataFrame:
     accounting summed over services (judges included)."""
     cols = ["cycle", "stage", "seconds", *LLM_KEYS]
     rows = []
+    inputs: dict = {}  # stage -> the stages it read: the order of the stages, as each recorded it
     for cycle, folder in cycle_folders(run_dir):
         path = Path(folder) / "manifest.json"
         if not path.exists():
             continue
         for stage, record in (read_json(path).get("stages") or {}).items():
+            inputs.setdefault(stage, set()).update(record.get("inputs") or ())
             row = {"cycle": cycle, "stage": stage, "seconds": float(record.get("seconds") or 0.0)}
             for key in LLM_KEYS:
                 row[key] = sum(float((acc or {}).get(key) or 0) for acc in (record.get("llm") or {}).values())
             rows.append(row)
     frame = pd.DataFrame(rows, columns=cols)
-    order = {s: i for i, s in enumerate(STAGES)}
+    order = {s: i for i, s in enumerate(graphlib.TopologicalSorter(inputs).static_order())}
     return frame.sort_values(["cycle", "stage"], key=lambda s: s.map(order).fillna(len(order)) if s.name == "stage" else s,
                              kind="stable").reset_index(drop=True)
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
-    stage = StageRun("report", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
+def _reads(params: Params, run_dir: Path) -> dict:
+    # the report covers every cycle, and the cycle loop's record
+    return {"cycles": later_cycles(run_dir, "evaluate"), "cycles.json": optional_file(root_of(run_dir) / CYCLES_JSON),
+            "search.json": optional_file(root_of(run_dir) / SEARCH_JSON)}
+
+
+# the search splits α over its looks, so the grid and the cycles count too
+STAGE = Stage("report", upstream=("deduplicate", "finetune", "infer", "evaluate"), optional_upstream=("deploy",), reads=_reads,
+              depends_on=("evaluate.zetas", "cycle.target", "cycle.alpha", "infer.k", "evaluate.m", "finetune.search", "finetune.volumes",
+                          "cycle.max_cycles"))
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     stage.begin()
     out = stage_dir(run_dir, "report")
     metrics = load_metrics(run_dir)
@@ -209,10 +240,9 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     for metric in ("similarity", "precision"):
         written += save_figure(score_vs_volume(metrics, metric), out / f"{metric}_vs_volume")
         written += save_figure(coverage_bars(metrics, metric, zetas), out / f"{metric}_coverage")
-    target = params.cycle.target
     cycles = load_cycles(run_dir)
     verdicts = evaluate.run_verdicts(params, run_dir)
-    rule = verdict_rule(params)
+    rule = evaluate.verdict_rule(params)
     grid = params.finetune.volumes if params.finetune.search else None  # the search: the grid's volumes it did not train
     written += save_figure(verdict_by_volume(verdicts, rule, grid=grid), out / "verdict_by_volume")
     written += save_figure(score_across_cycles(verdicts, rule, stop_reason=(cycles or {}).get("stop_short") or (cycles or {}).get("stop_reason")), out / "score_across_cycles")
@@ -223,7 +253,7 @@ def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult
     logs = load_train_logs(run_dir)
     if not logs.empty:
         written += save_figure(loss_curves(logs), out / "training_loss")
-    human = evaluate.load_human_check(root_of(run_dir))
+    human = people.load_human_check(root_of(run_dir))
     if not human["items"].empty:
         written += save_figure(judge_vs_human(human["items"], human["agreement"]), out / "judge_vs_human")
     parity = deploy.load_parity(root_of(run_dir))

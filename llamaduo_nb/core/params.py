@@ -12,7 +12,7 @@ from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from llamaduo_nb.models import short_name
+from llamaduo_nb.core.models import short_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_DIR = PROJECT_ROOT / "params" / "prompts"
@@ -39,6 +39,7 @@ class CoverageParams(Strict):
     source: Literal["bundled", "hub", "file"] = "bundled"  # bundled: the set shipped in the package
     path: Optional[str] = None  # JSONL or parquet in No Robots' schema, for source: file
     hub_dataset: str = "HuggingFaceH4/no_robots"  # for source: hub (needs internet)
+    hub_revision: Optional[str] = None  # a commit or tag of the Hub dataset; without one the run records "latest"
     test_fraction: float = Field(0.25, gt=0, lt=1)  # for sources without a test split of their own
     max_test_prompts: Optional[PositiveInt] = None  # cap on test prompts per task used downstream
 
@@ -222,7 +223,7 @@ class InferParams(Strict):
     engine: Literal["transformers", "vllm", "openai"] = "transformers"
     k: PositiveInt = 4  # answers per test prompt
     max_new_tokens: PositiveInt = 1024
-    temperature: float = Field(0.7, ge=0)
+    temperature: float = Field(0.7, ge=0)  # 0: greedy on every engine, and the K answers of a prompt are identical
     top_p: float = Field(0.9, gt=0, le=1)
     batch_size: PositiveInt = 16  # prompts per generate call (each with k sequences)
     # engine: openai — the server's URL, the NAME of its key variable (most local servers need none) and
@@ -283,14 +284,11 @@ class EvaluateParams(Strict):
     def _labels_readable(cls, value):
         if value in (None, "bundled"):
             return value
-        from llamaduo_nb.methods.agreement import read_human_labels
-
         path = Path(value).expanduser()
         if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
             path = PROJECT_ROOT / path
         if not path.exists():
             raise ValueError(f"file not found: {value}")
-        read_human_labels(path)  # a bad line fails here, before anything runs
         return str(path.resolve())
 
     def labels_file(self, coverage_source: str) -> Optional[Path]:
@@ -395,7 +393,7 @@ class DeployParams(Strict):
     """Stage 08: which cells to export and how, and the parity check of the served model."""
 
     # `llamaduo run` ends with this stage (params/quickstart.yaml and paper.yaml turn it on); run by name
-    # (`--stages deploy`, notebook 08) it runs either way
+    # (`--stages deploy`, notebook 07) it runs either way
     enabled: bool = False
     # `task/model/volume` or `task/model/volume@cycle` (default: the latest cycle that trained it);
     # empty: per task and local model, the smallest volume that meets cycle.target, else the best

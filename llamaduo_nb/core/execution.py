@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import write_json
-from llamaduo_nb.pipeline.params import ExecutionParams
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import write_json
+from llamaduo_nb.core.params import ExecutionParams
 
 RUNNING_FOLDER = ".running"
 

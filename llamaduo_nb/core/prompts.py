@@ -7,9 +7,9 @@ from typing import Optional
 
 import yaml
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import file_fingerprint
-from llamaduo_nb.pipeline.params import resolve_prompt
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import file_fingerprint
+from llamaduo_nb.core.params import resolve_prompt
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.pipeline.params import Params, resolve_prompt
-from llamaduo_nb.stages.coverage import check_file as check_coverage_file
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.params import Params, resolve_prompt
+from llamaduo_nb.core.models import resolve
+from llamaduo_nb.core.rows import check_coverage_file, read_human_labels
 
 
 def _loc_to_str(loc: tuple) -> str:
@@ -140,8 +141,6 @@ def _validate(raw: dict, where: str, path) -> Params:
             resolve_prompt(name)
         except FileNotFoundError as exc:
             raise UserError(f"{where}: {field}: {exc}") from None
-    from llamaduo_nb.models import resolve  # cheap: finds files and packages, loads nothing
-
     local_models = [("finetune.base_models", m) for m in params.finetune.base_models]
     local_models += [(f"{f}.model", s.model) for f, s in [("service", params.service)] + [(f"evaluate.judges[{i}]", j) for i, j in enumerate(params.evaluate.judges or [])] if s.backend == "local"]
     for field, ref in local_models:
@@ -157,4 +156,9 @@ def _validate(raw: dict, where: str, path) -> Params:
             raise UserError(f"{where}: coverage.path: file not found: {params.coverage.path}")
         params.coverage.path = str(cov.resolve())
         check_coverage_file(params)  # empty, not No Robots' schema, unknown category, test in train
+    if params.evaluate.human_labels not in (None, "bundled"):
+        try:
+            read_human_labels(params.evaluate.human_labels)  # a bad line fails here, before anything runs
+        except ValueError as exc:
+            raise UserError(f"{where}: evaluate.human_labels: {exc}") from None
     return params

@@ -20,6 +20,7 @@ DONE.json matches and whose outputs are unchanged is skipped without looking at 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import platform
@@ -30,47 +31,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from llamaduo_nb import __version__
-from llamaduo_nb.errors import UserError
-from llamaduo_nb.io import file_fingerprint, fingerprint, read_json, write_json, write_yaml
-from llamaduo_nb.pipeline.params import BUNDLED_COVERAGE, PROJECT_ROOT, Params, resolve_prompt
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_json, write_json, write_yaml
+from llamaduo_nb.core.params import PROJECT_ROOT, Params
 
-# One word per stage: notebook 0N_<stage>.ipynb, module llamaduo_nb.stages.<stage>, folder <run>/<stage>/,
-# the CLI's --stages/--force word, DONE.json's "stage" and the runner's log lines.
-# STAGES is in dependency order: deploy runs before the report, which shows what was deployed (notebook 08
-# comes after 07 because a researcher reads the report first and then deploys; `llamaduo run` does both).
-STAGES = ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "deploy", "report"]
-NOTEBOOK_ORDER = ["coverage", "synthesize", "deduplicate", "finetune", "infer", "evaluate", "report", "deploy"]
-NOTEBOOKS = {stage: f"{i:02d}_{stage}.ipynb" for i, stage in enumerate(NOTEBOOK_ORDER, start=1)}
-UPSTREAM = {
-    "coverage": [],
-    "synthesize": ["coverage"],
-    "deduplicate": ["coverage", "synthesize"],
-    "finetune": ["deduplicate"],
-    "infer": ["coverage", "finetune"],
-    "evaluate": ["coverage", "infer"],
-    "deploy": ["coverage", "finetune", "evaluate"],
-    "report": ["deduplicate", "finetune", "infer", "evaluate"],
-}
-# inputs a stage reads when they exist (the report shows the deploy stage's exports once it has run)
-OPTIONAL_UPSTREAM = {"report": ["deploy"]}
-# Params each stage's outputs depend on (dotted paths into the params); operational settings are left out.
-DEPENDS_ON = {
-    "coverage": ["seed", "tasks", "coverage"],
-    "synthesize": ["seed", "tasks", "service", "synthesize"],
-    "deduplicate": ["tasks", "deduplicate"],
-    "finetune": ["seed", "tasks", "finetune"],
-    "infer": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer"],
-    "evaluate": ["seed", "tasks", "evaluate", "service"],
-    "deploy": ["seed", "tasks", "finetune.base_models", "finetune.chat_template", "infer", "evaluate", "service", "cycle.target",
-               "cycle.alpha", "deploy.cells", "deploy.quantization", "deploy.merged_dtype", "deploy.chat_template", "deploy.parity",
-               "deploy.min_greedy_agreement", "deploy.parity_margin", "finetune.search", "finetune.volumes", "cycle.max_cycles"],
-    # the volume search's rule splits α over its looks: the grid and the cycles count them
-    "report": ["evaluate.zetas", "cycle.target", "cycle.alpha", "infer.k", "evaluate.m", "finetune.search", "finetune.volumes",
-               "cycle.max_cycles"],
-}
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
 # cached by content, so a local service's batch_size (which prompts are generated together) changes
 # nothing either, and a cost cap only decides how far a run gets. Only these exact fields (a service's or a judge's) count as operational.
@@ -80,6 +47,8 @@ PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "dat
             "anthropic", "google-genai", "pydantic", "sentence-transformers"]
 LAYOUT = 2  # run-folder layout; a folder of another layout is refused (see check_layout)
 EARLIER_LAYOUT_FOLDERS = ("synth", "dedup", "models", "responses", "judgements", "figures")
+CYCLES_JSON = "cycles.json"  # the cycle loop's decisions (written by the runner when it cycles)
+SEARCH_JSON = "search.json"  # the volume search's steps (written by the runner in a search)
 ORPHANED = "orphaned"  # outputs of cells no longer in the grid are moved here, never reported
 
 
@@ -185,7 +154,7 @@ class Unit:
 
     def commit(self, **extra) -> dict:
         record = dict(extra, fingerprint=self.fingerprint, made_from=self.made_from, content=content_fingerprint(self.outputs),
-                      made_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), unit_id=uuid.uuid4().hex)
+                      made_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), unit_id=uuid.uuid4().hex, code=code_identity())
         write_json(self.record_path, record)
         return record
 
@@ -287,53 +256,69 @@ def set_aside(run_dir: Path | str, stage: str, paths: Iterable[Path], why: str, 
 
 
 # -- stages -------------------------------------------------------------------------------------------------
-def stage_fingerprint(stage: str, params: Params, run_dir: Path | str) -> str:
-    """Params the stage depends on, its prompt files' contents, and the content of every input it reads."""
-    parts: dict = {"stage": stage, "params": depends_on(params, DEPENDS_ON[stage]), "layout": LAYOUT}
-    if stage == "synthesize":
-        parts["prompt"] = file_fingerprint(resolve_prompt(params.synthesize.prompt))
-    if stage == "evaluate":
-        parts["prompt"] = file_fingerprint(resolve_prompt(params.evaluate.prompt))
-        if params.evaluate.pairwise:
-            parts["pairwise_prompt"] = file_fingerprint(resolve_prompt(params.evaluate.pairwise_prompt))
-    if stage == "evaluate":  # beside its params: the human labels' content, and the sampling the service LLM answers with
-        labels = params.evaluate.labels_file(params.coverage.source)
-        parts["human_labels"] = file_fingerprint(labels) if labels and labels.exists() else None
-        if params.evaluate.service_answers:
-            parts["service_answers"] = depends_on(params, ["infer.k", "infer.temperature", "infer.top_p", "infer.max_new_tokens"])
-    if stage == "coverage":
-        parts["source"] = coverage_source_fingerprint(params)
-    parts["inputs"] = {up: output_content(run_dir, up) for up in UPSTREAM[stage] + OPTIONAL_UPSTREAM.get(stage, [])}
-    cycle = cycle_of(run_dir)
-    if cycle > 1 and stage in ("deduplicate", "finetune"):  # both read every earlier cycle's kept pairs
-        parts["earlier_cycles"] = [output_content(cycle_folder(run_dir, c), "deduplicate") for c in range(1, cycle)]
-    if stage == "synthesize":
-        parts["cycle"] = cycle  # a later cycle sends new requests
-    if stage in ("report", "deploy"):  # both cover every cycle (deploy picks among every cycle's adapters)
-        parts["cycles"] = [output_content(folder, "evaluate") for _, folder in cycle_folders(run_dir)[1:]]
-        if stage == "deploy":
-            parts["cycle_adapters"] = [output_content(folder, "finetune") for _, folder in cycle_folders(run_dir)[1:]]
-        cycles_json = root_of(run_dir) / "cycles.json"
-        parts["cycles.json"] = file_fingerprint(cycles_json) if cycles_json.exists() else None
+@dataclass(frozen=True)
+class Stage:
+    """What a stage is made from, declared next to its `run` (`STAGE = Stage(...)` in `stages/<name>.py`).
+
+    `name` is one word everywhere: module `stages/<name>.py`, folder `<run>/<name>/`, notebook `0N_<name>.ipynb`,
+    the CLI's --stages/--force word. `upstream`: stages whose outputs it reads (their content fingerprints are its
+    inputs); `optional_upstream`: read when they have run. `depends_on`: dotted params paths its outputs depend on
+    (operational settings are left out). `reads(params, run_dir) -> dict`: any other content it reads (a prompt
+    file, the human labels, earlier cycles' outputs), fingerprinted with the rest. The order of stages is the list
+    in `stages/__init__.py`."""
+
+    name: str
+    upstream: tuple[str, ...]
+    depends_on: tuple[str, ...]
+    reads: Optional[Callable[[Params, Path], dict]] = None
+    optional_upstream: tuple[str, ...] = ()
+    make: Optional[Callable[..., "StageResult"]] = field(default=None, compare=False)
+
+    def produces(self, make: Callable[..., "StageResult"]) -> Callable[..., "StageResult"]:
+        """Decorator: `make(stage_run, params, run_dir, force)` writes the stage's outputs (after `stage_run.begin()`)."""
+        object.__setattr__(self, "make", make)
+        return make
+
+    def run(self, params: Params, run_dir: Path | str, force: bool = False) -> "StageResult":
+        """The one preamble of every stage: skipped when up to date, else its `make`."""
+        stage_run = StageRun(self, params, run_dir, force)
+        if stage_run.up_to_date():
+            return stage_run.skipped()
+        return self.make(stage_run, params, Path(run_dir), force)
+
+    def inputs(self) -> list[str]:
+        return list(self.upstream) + list(self.optional_upstream)
+
+
+def stage_fingerprint(stage: Stage, params: Params, run_dir: Path | str) -> str:
+    """The params the stage depends on, what else it reads (its `reads`), and the content of every input stage."""
+    parts: dict = {"stage": stage.name, "params": depends_on(params, stage.depends_on), "layout": LAYOUT}
+    if stage.reads:
+        parts.update(stage.reads(params, Path(run_dir)))
+    parts["inputs"] = {up: output_content(run_dir, up) for up in stage.inputs()}
     return fingerprint(parts)
 
 
-def coverage_source_fingerprint(params: Params) -> Optional[str]:
-    """The coverage source's content: the bundled or given file's bytes (a Hub dataset: its name and revision)."""
-    cov = params.coverage
-    if cov.source == "bundled":
-        return file_fingerprint(BUNDLED_COVERAGE)
-    if cov.source == "file":
-        return file_fingerprint(cov.path) if cov.path and Path(cov.path).exists() else None
-    return cov.hub_dataset
+def earlier_cycles(run_dir: Path | str, stage: str) -> list[Optional[str]]:
+    """The content of `stage` in every cycle before this one (none in cycle 1)."""
+    return [output_content(cycle_folder(run_dir, c), stage) for c in range(1, cycle_of(run_dir))]
 
 
-def is_done(stage: str, params: Params, run_dir: Path | str) -> bool:
+def later_cycles(run_dir: Path | str, stage: str) -> list[Optional[str]]:
+    """The content of `stage` in every cycle after the first (for stages that cover every cycle)."""
+    return [output_content(folder, stage) for _, folder in cycle_folders(run_dir)[1:]]
+
+
+def optional_file(path: Path) -> Optional[str]:
+    return file_fingerprint(path) if path.exists() else None
+
+
+def is_done(stage: Stage, params: Params, run_dir: Path | str) -> bool:
     """DONE.json carries the current fingerprint and the stage's outputs still have the recorded content."""
-    done = read_done(run_dir, stage)
+    done = read_done(run_dir, stage.name)
     if not done or done.get("fingerprint") != stage_fingerprint(stage, params, run_dir):
         return False
-    return done.get("content") == stage_content(run_dir, stage, done.get("outputs") or [])
+    return done.get("content") == stage_content(run_dir, stage.name, done.get("outputs") or [])
 
 
 def stage_content(run_dir: Path | str, stage: str, outputs: list[str]) -> Optional[str]:
@@ -369,18 +354,19 @@ class StageRun:
 
     Until `begin()` nothing is written: a notebook opened to explore a finished run only reads it."""
 
-    def __init__(self, stage: str, params: Params, run_dir: Path | str, force: bool = False):
+    def __init__(self, stage: Stage, params: Params, run_dir: Path | str, force: bool = False):
         check_layout(run_dir)
-        self.stage = stage
+        self.contract = stage
+        self.stage = stage.name
         self.params = params
         self.run_dir = Path(run_dir)
-        self.dir = stage_dir(run_dir, stage)
+        self.dir = stage_dir(run_dir, stage.name)
         self.force = force
         self.fingerprint = stage_fingerprint(stage, params, run_dir)
         self.started = time.time()
 
     def up_to_date(self) -> bool:
-        return not self.force and is_done(self.stage, self.params, self.run_dir)
+        return not self.force and is_done(self.contract, self.params, self.run_dir)
 
     def skipped(self) -> StageResult:
         done = read_done(self.run_dir, self.stage) or {}
@@ -388,7 +374,7 @@ class StageRun:
 
     def begin(self) -> None:
         _executions[str(Path(self.run_dir).resolve())] = f"{self.stage}@{uuid.uuid4().hex}"
-        for up in UPSTREAM[self.stage]:
+        for up in self.contract.upstream:
             if read_done(self.run_dir, up) is None:
                 raise UserError(f"stage '{self.stage}' needs stage '{up}' to have finished in {self.run_dir} first")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -416,8 +402,8 @@ class StageRun:
             "counts": counts,
             "units": units or {},
             "llm": llm or {},
-            "inputs": {u: output_content(self.run_dir, u) for u in UPSTREAM[self.stage]},
-            "code": {"git_commit": _git_commit(), "versions": _versions()},  # the code that made these outputs
+            "inputs": {u: output_content(self.run_dir, u) for u in self.contract.upstream},
+            "code": {"git_commit": code_identity()["git_commit"], "dirty": code_identity()["dirty"], "versions": _versions()},
             **(extra or {}),
         }
         update_manifest(self.run_dir, self.params, self.stage, done)
@@ -425,12 +411,20 @@ class StageRun:
         return StageResult(self.stage, self.run_dir, False, counts=counts, seconds=seconds, llm=llm or {})
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+@functools.lru_cache(maxsize=1)
+def code_identity() -> dict:
+    """The code of this process: the package version, the git commit of the checkout and whether it had local
+    changes (asked once per process: every unit and stage record carries it)."""
+    def git(*args) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD") or None
+    changes = git("status", "--porcelain", "--untracked-files=no", "--", "llamaduo_nb") if commit else None
+    return {"llamaduo-nb": __version__, "git_commit": commit, "dirty": bool(changes)}
 
 
 def _versions() -> dict:
@@ -443,12 +437,18 @@ def _versions() -> dict:
     return out
 
 
-def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None) -> dict:
+def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None,
+                    invocation: Optional[list[str]] = None) -> dict:
     """Record seeds, params and (when given) one stage's DONE record in manifest.json. The code (git commit, package
-    versions) is recorded per stage, when the stage made its outputs: an invocation that skips every stage leaves it
-    as it was, and the top-level `git_commit` / `versions` are the code of the stage that ran last."""
+    versions) is recorded per stage, when the stage made its outputs (and per unit, in its record): an invocation that
+    skips every stage leaves it as it was, and the top-level `git_commit` / `versions` are the code of the stage that
+    ran last. `invocation` (the command's arguments) is added to the history of invocations, never rewritten."""
     path = Path(run_dir) / "manifest.json"
     manifest = read_json(path) if path.exists() else {}
+    if invocation is not None:
+        manifest.setdefault("invocations", []).append({
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arguments": invocation, "code": code_identity(),
+            "params_fingerprint": fingerprint(without_operational(params.dump()))})
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["layout"] = LAYOUT
     manifest["run_name"] = params.run_name
@@ -456,7 +456,8 @@ def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = 
     manifest["params_fingerprint"] = fingerprint(without_operational(params.dump()))
     stages = manifest.setdefault("stages", {})
     if stage and done:
-        stages[stage] = {k: done[k] for k in ("fingerprint", "content", "completion_id", "finished_at", "seconds", "counts", "units", "llm")}
+        stages[stage] = {k: done.get(k) for k in ("fingerprint", "content", "inputs", "completion_id", "finished_at", "seconds", "counts",
+                                                  "units", "llm")}
         if done.get("code"):
             stages[stage]["code"] = done["code"]
             manifest["git_commit"], manifest["versions"] = done["code"]["git_commit"], done["code"]["versions"]

@@ -14,7 +14,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from llamaduo_nb.errors import UserError
+from llamaduo_nb.core.errors import UserError
+from llamaduo_nb.llm.common import resolve_key
+from llamaduo_nb.llm.base import ChatRequest
+from llamaduo_nb.llm.cache import ResponseCache
+from llamaduo_nb.llm.client import ServiceLLM
+from llamaduo_nb.core.params_file import load_family
+from llamaduo_nb.core.models import resolve
+from llamaduo_nb import serving
 
 # Hub organisations whose models are gated: downloading them needs an accepted licence and HF_TOKEN
 GATED_ORGS = ("google/gemma", "meta-llama/", "mistralai/")
@@ -34,8 +41,6 @@ def _services(family) -> list:
 
 
 def _key_problem(cfg) -> str | None:
-    from llamaduo_nb.llm.common import resolve_key
-
     sdk_vars = {"openai": ("OPENAI_API_KEY",), "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
                 "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}[cfg.backend]
     try:
@@ -49,9 +54,6 @@ def _key_problem(cfg) -> str | None:
 
 def _ping(cfg) -> list[str]:
     """One minimal request through the run's call path; problems found."""
-    from llamaduo_nb.llm.base import ChatRequest
-    from llamaduo_nb.llm.cache import ResponseCache
-    from llamaduo_nb.llm.client import ServiceLLM
 
     with tempfile.TemporaryDirectory(prefix="llamaduo-doctor-") as tmp:
         cache = ResponseCache(Path(tmp) / "doctor.sqlite")
@@ -93,16 +95,12 @@ def _offline_mode(cfg) -> str:
 
 
 def check_params(params_file, overrides=None, offline: bool = False) -> int:
-    from llamaduo_nb.pipeline.params_file import load_family
-
     family = load_family(params_file, overrides or [])
     problems: list[str] = []
     for cfg in _services(family):
         where = f", {cfg.base_url}" if cfg.base_url else ""
         print(f"service '{cfg.label}' ({cfg.backend}{where}):")
         if cfg.backend == "local":
-            from llamaduo_nb.models import resolve
-
             try:
                 resolve(cfg.model)
                 print("  in-process model: found")
@@ -119,7 +117,6 @@ def check_params(params_file, overrides=None, offline: bool = False) -> int:
         problems += _ping(cfg)
     problems += _local_needs(family)
     if any(p.deploy.enabled and p.deploy.parity for p in family):  # not a problem: the exports are written either way
-        from llamaduo_nb import serving
 
         print("deploy: parity check " + ("with llama.cpp's server" if serving.available() else
                                          "not measured: llama.cpp's server is not installed (pip install -e '.[serve]')"))
@@ -132,8 +129,6 @@ def check_params(params_file, overrides=None, offline: bool = False) -> int:
 
 
 def _local_needs(family) -> list[str]:
-    from llamaduo_nb.models import resolve
-
     problems = []
     has_token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
     cuda = None
