@@ -173,9 +173,7 @@ def _run_stage(stage: str, params: Params, params_file: Path, folder: Path, forc
     executed.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{name}] running {NOTEBOOKS[stage]} …")
     began = time.time()
-    (execute or _execute)(stage, params_file, folder, executed, force)
-    if stage == "evaluate":
-        cyc.publish_run_tables(folder)
+    (execute or _execute)(stage, params_file, folder, executed, force)  # after evaluate, run_stage gathers the run tables
     log(f"[{name}] done in {time.time() - began:.1f} s")
     return True
 
