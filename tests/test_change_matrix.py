@@ -191,15 +191,16 @@ def test_the_finished_run_reports_its_grid_and_a_rerun_changes_nothing(finished,
     shutil.copytree(source, run_dir)
     before = snapshot(run_dir)
     manifest = read_json(run_dir / "manifest.json")
+    invocations = read_jsonl(run_dir / "invocations.jsonl")
     calls = emulator.stats.total
     logs = run(params_file, run_dir, force=())
     assert snapshot(run_dir) == before and emulator.stats.total == calls
     stage_lines = [line for line in logs if re.match(r"^\[(coverage|synthesize|deduplicate|finetune|infer|evaluate|report)\]", line)]
     assert len(stage_lines) == 7 and all("up to date" in line for line in stage_lines), stage_lines
-    # the manifest keeps a history of invocations; the code each stage was made by is left as it was
-    again = read_json(run_dir / "manifest.json")
-    assert len(again["invocations"]) == len(manifest["invocations"]) + 1 and again["invocations"][-1]["arguments"] == [str(params_file)]
-    assert {s: r["code"] for s, r in again["stages"].items()} == {s: r["code"] for s, r in manifest["stages"].items()}
+    # the command joins the history of invocations; the manifest (the code each stage was made by) is left as it was
+    history = read_jsonl(run_dir / "invocations.jsonl")
+    assert history[:-1] == invocations and history[-1]["arguments"] == [str(params_file)] and history[-1]["code"]["llamaduo-nb"]
+    assert read_json(run_dir / "manifest.json") == manifest
     assert read_json(next(run_dir.glob("finetune/*/*/*/UNIT.json")))["code"]["llamaduo-nb"]  # and every unit
 
 
@@ -232,10 +233,10 @@ def test_a_changed_base_model_file_retrains_and_reanswers_that_model_only(case):
 def test_operational_settings_change_nothing(case, override, monkeypatch):
     run_dir, before, apply = case
     monkeypatch.setenv("SOME_KEY_NAME", "sk-unused")
-    # params.yaml records the new operational value, manifest.json the run's time; no output changes
+    # params.yaml records the new operational value, invocations.jsonl the command; no output changes
     # (SQLite's `-shm` is the WAL's shared-memory index, rebuilt by any reader of the cache: no data in it)
     files = {p: p.read_bytes() for p in run_dir.rglob("*")
-             if p.is_file() and p.name not in ("manifest.json", "params.yaml") and not p.name.endswith("-shm")}
+             if p.is_file() and p.name not in ("invocations.jsonl", "params.yaml") and not p.name.endswith("-shm")}
     result = apply(override, force=())  # no --force needed: nothing that changes outputs changed
     assert result["after"] == before and result["calls"] == 0
     assert {p: p.read_bytes() for p in files} == files

@@ -324,8 +324,8 @@ def test_disk_full_while_judging(limit, what, base, emu, tmp_path):
     run_dir = copy_run(base.after_infer, tmp_path)
     emu.stats.reset()
     emu.latency = 0.0
-    if what == "notebook":  # room for params.yaml and manifest.json, not for the executed notebook
-        small = max((run_dir / name).stat().st_size for name in ("params.yaml", "manifest.json"))
+    if what == "notebook":  # room for params.yaml and the history of invocations, not for the executed notebook
+        small = max((run_dir / name).stat().st_size for name in ("params.yaml", "invocations.jsonl"))
         limit = small + 1500
         assert limit < (PROJECT_ROOT / "notebooks" / "06_evaluate.ipynb").stat().st_size
     before = fingerprints(run_dir, EARLIER + ["notebooks"])

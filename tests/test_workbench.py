@@ -118,7 +118,7 @@ def test_second_run_reexecutes_nothing(run, tiny_params):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("up to date, skipped") == len(NOTEBOOKS)
     after = {p: p.stat().st_mtime_ns for p in before}
-    changed = [str(p) for p in before if after[p] != before[p] and p.name not in ("manifest.json", "params.yaml")]
+    changed = [str(p) for p in before if after[p] != before[p] and p.name not in ("invocations.jsonl", "params.yaml")]
     assert changed == []
 
 

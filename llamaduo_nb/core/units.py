@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import json
 import platform
 import re
 import shutil
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from llamaduo_nb import __version__
 from llamaduo_nb.core.errors import UserError
-from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_json, write_json, write_yaml
+from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_json, write_json, write_text, write_yaml
 from llamaduo_nb.core.params import PROJECT_ROOT, Params
 
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
@@ -48,6 +49,7 @@ PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "dat
 LAYOUT = 2  # run-folder layout; a folder of another layout is refused (see check_layout)
 EARLIER_LAYOUT_FOLDERS = ("synth", "dedup", "models", "responses", "judgements", "figures")
 CYCLES_JSON = "cycles.json"  # the cycle loop's decisions (written by the runner when it cycles)
+INVOCATIONS_JSONL = "invocations.jsonl"  # every command run on the folder, appended by the runner
 SEARCH_JSON = "search.json"  # the volume search's steps (written by the runner in a search)
 ORPHANED = "orphaned"  # outputs of cells no longer in the grid are moved here, never reported
 
@@ -437,18 +439,23 @@ def _versions() -> dict:
     return out
 
 
-def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None,
-                    invocation: Optional[list[str]] = None) -> dict:
+def record_invocation(run_dir: Path | str, params: Params, arguments: list[str]) -> Path:
+    """Append one command (its arguments, the code that ran it, the params' fingerprint) to `invocations.jsonl`, the
+    run folder's history of commands. An append-only log of its own, not a list inside manifest.json: the manifest is
+    then rewritten only when a stage made outputs, so an invocation that skips every stage changes no record."""
+    path = Path(run_dir) / INVOCATIONS_JSONL
+    line = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arguments": arguments, "code": code_identity(),
+            "params_fingerprint": fingerprint(without_operational(params.dump()))}
+    earlier = path.read_text(encoding="utf-8") if path.exists() else ""
+    return write_text(path, earlier + json.dumps(line, ensure_ascii=False) + "\n")  # whole or not at all, as every record
+
+
+def update_manifest(run_dir: Path | str, params: Params, stage: Optional[str] = None, done: Optional[dict] = None) -> dict:
     """Record seeds, params and (when given) one stage's DONE record in manifest.json. The code (git commit, package
-    versions) is recorded per stage, when the stage made its outputs (and per unit, in its record): an invocation that
-    skips every stage leaves it as it was, and the top-level `git_commit` / `versions` are the code of the stage that
-    ran last. `invocation` (the command's arguments) is added to the history of invocations, never rewritten."""
+    versions) is recorded per stage, when the stage made its outputs (and per unit, in its record): the top-level
+    `git_commit` / `versions` are the code of the stage that ran last."""
     path = Path(run_dir) / "manifest.json"
     manifest = read_json(path) if path.exists() else {}
-    if invocation is not None:
-        manifest.setdefault("invocations", []).append({
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arguments": invocation, "code": code_identity(),
-            "params_fingerprint": fingerprint(without_operational(params.dump()))})
     manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["layout"] = LAYOUT
     manifest["run_name"] = params.run_name

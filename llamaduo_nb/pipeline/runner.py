@@ -29,7 +29,7 @@ from llamaduo_nb.pipeline.grid import parse_only, redo_cells
 from llamaduo_nb.core.params import PROJECT_ROOT, Params
 from llamaduo_nb.core.params_file import service_slug
 from llamaduo_nb.core.params_file import load_family, load_params
-from llamaduo_nb.core.units import StageResult, check_layout, cycle_folder, is_done, read_done, update_manifest
+from llamaduo_nb.core.units import StageResult, check_layout, cycle_folder, is_done, read_done, record_invocation
 from llamaduo_nb.pipeline import cycle as cyc
 from llamaduo_nb.pipeline import search
 from llamaduo_nb.pipeline.doctor import before_paying
@@ -134,7 +134,7 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "params.yaml"
     write_yaml(resolved, params.dump())
-    update_manifest(run_dir, params, invocation=invocation or [])
+    record_invocation(run_dir, params, invocation or [])
     (run_dir / "notebooks").mkdir(exist_ok=True)
     log(f"run folder: {run_dir}")
     if cells:
