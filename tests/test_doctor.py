@@ -91,3 +91,22 @@ def test_run_refuses_a_gated_hub_model_without_hf_token_before_paying(tmp_path, 
     assert len(err) == 1 and "google/gemma-2b-it is gated on the Hub: accept its licence and set HF_TOKEN" in err[0]
     assert "nf4" not in err[0]  # no CUDA here: QLoRA falls back to LoRA, which is no reason to refuse
     assert not run_dir.exists()
+
+
+def test_run_refuses_a_tracker_that_is_not_installed_before_paying(tmp_path, monkeypatch, capsys):
+    """tracking.mlflow / tracking.report_to name packages of an optional extra: missing, `run` says so first."""
+    import importlib.util
+
+    from llamaduo_nb.cli import main as cli_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlflow", "tensorboard") else real(name, *a))
+    params = tmp_path / "tracked.yaml"
+    params.write_text("tasks: [closed_qa]\nservice: {backend: local, model: smollm2-135m-instruct}\n"
+                      "tracking: {mlflow: true, report_to: [tensorboard]}\n")
+    run_dir = tmp_path / "run"
+    assert cli_main(["run", str(params), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tracking.mlflow: true needs mlflow (pip install -e '.[track]')" in err[0], err
+    assert "tracking.report_to: tensorboard needs the tensorboard package" in err[0]
+    assert not run_dir.exists()

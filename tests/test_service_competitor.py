@@ -394,3 +394,8 @@ def test_evaluate_and_report_with_the_local_stand_in_as_service_llm(tmp_path):
     assert "the project&#39;s own" in page or "the project's own" in page  # the bundled labels say whose they are
     assert page.count("llamaduo-static") == 3  # the ζ slider's, the verdict explorer's and the answer browser's static forms
     assert "coverage@50 of precision" in page and "its answer (same k)" in page
+    # a page to hand in: titled by the run, no code, no parameter cells, no settings section
+    title = f"{params.run_name}: from {params.service.model} to a local model"
+    assert f"<title>{title}</title>" in page and "<h1" in page and "LlamaDuo report of" in page
+    assert "params_file" not in page and "nb.setup(" not in page and "0 · Settings" not in page and "08 · Report" not in page
+    assert "Data and training" in page

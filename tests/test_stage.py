@@ -208,3 +208,30 @@ def test_setup_writes_nothing(tmp_path):
     params, run_dir = notebook.setup(path, run_dir)
     assert coverage.run(params, run_dir).skipped
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_library_warnings_and_log_lines_go_to_the_stage_log_not_the_notebook(tmp_path, capsys):
+    """A stage's executed notebook keeps the story: what the libraries print while it runs goes to <run>/logs/."""
+    import logging
+    import warnings
+
+    from llamaduo_nb.core.units import Stage, StageResult
+
+    stage = Stage("noisy", upstream=(), depends_on=())
+
+    @stage.produces
+    def make(stage_run, params, run_dir, force=False) -> StageResult:
+        warnings.warn("is_gradient_checkpointing is deprecated", FutureWarning)
+        logging.getLogger("peft.utils").warning("Could not find a config file")
+        stage_run.begin()
+        return stage_run.finish({"made": 1}, outputs=[])
+
+    params = _params(tmp_path)
+    run_dir = tmp_path / "run"
+    result = stage.run(params, run_dir)
+    assert result.counts == {"made": 1}
+    shown = capsys.readouterr()
+    assert "deprecated" not in shown.out + shown.err and "config file" not in shown.out + shown.err
+    log = (run_dir / "logs" / "noisy.log").read_text()
+    assert "FutureWarning: is_gradient_checkpointing is deprecated" in log and "WARNING peft.utils: Could not find a config file" in log
+    assert logging.getLogger("peft").propagate  # put back as it was after the stage

@@ -426,6 +426,24 @@ class DeployParams(Strict):
         return value
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # transformers' integrations for training curves
+
+
+class TrackingParams(Strict):
+    """Where a run is also logged, besides its folder (off by default). Changes no output: a tracker only reads
+    them. `mlflow`: the run (params, a child run per cell with its tags, metrics and training curve, the verdicts,
+    the figures and report.html) is logged when `llamaduo run` ends; a rerun updates the same MLflow run."""
+
+    mlflow: bool = False
+    # any MLflow tracking URI (http://host:5000, databricks, sqlite:///…); default a SQLite store beside the run
+    # folders: sqlite:///<results>/mlflow.db, artifacts in <results>/mlartifacts
+    mlflow_uri: Optional[str] = None
+    experiment: Optional[str] = None  # the MLflow experiment; default run_name
+    # passed to TRL's `report_to` while an adapter trains: its loss curve live in TensorBoard (event files under
+    # <run>/tensorboard/), W&B (WANDB_MODE=offline works without a network), trackio or MLflow
+    report_to: list[Literal[TRACKERS]] = Field(default_factory=list)
+
+
 class Params(Strict):
     run_name: str = "paper"
     seed: int = 42
@@ -440,6 +458,7 @@ class Params(Strict):
     cycle: CycleParams = Field(default_factory=CycleParams)
     deploy: DeployParams = Field(default_factory=DeployParams)
     execution: ExecutionParams = Field(default_factory=ExecutionParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     @model_validator(mode="after")
     def _lora_rank_served_by_vllm(self):

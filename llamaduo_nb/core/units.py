@@ -38,6 +38,7 @@ from llamaduo_nb import __version__
 from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_json, write_json, write_text, write_yaml
 from llamaduo_nb.core.params import PROJECT_ROOT, Params
+from llamaduo_nb.core.progress import library_output_to
 
 # Service settings that change how fast or how cheaply answers come, never what they are. Requests are
 # cached by content, so a local service's batch_size (which prompts are generated together) changes
@@ -48,6 +49,7 @@ PACKAGES = ["torch", "transformers", "peft", "trl", "datasets", "xgrammar", "dat
             "anthropic", "google-genai", "pydantic", "sentence-transformers"]
 LAYOUT = 2  # run-folder layout; a folder of another layout is refused (see check_layout)
 EARLIER_LAYOUT_FOLDERS = ("synth", "dedup", "models", "responses", "judgements", "figures")
+LOGS_DIR = "logs"  # <run>/logs/<stage>.log: the libraries' warnings and log lines while the stage ran
 CYCLES_JSON = "cycles.json"  # the cycle loop's decisions (written by the runner when it cycles)
 INVOCATIONS_JSONL = "invocations.jsonl"  # every command run on the folder, appended by the runner
 SEARCH_JSON = "search.json"  # the volume search's steps (written by the runner in a search)
@@ -62,7 +64,7 @@ def _get(tree: dict, dotted: str) -> Any:
 
 
 def without_operational(dumped: dict) -> dict:
-    """The dumped params without the operational settings: of `service`, of every judge, and `execution`."""
+    """The dumped params without the operational settings: of `service`, of every judge, `execution` and `tracking`."""
 
     def strip(service):
         if isinstance(service, dict):
@@ -73,6 +75,7 @@ def without_operational(dumped: dict) -> dict:
 
     out = dict(dumped)
     out.pop("execution", None)  # where units run (local, Ray) changes none of them
+    out.pop("tracking", None)  # nor where the run is also logged
     if "service" in out:
         out["service"] = strip(out["service"])
     if isinstance(out.get("evaluate"), dict) and out["evaluate"].get("judges") is not None:
@@ -286,7 +289,8 @@ class Stage:
         stage_run = StageRun(self, params, run_dir, force)
         if stage_run.up_to_date():
             return stage_run.skipped()
-        return self.make(stage_run, params, Path(run_dir), force)
+        with library_output_to(Path(run_dir) / LOGS_DIR / f"{self.name}.log"):  # the notebook keeps the story
+            return self.make(stage_run, params, Path(run_dir), force)
 
     def inputs(self) -> list[str]:
         return list(self.upstream) + list(self.optional_upstream)

@@ -159,6 +159,11 @@ def _local_needs(family) -> list[str]:
             problems.append("finetune.quantization: nf4 needs bitsandbytes (pip install bitsandbytes)")
         if params.infer.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("infer.engine: vllm needs vllm (pip install vllm)")
+        if params.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+            problems.append("tracking.mlflow: true needs mlflow (pip install -e '.[track]')")
+        for tracker in params.tracking.report_to:  # found missing only when the first adapter starts training
+            if importlib.util.find_spec(tracker) is None:
+                problems.append(f"tracking.report_to: {tracker} needs the {tracker} package (pip install {tracker})")
     return sorted(set(problems), key=problems.index)
 
 

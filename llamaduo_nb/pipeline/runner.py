@@ -31,6 +31,7 @@ from llamaduo_nb.core.params_file import service_slug
 from llamaduo_nb.core.params_file import load_family, load_params
 from llamaduo_nb.core.units import StageResult, check_layout, cycle_folder, is_done, read_done, record_invocation
 from llamaduo_nb.pipeline import cycle as cyc
+from llamaduo_nb.pipeline import tracking
 from llamaduo_nb.pipeline import search
 from llamaduo_nb.pipeline.doctor import before_paying
 from llamaduo_nb.stages import BY_NAME, NAMES, NOTEBOOKS, evaluate
@@ -159,6 +160,8 @@ def _run_one(params: Params, run_dir: Path, chosen: list[str], forced: list[str]
     if report_notebook.exists() and ("report" in executed_now or not (run_dir / "report.html").exists()):
         export_html(report_notebook, run_dir / "report.html")
         log(f"report: {run_dir / 'report.html'}")
+    if params.tracking.mlflow:
+        tracking.log_run(params, run_dir, log)
     return run_dir
 
 

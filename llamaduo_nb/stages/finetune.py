@@ -17,6 +17,7 @@ moved to `orphaned/`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -69,7 +70,7 @@ def unit_dir(run_dir: Path | str, task: str, model_ref: str, volume: int) -> Pat
     return stage_dir(run_dir, "finetune") / task / short_name(model_ref) / str(volume)
 
 
-def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int):
+def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int, report_to: list[str] = (), run_name: str | None = None):
     import torch
     from trl import SFTConfig
 
@@ -94,7 +95,8 @@ def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int
         save_strategy="steps",
         save_steps=max(1, total // 4),  # a few checkpoints so an interrupted run resumes
         save_total_limit=1,
-        report_to=[],
+        report_to=list(report_to),  # tracking.report_to: the trackers that draw the loss curve live (none by default)
+        run_name=run_name,
         bf16=cuda,
         use_cpu=not cuda,
         **_checkpointing(cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda),
@@ -174,6 +176,30 @@ def adapter_unit(params: Params, run_dir: Path | str, task: str, model_ref: str,
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TENSORBOARD_DIR = "tensorboard"  # tracking.report_to: tensorboard writes <run>/tensorboard/<task>/<model>/<volume>/
+
+
+def tensorboard_dir(run_dir: Path | str, task: str, model_ref: str, volume: int) -> Path:
+    """Beside the stage folders, not in the adapter's folder: event files are logs, never part of an adapter."""
+    return Path(run_dir) / TENSORBOARD_DIR / task / short_name(model_ref) / str(volume)
+
+
+@contextlib.contextmanager
+def tensorboard_folder(folder: Path | None):
+    """transformers' TensorBoard callback reads its folder from TENSORBOARD_LOGGING_DIR when training begins
+    (its default, inside the checkpoints, is deleted with them); set for this adapter only."""
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = before
 
 
 def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, volume: int, pairs: list[dict], callbacks=None,
@@ -200,7 +226,7 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     quant = effective_quantization(cfg)
     tokenizer = load_tokenizer(model_ref, cfg.chat_template)
     model = load_training_base(model_ref, quant)
-    args = sft_config(cfg, checkpoints, params.seed, len(pairs))
+    args = sft_config(cfg, checkpoints, params.seed, len(pairs), params.tracking.report_to, f"{task}/{short_name(model_ref)}/{volume}")
     # LoRA's initial weights are drawn when the trainer wraps the model, before it seeds anything: seeded here,
     # an adapter is the same whatever this process trained before (a Ray worker, an --only redo)
     set_seed(params.seed)
@@ -210,7 +236,8 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     )
     resume = last_complete_checkpoint(checkpoints)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with tensorboard_folder(tensorboard_dir(run_dir, task, model_ref, volume) if "tensorboard" in params.tracking.report_to else None):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finished = time.time()
     seconds = round(finished - started, 2)
     if not trainer.is_world_process_zero():

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import graphlib
 import re
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import yaml
 
 from llamaduo_nb.stages.evaluate import people
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
@@ -33,8 +35,8 @@ from llamaduo_nb.core.io import read_json, save_figure, write_csv, write_text
 from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.core.rows import is_service, with_cycle
 from llamaduo_nb.core.params import Params
-from llamaduo_nb.core.units import (CYCLES_JSON, SEARCH_JSON, Stage, StageResult, StageRun, cycle_folders, later_cycles, optional_file, root_of,
-                                    stage_dir)
+from llamaduo_nb.core.units import (CYCLES_JSON, SEARCH_JSON, Stage, StageResult, StageRun, cycle_folders, later_cycles, optional_file,
+                                    read_done, root_of, stage_dir)
 from llamaduo_nb.stages import deploy, evaluate, finetune
 
 NOT_THE_PAPER = (
@@ -317,16 +319,45 @@ def static_notebook(notebook):
     return notebook
 
 
+SETTINGS_TAGS = ("parameters", "injected-parameters", "settings")  # cells a reader of the page has no use for
+
+
+def report_page(notebook, title: str, subtitle: str = ""):
+    """The executed report notebook as a reader's page: the parameter cells and the settings section gone (code
+    inputs are left out by the exporter), its heading replaced by the run's title, widgets in their static form."""
+    from nbformat.v4 import new_markdown_cell
+
+    notebook.cells = [c for c in notebook.cells if not set(c.metadata.get("tags", [])) & set(SETTINGS_TAGS)]
+    first = notebook.cells[0] if notebook.cells else None
+    if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
+        first.source = first.source.split("\n", 1)[1].lstrip("\n") if "\n" in first.source else ""
+    notebook.cells.insert(0, new_markdown_cell(f"# {title}" + (f"\n\n*{subtitle}*" if subtitle else "")))
+    return static_notebook(notebook)
+
+
+def page_title(run_dir: Path) -> tuple[str, str]:
+    """("<run name>: service LLM → local model", "report of <date>, run folder <name>") from the run's records."""
+    params = yaml.safe_load((run_dir / "params.yaml").read_text()) if (run_dir / "params.yaml").exists() else {}
+    done = read_done(run_dir, "report") or {}
+    made = str(done.get("finished_at") or time.strftime("%Y-%m-%dT%H:%M:%S"))[:16].replace("T", " ")
+    service = (params.get("service") or {}).get("model") or "the service LLM"
+    return (f"{params.get('run_name') or run_dir.name}: from {service} to a local model",
+            f"LlamaDuo report of {made} · run folder {run_dir.name}")
+
+
 def export_html(notebook: Path, target: Path) -> Path:
-    """The executed report notebook as one standalone HTML file, written atomically: figures embedded, every
-    widget shown by its static form, no script fetched from the network (it reads offline, from file://)."""
+    """The executed report notebook as one standalone HTML file to hand in, written atomically: titled by the run,
+    no code and no parameter cells, figures embedded, every widget shown by its static form, no script fetched from
+    the network (it reads offline, from file://)."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     exporter.require_js_url = ""  # nothing on the page needs a script loader or MathJax from a CDN
     exporter.mathjax_url = ""
     exporter.widget_renderer_url = ""
-    body, _ = exporter.from_notebook_node(static_notebook(nbformat.read(notebook, as_version=4)))
+    title, subtitle = page_title(Path(target).parent)
+    page = report_page(nbformat.read(notebook, as_version=4), title, subtitle)
+    body, _ = exporter.from_notebook_node(page, resources={"metadata": {"name": title}})
     body = re.sub(r"<script src=\"\">\s*</script>", "", body)  # the emptied loaders' tags
     return write_text(target, body)
