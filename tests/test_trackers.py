@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 
-import httpx
+import urllib.error
+import urllib.request
+
 import pytest
 
 from tests.test_workbench import TINY, llamaduo
@@ -41,9 +43,10 @@ def mlflow_server(tmp_path_factory):
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
             time.sleep(1)
     else:
         server.kill()

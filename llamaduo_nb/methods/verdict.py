@@ -251,8 +251,11 @@ class Verdict:
             return f"no interval: {self.reason}"
         if self.rule.versus_service:
             who = "local − service" if self.rule.scale == 1 else f"local − {self.rule.scale:g} × service"
-            return f"{who} {self.estimate:+.1f} [{level} {self.low:+.1f}, {self.high:+.1f}]"
-        return f"{self.rule.statistic} {self.estimate:.1f} [{level} {self.low:.1f}, {self.high:.1f}]"
+            edge = 100 * max(1.0, self.rule.scale)  # a difference of 0–100 scores cannot leave ±100·scale
+            return f"{who} {self.estimate:+.1f} [{level} {max(self.low, -edge):+.1f}, {min(self.high, 100.0):+.1f}]"
+        # shown within the scale's 0–100 (the true value lies there, so the clipped interval covers as often); the
+        # decision reads the unclipped bound
+        return f"{self.rule.statistic} {self.estimate:.1f} [{level} {max(self.low, 0.0):.1f}, {min(self.high, 100.0):.1f}]"
 
     def design_text(self) -> str:
         parts = [f"n = {self.prompts} prompts"]

@@ -130,7 +130,9 @@ def _log(params: Params, run_dir: Path, metrics: pd.DataFrame, uri: str, log) ->
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = (run_dir.parent.resolve() / "mlartifacts" / name).as_uri() if uri.startswith("sqlite:") else None
-        experiment_id = client.create_experiment(name, artifact_location=location)
+        # the UI opens a "model training" experiment on its runs (MLflow 3 would show a GenAI traces page)
+        experiment_id = client.create_experiment(name, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
     else:
         experiment_id = experiment.experiment_id
     params_fingerprint = fingerprint(flat_params(params))

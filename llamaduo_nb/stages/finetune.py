@@ -186,7 +186,7 @@ def tensorboard_dir(run_dir: Path | str, task: str, model_ref: str, volume: int)
 
 @contextlib.contextmanager
 def tensorboard_folder(folder: Path | None):
-    """transformers' TensorBoard callback reads its folder from TENSORBOARD_LOGGING_DIR when training begins
+    """transformers' TensorBoard callback reads its folder from TENSORBOARD_LOGGING_DIR when the trainer is built
     (its default, inside the checkpoints, is deleted with them); set for this adapter only."""
     if folder is None:
         yield
@@ -230,14 +230,15 @@ def train_unit(params: Params, run_dir: Path | str, task: str, model_ref: str, v
     # LoRA's initial weights are drawn when the trainer wraps the model, before it seeds anything: seeded here,
     # an adapter is the same whatever this process trained before (a Ray worker, an --only redo)
     set_seed(params.seed)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
-        processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
-    )
+    board = tensorboard_dir(run_dir, task, model_ref, volume) if "tensorboard" in params.tracking.report_to else None
+    with tensorboard_folder(board):  # read when the trainer is built
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(pairs)),
+            processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks,
+        )
     resume = last_complete_checkpoint(checkpoints)
     started = time.time()
-    with tensorboard_folder(tensorboard_dir(run_dir, task, model_ref, volume) if "tensorboard" in params.tracking.report_to else None):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finished = time.time()
     seconds = round(finished - started, 2)
     if not trainer.is_world_process_zero():
