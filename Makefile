@@ -31,7 +31,8 @@ demo-cycle: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not long"
 
-# kill -9 at random points of synthesis, judging and training, then resume; the paper's synthesis rehearsed 300×
+# the whole pipeline through `llamaduo run` (papermill, every notebook) on tiny params and its reruns; kill -9 at
+# random points of synthesis, judging and training, then resume; the paper's synthesis rehearsed 300×
 # smaller against the emulators (healthy and broken providers); the grid on a local Ray cluster
 # (installs the ray extra when missing: ~80 MB, no torch of its own). CI runs it after `make test`.
 test-long: $(STAMP)

@@ -56,6 +56,7 @@ def run(tiny_params, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_every_stage_wrote_its_outputs_and_done(run):
     run_dir, _ = run
     for stage in STAGES:
@@ -69,6 +70,7 @@ def test_every_stage_wrote_its_outputs_and_done(run):
     assert list((run_dir / "deploy" / "closed_qa" / "smollm2-135m-instruct").glob("*@c1/export/model.q8_0.gguf"))
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_metrics_csv(run):
     run_dir, _ = run
     m = pd.read_csv(run_dir / "metrics.csv")
@@ -81,6 +83,7 @@ def test_metrics_csv(run):
     assert m["mean"].between(0, 100).all()
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_figures_png_and_svg(run):
     run_dir, _ = run
     for name in ("similarity_vs_volume", "precision_vs_volume", "precision_coverage", "dedup_funnel"):
@@ -90,6 +93,7 @@ def test_figures_png_and_svg(run):
         assert (run_dir / "report" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_manifest(run):
     run_dir, _ = run
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -102,6 +106,7 @@ def test_manifest(run):
     assert (run_dir / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_executed_notebooks_have_outputs(run):
     run_dir, _ = run
     for name in NOTEBOOKS.values():
@@ -111,6 +116,7 @@ def test_executed_notebooks_have_outputs(run):
         assert len(injected) == 1 and str(run_dir) in injected[0].source
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_second_run_reexecutes_nothing(run, tiny_params):
     run_dir, _ = run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "cache" not in p.parts}
@@ -202,6 +208,7 @@ def test_two_cycles_from_one_command_stop_for_the_stated_reason(run, tiny_params
     assert proc.stdout.count("up to date, skipped") == len(NOTEBOOKS) + 5
 
 
+@pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks
 def test_changed_param_redoes_only_downstream(run, tiny_params):
     run_dir, _ = run
     had_cycle_2 = (run_dir / "cycle-2").exists()

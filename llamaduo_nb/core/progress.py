@@ -61,7 +61,7 @@ def library_output_to(path):
         logger = logging.getLogger(name)
         saved.append((logger, logger.handlers[:], logger.propagate))
         logger.handlers, logger.propagate = [handler], False
-    datasets_bars = _datasets_bars(False)
+    datasets_bars, loading_bars = _datasets_bars(False), _transformers_bars(False)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
@@ -71,6 +71,7 @@ def library_output_to(path):
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
         _datasets_bars(datasets_bars)
+        _transformers_bars(loading_bars)
         log.close()
 
 
@@ -86,4 +87,19 @@ def _datasets_bars(on: bool | None) -> bool | None:
         datasets_logging.enable_progress_bar()
     elif on is False:
         datasets_logging.disable_progress_bar()
+    return was
+
+
+def _transformers_bars(on: bool | None) -> bool | None:
+    """transformers' own bars ("Loading weights", "Converting and de-quantizing GGUF tensors"), once per model
+    loaded: off while a stage runs (the trainer's progress is its callback's, not these)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return None
+    was = transformers_logging.is_progress_bar_enabled()
+    if on is True:
+        transformers_logging.enable_progress_bar()
+    elif on is False:
+        transformers_logging.disable_progress_bar()
     return was
