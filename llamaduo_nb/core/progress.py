@@ -2,6 +2,7 @@
 (papermill forwards a kernel's text output to the terminal, not widget updates)."""
 
 import contextlib
+import importlib
 import logging
 import os
 import time
@@ -61,7 +62,7 @@ def library_output_to(path):
         logger = logging.getLogger(name)
         saved.append((logger, logger.handlers[:], logger.propagate))
         logger.handlers, logger.propagate = [handler], False
-    datasets_bars, loading_bars = _datasets_bars(False), _transformers_bars(False)
+    bars = {library: _library_bars(library, False) for library in ("datasets", "transformers")}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
@@ -70,36 +71,22 @@ def library_output_to(path):
     finally:
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
-        _datasets_bars(datasets_bars)
-        _transformers_bars(loading_bars)
+        for library, was in bars.items():
+            _library_bars(library, was)
         log.close()
 
 
-def _datasets_bars(on: bool | None) -> bool | None:
-    """Turn datasets' progress bars on or off; returns whether they were on (None: datasets not imported yet or
-    absent, then nothing changes)."""
+def _library_bars(library: str, on: bool | None) -> bool | None:
+    """Turn a library's own progress bars on or off (datasets' per-step Map bars; transformers' "Loading weights",
+    once per model loaded: the trainer's progress is its callback's, not these). Both libraries' logging modules
+    share the same three calls. Returns whether they were on (None: the library is absent, nothing changes)."""
     try:
-        from datasets.utils import logging as datasets_logging
+        logging_module = importlib.import_module(f"{library}.utils.logging")
     except ImportError:
         return None
-    was = datasets_logging.is_progress_bar_enabled()
+    was = logging_module.is_progress_bar_enabled()
     if on is True:
-        datasets_logging.enable_progress_bar()
+        logging_module.enable_progress_bar()
     elif on is False:
-        datasets_logging.disable_progress_bar()
-    return was
-
-
-def _transformers_bars(on: bool | None) -> bool | None:
-    """transformers' own bars ("Loading weights", "Converting and de-quantizing GGUF tensors"), once per model
-    loaded: off while a stage runs (the trainer's progress is its callback's, not these)."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        return None
-    was = transformers_logging.is_progress_bar_enabled()
-    if on is True:
-        transformers_logging.enable_progress_bar()
-    elif on is False:
-        transformers_logging.disable_progress_bar()
+        logging_module.disable_progress_bar()
     return was
