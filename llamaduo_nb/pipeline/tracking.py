@@ -27,8 +27,8 @@ from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.core.io import file_fingerprint, fingerprint, read_json, write_json
 from llamaduo_nb.core.params import Params
 from llamaduo_nb.core.rows import SERVICE_VOLUME, is_service
-from llamaduo_nb.core.units import cycle_folders, stage_dir, without_operational
-from llamaduo_nb.stages import evaluate, finetune, report
+from llamaduo_nb.core.units import stage_dir, without_operational
+from llamaduo_nb.stages import evaluate, report
 from llamaduo_nb.methods import verdict
 
 TRACKING_JSON = "tracking.json"  # the MLflow run this folder was logged to, and what was logged
@@ -86,15 +86,12 @@ def cell_metrics(group: pd.DataFrame, several_judges: bool) -> dict[str, float]:
 
 
 def training_curves(run_dir: Path) -> dict[tuple, pd.DataFrame]:
-    """(cycle, task, local model, volume) → that adapter's train_log.csv."""
-    curves = {}
-    for cycle, folder in cycle_folders(run_dir):
-        if not stage_dir(folder, "finetune").exists():
-            continue
-        logs = finetune.load_train_logs(folder)
-        for (task, model, volume), log in (logs.groupby(["task", "local_model", "volume"]) if not logs.empty else []):
-            curves[(cycle, task, model, int(volume))] = log
-    return curves
+    """(cycle, task, local model, volume) → that adapter's training log (every cycle's, as the report reads them)."""
+    logs = report.load_train_logs(run_dir)
+    if logs.empty:
+        return {}
+    return {(int(cycle), task, model, int(volume)): log
+            for (cycle, task, model, volume), log in logs.groupby(["cycle", "task", "local_model", "volume"])}
 
 
 def artifacts(run_dir: Path) -> list[tuple[Path, str]]:
