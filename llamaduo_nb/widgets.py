@@ -27,7 +27,8 @@ from llamaduo_nb.stages import infer
 from llamaduo_nb.core.rows import with_cycle
 from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.methods import verdict
-from llamaduo_nb.methods.metrics import answer_scores, coverage_at
+from llamaduo_nb import figures
+from llamaduo_nb.methods.metrics import aggregate, answer_scores, coverage_at
 from llamaduo_nb.core.rows import is_service
 from llamaduo_nb.core.units import cycle_folders, root_of, stage_dir
 from llamaduo_nb.stages.evaluate import verdict_rule
@@ -398,8 +399,9 @@ def static_coverage_tables(scores: pd.DataFrame, zetas=(50, 70), metrics=("preci
 
 
 def zeta_slider(run_dir: Path | str, metric: str = "precision", zetas=(50, 70)):
-    """A ζ slider (and metric, judge pickers) that recomputes coverage@ζ per task and volume from the
-    answer scores of every cycle and redraws the bars; its static form holds the tables for `zetas`."""
+    """A ζ slider (and metric, judge pickers) that recomputes coverage@ζ per task and volume, with its 95 % CI, from
+    the judgements of every cycle and redraws the report's coverage figure (the service LLM as its dash-dot line and
+    band); its static form holds the tables for `zetas`."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
@@ -407,20 +409,14 @@ def zeta_slider(run_dir: Path | str, metric: str = "precision", zetas=(50, 70)):
     scores = answer_scores(judgements)
     judges = list(dict.fromkeys(scores["judge"]))
     local = scores[~is_service(scores["local_model"]).to_numpy()] if len(scores) else scores
-    model = local["local_model"].iloc[0] if len(local) else None
+    models = sorted(set(local["local_model"])) if len(local) else [None]  # the static figure's order: the first is its default
 
-    def draw(zeta, metric, judge):
+    def draw(zeta, metric, judge, model):
         from IPython.display import display
 
-        table = coverage_table(scores, zeta, metric, judge, model)
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        table.plot(kind="bar", ax=ax, ylim=(0, 100), rot=0, width=0.75)
-        ax.set_xlabel("training samples")
-        ax.set_ylabel(f"% of answers with {metric} ≥ {zeta}")
-        ax.set_title(f"coverage@{zeta} of {metric} · {model} · judge {judge}", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, title="task", title_fontsize=8)
-        fig.tight_layout()
+        # the report's own coverage figure, recomputed for this ζ with its 95 % CIs (metrics.aggregate, as metrics.csv)
+        recomputed = aggregate(judgements[judgements["judge"] == judge], (zeta,))
+        fig = figures.coverage_bars(recomputed, metric, (zeta,), local_model=model, judge=judge)
         display(fig)  # this figure only: plt.show() would also pull in the cell's other open figures
         plt.close(fig)
 
@@ -428,6 +424,7 @@ def zeta_slider(run_dir: Path | str, metric: str = "precision", zetas=(50, 70)):
         draw, zeta=w.IntSlider(value=50, min=0, max=100, step=5, description="ζ", continuous_update=False),
         metric=w.Dropdown(options=["precision", "similarity"], value=metric, description="metric"),
         judge=w.Dropdown(options=judges, description="judge"),
+        model=w.Dropdown(options=models, description="local model"),
     )
     return _explorer("ζ slider", [live], static_coverage_tables(scores, zetas))
 

@@ -223,7 +223,7 @@ def test_coverage_bars_error_bars_are_the_ci(metrics2):
     segments = bars.errorbar.lines[2][0].get_segments()
     assert [s[0][1] for s in segments] == pytest.approx(rows["coverage_50_ci_low"].fillna(rows["coverage_50"]).clip(upper=rows["coverage_50"]).tolist())
     assert [s[1][1] for s in segments] == pytest.approx(rows["coverage_50_ci_high"].fillna(rows["coverage_50"]).clip(lower=rows["coverage_50"]).tolist())
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP}\n(c2)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP}\nc2"]
 
 
 # -- across cycles ---------------------------------------------------------------------------------------
@@ -423,6 +423,24 @@ def test_coverage_table_recomputes_coverage(run2, metrics2):
     assert list(table.index) == ["base", "4", "16", "64", f"{VOLUMES[-1] + STEP} (cycle 2)"]
     assert table["closed_qa"].tolist() == pytest.approx(want["coverage_50"].tolist())
     assert widgets.zeta_slider(run2) is not None
+
+
+def test_zeta_slider_redraws_the_report_figure_with_its_intervals(run2, metrics2, monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))
+    live = widgets.zeta_slider(run2).children[0]
+    zeta = next(c for c in live.children if getattr(c, "description", "") == "ζ")
+    model = next(c for c in live.children if getattr(c, "description", "") == "local model")
+    assert list(model.options) == sorted(MODELS)
+    zeta.value, model.value = 50, MODELS[0]
+    live.update()
+    fig = shown[-1]
+    ax = next(a for a in fig.axes if a.get_title() == "closed qa")
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)][0]
+    want = metrics2[(metrics2["metric"] == "precision") & (metrics2["local_model"] == MODELS[0]) & (metrics2["task"] == "closed_qa")]
+    want = figures.base_once(want).sort_values(["volume", "cycle"])
+    assert [b.get_height() for b in bars] == pytest.approx(want["coverage_50"].tolist())  # the static figure's values
+    assert bars.errorbar is not None  # with its 95 % CIs
 
 
 def test_score_across_cycles_without_a_verdict_says_so():

@@ -343,8 +343,12 @@ class StageResult:
     outputs: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        state = "skipped (up to date)" if self.skipped else f"done in {self.seconds:.1f} s"
-        return f"{self.stage}: {state}; " + ", ".join(f"{k}={v}" for k, v in self.counts.items() if not isinstance(v, (dict, list)))
+        if self.skipped:  # the counts are those of the execution that made the outputs: what it did "now" was then
+            counts = {k: v for k, v in self.counts.items() if not k.endswith("_now")}
+            state = "up to date, nothing redone; its outputs"
+        else:
+            counts, state = self.counts, f"done in {self.seconds:.1f} s"
+        return f"{self.stage}: {state}: " + ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list)))
 
 
 _executions: dict = {}  # run folder -> the stage executing in it now (a fresh token per execution)

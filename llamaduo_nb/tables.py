@@ -1,0 +1,99 @@
+"""Tables for reading, in the notebooks and report.html: pandas Stylers, rounded, the deciding columns first,
+each interval in one cell beside its estimate, outcomes coloured, long texts wrapped (never cut with "…"), no
+index. Only what is shown is rounded: the CSVs under the run keep full precision.
+
+The colours follow the figures' language (`figures.OUTCOME_COLOURS`): green where the claim was shown (not worse,
+meets the target, passed, equivalent, met), red where it was refuted or stopped the sequence (worse, different,
+stopped here), amber where it could not be decided (too few prompts, not shown, not reached).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from pandas.io.formats.style import Styler
+
+from llamaduo_nb.methods import verdict
+
+SHOWN, REFUTED, OPEN = "#d9eedc", "#f6d5cf", "#fbeccb"
+OUTCOME_SHADES = {
+    verdict.PASS_RELATIVE: SHOWN, verdict.PASS_ABSOLUTE: SHOWN, verdict.PASSED: SHOWN, "equivalent": SHOWN, "yes": SHOWN,
+    verdict.NOT_SHOWN: OPEN, verdict.UNDECIDED: OPEN, verdict.NOT_REACHED: OPEN, "not shown equivalent": OPEN,
+    verdict.WENT_ON: OPEN, verdict.NOT_NEEDED: "", verdict.FAILED: REFUTED, "worse": REFUTED, "different": REFUTED,
+    "no": REFUTED, "true": SHOWN, "false": REFUTED,
+}
+OUTCOME_COLUMNS = ("outcome", "sequence", "equivalence", "parity", "met", "cycle_met", "passed", "chosen", "outcome_if_dropped")
+TEXT_COLUMNS = ("why", "parity", "advice", "warning", "reason", "stop_reason", "failure_reasons")
+IDENTITY = ("cycle", "task", "local_model", "judge", "volume", "metric", "baseline")
+
+
+def _shade(value) -> str:
+    if isinstance(value, bool):
+        return f"background-color: {SHOWN if value else REFUTED}"
+    text = str(value).strip().lower()
+    for phrase in sorted(OUTCOME_SHADES, key=len, reverse=True):  # "not shown equivalent" before "equivalent"
+        if text.startswith(phrase):
+            return f"background-color: {OUTCOME_SHADES[phrase]}"
+    return ""
+
+
+def interval_text(estimate, low, high, digits: int = 1) -> str:
+    """"61.8 [55.2, 68.4]": an estimate with its interval in one cell; "61.8 [–]" where none could be given."""
+    if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
+        return "–"
+    bounds = [low, high]
+    if any(b is None or (isinstance(b, float) and math.isnan(b)) for b in bounds):
+        return f"{estimate:.{digits}f} [–]"
+    return f"{estimate:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def with_intervals(frame: pd.DataFrame, pairs: dict, digits: int = 1) -> pd.DataFrame:
+    """Each `estimate column → (low column, high column)` of `pairs` as one text column "<estimate> [95% CI]" in the
+    estimate's place, its bounds dropped."""
+    out = frame.copy()
+    for estimate, (low, high) in pairs.items():
+        if not {estimate, low, high} <= set(out.columns):
+            continue
+        out[estimate] = [interval_text(e, lo, hi, digits) for e, lo, hi in zip(out[estimate], out[low], out[high])]
+        out = out.drop(columns=[low, high])
+    return out
+
+
+def ci_pairs(frame: pd.DataFrame) -> dict:
+    """metrics.csv's `<statistic>` → (`<statistic>_ci_low`, `<statistic>_ci_high`) pairs present in `frame`."""
+    return {c[: -len("_ci_low")]: (c, c[: -len("_ci_low")] + "_ci_high") for c in frame.columns
+            if c.endswith("_ci_low") and c[: -len("_ci_low")] in frame.columns and c[: -len("_ci_low")] + "_ci_high" in frame.columns}
+
+
+def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | None = None, intervals: dict | None = None) -> Styler:
+    """`frame` as a table to read: the identifying columns, then `lead` (the deciding ones), then the rest; each
+    `<x>` with its `<x>_ci_low` / `<x>_ci_high` (and each pair of `intervals`: estimate → (low, high)) in one cell;
+    numbers rounded to `digits`; outcomes coloured; long texts wrapped."""
+    if not isinstance(frame.index, pd.RangeIndex):  # a named index (a service LLM, a stage) is a column to read
+        frame = frame.reset_index()
+    frame = with_intervals(frame, {**ci_pairs(frame), **(intervals or {})}, digits)
+    first = [c for c in IDENTITY if c in frame.columns] + [c for c in lead if c in frame.columns and c not in IDENTITY]
+    frame = frame[first + [c for c in frame.columns if c not in first]]
+    floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    style = frame.style.hide(axis="index").format(precision=digits, na_rep="–", subset=floats or None)
+    style = style.format(na_rep="–", subset=[c for c in frame.columns if c not in floats] or None)
+    shaded = [c for c in OUTCOME_COLUMNS if c in frame.columns and c != "chosen"]
+    if shaded:
+        style = style.map(_shade, subset=shaded)
+    if "chosen" in frame.columns:  # the chosen volume stands out; the others are not failures
+        style = style.map(lambda v: f"background-color: {SHOWN}; font-weight: bold" if v is True or v == "True" else "", subset=["chosen"])
+    texts = [c for c in TEXT_COLUMNS if c in frame.columns]
+    if texts:
+        style = style.set_properties(subset=texts, **{"white-space": "normal", "min-width": "16em", "max-width": "34em",
+                                                      "text-align": "left"})
+    style = style.set_table_styles([
+        {"selector": "", "props": [("font-size", "12px"), ("border-collapse", "collapse")]},
+        {"selector": "th", "props": [("text-align", "left"), ("padding", "3px 8px"), ("border-bottom", "1px solid #999"),
+                                     ("white-space", "nowrap")]},
+        {"selector": "td", "props": [("padding", "2px 8px"), ("border-bottom", "1px solid #e4e4e4"), ("white-space", "nowrap")]},
+        {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"), ("font-weight", "bold")]},
+    ], overwrite=False)
+    if texts:  # after the table-wide nowrap: the long texts wrap
+        style = style.set_table_styles({c: [{"selector": "td", "props": [("white-space", "normal")]}] for c in texts}, overwrite=False)
+    return style.set_caption(caption) if caption else style
