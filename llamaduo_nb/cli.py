@@ -15,7 +15,7 @@ from llamaduo_nb.methods.planning import pooled_sd
 from llamaduo_nb.pipeline.doctor import check_params
 from llamaduo_nb.pipeline.plan import describe
 from llamaduo_nb.pipeline.runner import WRITE_ERRNOS, StageFailed, default_run_dir, run
-from llamaduo_nb.stages.report import compare_runs, load_verdicts
+from llamaduo_nb.stages.report import compare_runs, export_pdf, load_verdicts
 
 KEY_ENVS = ["OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"]
 
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild a run's report (figures, report.html); several runs: overlay them")
     rep.add_argument("runs", nargs="+", help="run folders")
     rep.add_argument("--out", help="folder for a comparison of several runs (default results/compare-<timestamp>)")
+    rep.add_argument("--pdf", action="store_true", help="also print report.html to report.pdf (needs Chrome or Chromium on PATH)")
     return p
 
 
@@ -94,7 +95,7 @@ def _keys_not_needed(params_file) -> None:
                 os.environ[names[0]] = "not-needed-by-report"
 
 
-def report(runs: list[str], out: str | None) -> int:
+def report(runs: list[str], out: str | None, pdf: bool = False) -> int:
     import time
     from pathlib import Path
 
@@ -114,6 +115,8 @@ def report(runs: list[str], out: str | None) -> int:
         _keys_not_needed(run_dir / "params.yaml")
         run(run_dir / "params.yaml", run_dir, stages="report", force=["report"])
         print(f"report: {run_dir / 'report.html'}\n  figures: {run_dir / 'report'}")
+        if pdf:
+            print(f"  pdf: {export_pdf(run_dir / 'report.html', run_dir / 'report.pdf')}")
         return 0
 
     target = Path(out) if out else PROJECT_ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 code = check_params(args.params, args.overrides, offline=args.offline)
             return code
         if args.command == "report":
-            return report(args.runs, args.out)
+            return report(args.runs, args.out, args.pdf)
         if args.command == "serve":
             return serving.serve(args.gguf, args.alias, args.host, args.port, args.n_ctx, args.threads)
         if args.command == "run" and args.gpus is not None and not args.dry_run:

@@ -446,3 +446,23 @@ def test_zeta_slider_redraws_the_report_figure_with_its_intervals(run2, metrics2
 def test_score_across_cycles_without_a_verdict_says_so():
     fig = figures.score_across_cycles(pd.DataFrame(), verdict.Rule(statistic="coverage_50"))
     assert any("no precision verdict yet" in t.get_text() for t in fig.axes[0].texts)
+
+
+def test_report_pdf_is_printed_by_a_real_chromium(tmp_path):
+    if report.find_browser() is None:
+        pytest.skip("no Chrome or Chromium on PATH")
+    html = tmp_path / "report.html"
+    html.write_text("<html><body><h1>quickstart: from gpt-4o to a local model</h1>" + "<p>verdict</p>" * 200 + "</body></html>")
+    pdf = report.export_pdf(html, tmp_path / "report.pdf").read_bytes()
+    import re
+
+    assert pdf[:5] == b"%PDF-" and len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 2  # a real document of several pages
+    assert not list(tmp_path.glob("tmp*"))  # the browser's scratch profile is gone
+
+
+def test_report_pdf_without_a_browser_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LLAMADUO_BROWSER", raising=False)
+    with pytest.raises(report.UserError, match="Chrome or Chromium"):
+        report.export_pdf(tmp_path / "report.html", tmp_path / "report.pdf")
+    assert not (tmp_path / "report.pdf").exists()

@@ -20,6 +20,7 @@ answered again in every cycle; the figures and the table show it once (its first
 from __future__ import annotations
 
 import graphlib
+import os
 import re
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import yaml
 from llamaduo_nb.stages.evaluate import people
 from llamaduo_nb.figures import (base_once, cost_per_stage, coverage_bars, funnel_plot, judge_vs_human, loss_curves,
                                  score_across_cycles, score_vs_volume, served_vs_adapter, verdict_by_volume)
+from llamaduo_nb.core.errors import UserError
 from llamaduo_nb.core.io import read_json, save_figure, write_csv, write_text
 from llamaduo_nb.methods import planning, verdict
 from llamaduo_nb.core.rows import is_service, with_cycle
@@ -361,3 +363,44 @@ def export_html(notebook: Path, target: Path) -> Path:
     body, _ = exporter.from_notebook_node(page, resources={"metadata": {"name": title}})
     body = re.sub(r"<script src=\"\">\s*</script>", "", body)  # the emptied loaders' tags
     return write_text(target, body)
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "microsoft-edge")
+
+
+def find_browser() -> str | None:
+    """A Chrome or Chromium on PATH ($LLAMADUO_BROWSER first), or None."""
+    import shutil
+
+    for name in filter(None, (os.environ.get("LLAMADUO_BROWSER"), *BROWSERS)):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def export_pdf(html: Path, target: Path, timeout_s: float = 180.0) -> Path:
+    """report.html printed to PDF by a headless Chrome/Chromium already on the machine, written atomically.
+
+    Why not nbconvert's own paths: WebPDF drives Chromium through playwright, which downloads its own browser
+    (`playwright install chromium`) — not possible offline; the LaTeX path needs a TeX installation (xelatex) and
+    drops the widgets' static forms. Printing the finished page itself gives the PDF a reader sees in the browser."""
+    import subprocess
+    import tempfile
+
+    browser = find_browser()
+    if browser is None:
+        raise UserError("report.pdf needs Chrome or Chromium on PATH (or $LLAMADUO_BROWSER): e.g. `apt-get install chromium`; "
+                        "report.html prints to PDF from any browser too")
+    html, target = Path(html).resolve(), Path(target)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        draft = Path(scratch) / "report.pdf"
+        command = [browser, "--headless", "--disable-gpu", "--no-pdf-header-footer", f"--user-data-dir={scratch}/profile",
+                   f"--print-to-pdf={draft}", html.as_uri()]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox (containers)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        if not draft.exists() or draft.read_bytes()[:5] != b"%PDF-":
+            raise UserError(f"{browser} did not print {html.name} to PDF (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+        os.replace(draft, target)
+    return target
