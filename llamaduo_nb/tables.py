@@ -38,7 +38,7 @@ def _shade(value) -> str:
     return ""
 
 
-def interval_text(estimate, low, high, digits: int = 1) -> str:
+def estimate_with_interval(estimate, low, high, digits: int = 1) -> str:
     """"61.8 [55.2, 68.4]": an estimate with its interval in one cell; "61.8 [–]" where none could be given."""
     if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
         return "–"
@@ -55,7 +55,7 @@ def with_intervals(frame: pd.DataFrame, pairs: dict, digits: int = 1) -> pd.Data
     for estimate, (low, high) in pairs.items():
         if not {estimate, low, high} <= set(out.columns):
             continue
-        out[estimate] = [interval_text(e, lo, hi, digits) for e, lo, hi in zip(out[estimate], out[low], out[high])]
+        out[estimate] = [estimate_with_interval(e, lo, hi, digits) for e, lo, hi in zip(out[estimate], out[low], out[high])]
         out = out.drop(columns=[low, high])
     return out
 
