@@ -657,6 +657,12 @@ def pairwise_bars(summary: pd.DataFrame, baseline: str = "base"):
                 values = sub[part].fillna(0).to_numpy(dtype=float)
                 ax.bar(x, values, 0.6, bottom=bottom, color=OUTCOME_COLOURS[part], label=part)
                 bottom += values
+            if {"win_ci_low", "win_ci_high"} <= set(sub.columns):  # the win share's 95 % CI on top of its segment
+                win = sub["win"].fillna(0).to_numpy(dtype=float)
+                low, high = sub["win_ci_low"].to_numpy(dtype=float), sub["win_ci_high"].to_numpy(dtype=float)
+                ok = np.isfinite(low) & np.isfinite(high)
+                ax.errorbar(x[ok], win[ok], yerr=[np.clip(win[ok] - low[ok], 0, None), np.clip(high[ok] - win[ok], 0, None)],
+                            fmt="none", ecolor="0.1", elinewidth=1, capsize=3, zorder=3)
             for xi, flip in zip(x, sub["position_inconsistency"]):
                 ax.text(xi, 101, "–" if pd.isna(flip) else f"{flip:.0f}%", ha="center", va="bottom", fontsize=7)
             cycles = sub["cycle"] if "cycle" in sub else [1] * len(sub)
@@ -669,7 +675,9 @@ def pairwise_bars(summary: pd.DataFrame, baseline: str = "base"):
     grid[0][0].set_ylim(0, 112)
     if not tasks:
         grid[0][0].text(0.5, 0.5, "no pairwise verdicts", ha="center", va="center", transform=grid[0][0].transAxes, color="0.4")
-    bottom = _figure_legend(fig, grid.ravel(), "above each bar: position inconsistency (% of pairs flipping with the order)", ncol=3)
+    shown_ci = {"win_ci_low", "win_ci_high"} <= set(summary.columns)
+    bottom = _figure_legend(fig, grid.ravel(), ("error bar: the win share's 95% CI; " if shown_ci else "")
+                            + "above each bar: position inconsistency (% of pairs flipping with the order)", ncol=3)
     fig.suptitle(f"Pairwise: each fine-tuned volume vs {against} (both orders)", fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig

@@ -59,7 +59,7 @@ def pairwise_for(shape: dict) -> pd.DataFrame:
     for baseline, task, model, judge, volume in itertools.product(("base", SERVICE), shape["tasks"], shape["models"], shape["judges"],
                                                                  shape["volumes"]):
         rows.append({"cycle": 1, "task": task, "local_model": model, "judge": judge, "volume": volume, "baseline": baseline,
-                     "win": 40.0, "tie": 20.0, "loss": 40.0, "position_inconsistency": 12.5})
+                     "win": 40.0, "tie": 20.0, "loss": 40.0, "win_ci_low": 30.0, "win_ci_high": 50.0, "position_inconsistency": 12.5})
     return pd.DataFrame(rows)
 
 
