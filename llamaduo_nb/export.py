@@ -57,7 +57,7 @@ def save_merged(model, tokenizer, folder: Path | str, dtype: str) -> Path:
     # a cast copy of the weights: the model in memory stays in full precision for the GGUF
     state = {name: tensor.to(getattr(torch, dtype)) for name, tensor in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-    model.config.torch_dtype = dtype
+    model.config.dtype = dtype  # config.json "dtype" (transformers 5 name; "torch_dtype" is deprecated)
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

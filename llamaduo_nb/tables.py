@@ -24,7 +24,10 @@ OUTCOME_SHADES = {
     "no": REFUTED, "true": SHOWN, "false": REFUTED,
 }
 OUTCOME_COLUMNS = ("outcome", "sequence", "equivalence", "parity", "met", "cycle_met", "passed", "chosen", "outcome_if_dropped")
-TEXT_COLUMNS = ("why", "parity", "advice", "warning", "reason", "stop_reason", "failure_reasons")
+TEXT_COLUMNS = ("why", "parity", "advice", "warning", "reason", "stop_reason", "failure_reasons", "instruction", "reference",
+                "response", "served", "adapter")
+SIGNIFICANT_DIGITS = ("p_value", "alpha", "cost_usd")  # shown with 3 significant digits, whatever `digits` says
+ONE_VALUE_TO_CAPTION = ("cycle", "judge", "baseline")  # a column with one value in every row says it once, above the table
 IDENTITY = ("cycle", "task", "local_model", "judge", "volume", "metric", "baseline")
 
 
@@ -69,14 +72,23 @@ def ci_pairs(frame: pd.DataFrame) -> dict:
 def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | None = None, intervals: dict | None = None) -> Styler:
     """`frame` as a table to read: the identifying columns, then `lead` (the deciding ones), then the rest; each
     `<x>` with its `<x>_ci_low` / `<x>_ci_high` (and each pair of `intervals`: estimate → (low, high)) in one cell;
-    numbers rounded to `digits`; outcomes coloured; long texts wrapped."""
+    numbers rounded to `digits`; outcomes coloured; long texts wrapped; a cycle, judge or baseline shared by every
+    row said once in the caption."""
     if not isinstance(frame.index, pd.RangeIndex):  # a named index (a service LLM, a stage) is a column to read
         frame = frame.reset_index()
     frame = with_intervals(frame, {**ci_pairs(frame), **(intervals or {})}, digits)
+    constant = [c for c in ONE_VALUE_TO_CAPTION if c in frame.columns and len(frame) > 1 and frame[c].nunique(dropna=False) == 1]
+    if constant:
+        said = " · ".join(f"{c} {frame[c].iloc[0]}" for c in constant)
+        caption = f"{caption} ({said})" if caption else said
+        frame = frame.drop(columns=constant)
     first = [c for c in IDENTITY if c in frame.columns] + [c for c in lead if c in frame.columns and c not in IDENTITY]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
     style = frame.style.hide(axis="index").format(precision=digits, na_rep="–", subset=floats or None)
+    small = [c for c in SIGNIFICANT_DIGITS if c in floats]
+    if small:  # a p-value of 0.004 is not "0.0"
+        style = style.format("{:.3g}", na_rep="–", subset=small)
     style = style.format(na_rep="–", subset=[c for c in frame.columns if c not in floats] or None)
     shaded = [c for c in OUTCOME_COLUMNS if c in frame.columns and c != "chosen"]
     if shaded:
@@ -92,7 +104,8 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
         {"selector": "th", "props": [("text-align", "left"), ("padding", "3px 8px"), ("border-bottom", "1px solid #999"),
                                      ("white-space", "nowrap")]},
         {"selector": "td", "props": [("padding", "2px 8px"), ("border-bottom", "1px solid #e4e4e4"), ("white-space", "nowrap")]},
-        {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"), ("font-weight", "bold")]},
+        {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"), ("font-weight", "bold"),
+                                          ("padding-bottom", "4px")]},
     ], overwrite=False)
     if texts:  # after the table-wide nowrap: the long texts wrap
         style = style.set_table_styles({c: [{"selector": "td", "props": [("white-space", "normal")]}] for c in texts}, overwrite=False)

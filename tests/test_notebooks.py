@@ -37,3 +37,21 @@ def test_papermill_reads_every_parameter(path):
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     names = {p.name for p in PythonTranslator.inspect(cell)}
     assert names == {"params_file", "run_dir", "overrides", "force"}
+
+
+def test_an_executed_notebook_is_signed_as_its_users_own(tmp_path, monkeypatch):
+    import shutil
+
+    from nbformat.sign import NotebookNotary
+
+    from llamaduo_nb.pipeline import runner
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # this test's own signature store
+    executed = tmp_path / "08_report.ipynb"
+    shutil.copy(BOOKS[-1], executed)
+    assert not NotebookNotary().check_signature(nbformat.read(executed, as_version=4))
+    runner.trust(executed)
+    notebook = nbformat.read(executed, as_version=4)
+    assert NotebookNotary().check_signature(notebook)  # JupyterLab renders its tables' styles
+    notebook.cells[0].source += " changed"
+    assert not NotebookNotary().check_signature(notebook)  # only what the run wrote is trusted

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import nbformat
+from nbformat.sign import NotebookNotary
 import pandas as pd
 import pytest
 
@@ -114,6 +115,7 @@ def test_executed_notebooks_have_outputs(run):
         assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), name
         injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert len(injected) == 1 and str(run_dir) in injected[0].source
+        assert NotebookNotary().check_signature(nb), name  # trusted: JupyterLab shows its tables' styles
 
 
 @pytest.mark.long  # the shared tiny run takes minutes: make test-long (CI); notebooks run in make test via test_notebooks

@@ -10,6 +10,7 @@ A model reference is one of:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -118,13 +119,28 @@ def torch_threads() -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def gguf_bar_off():
+    """transformers draws "Converting and de-quantizing GGUF tensors" with tqdm itself, outside the progress-bar
+    switch of its logging module that the stages turn off: off here too, so a notebook keeps one bar per stage."""
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    drawn = gguf.tqdm
+    gguf.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = drawn
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(ref: str, chat_template: Optional[str] = None):
     from transformers import AutoTokenizer
 
     src = resolve(ref)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+    with gguf_bar_off():
+        tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
     if chat_template:
         tok.chat_template = chat_template
     if tok.chat_template is None:
@@ -174,7 +190,8 @@ def load_model(ref: str, quantization: str = "none"):
     kwargs = placement(quantization)
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+    with gguf_bar_off():
+        model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
     if src.gguf_file:
         # GGUF weights are de-quantized to full precision on load; only the quantizer marker remains,
         # and it would make Trainer refuse to train LoRA on top.
