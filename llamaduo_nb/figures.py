@@ -543,6 +543,7 @@ def loss_curves(logs: pd.DataFrame):
                     color=shade_of(colours[str(model)], share), label=label)
         ax.set_title(task.replace("_", " "))
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if not tasks:
         axes[0].text(0.5, 0.5, "no training logs yet", ha="center", va="center", transform=axes[0].transAxes, color="0.4")

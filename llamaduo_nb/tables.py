@@ -9,6 +9,7 @@ stopped here), amber where it could not be decided (too few prompts, not shown, 
 
 from __future__ import annotations
 
+import html
 import math
 
 import pandas as pd
@@ -26,6 +27,7 @@ OUTCOME_SHADES = {
 OUTCOME_COLUMNS = ("outcome", "sequence", "equivalence", "parity", "met", "cycle_met", "passed", "chosen", "outcome_if_dropped")
 TEXT_COLUMNS = ("why", "parity", "advice", "warning", "reason", "stop_reason", "failure_reasons", "instruction", "reference",
                 "response", "served", "adapter")
+COUNT_ENDINGS = ("requests", "hits", "calls", "tokens", "pairs", "judgements", "prompts", "errors", "answers", "items")
 SIGNIFICANT_DIGITS = ("p_value", "alpha", "cost_usd")  # shown with 3 significant digits, whatever `digits` says
 ONE_VALUE_TO_CAPTION = ("cycle", "judge", "baseline")  # a column with one value in every row says it once, above the table
 IDENTITY = ("cycle", "task", "local_model", "judge", "volume", "metric", "baseline")
@@ -36,7 +38,7 @@ def _shade(value) -> str:
         return f"background-color: {SHOWN if value else REFUTED}"
     text = str(value).strip().lower()
     for phrase in sorted(OUTCOME_SHADES, key=len, reverse=True):  # "not shown equivalent" before "equivalent"
-        if text.startswith(phrase):
+        if text.startswith(phrase) and not text[len(phrase):len(phrase) + 1].isalnum():  # a word: "no", never "none"
             return f"background-color: {OUTCOME_SHADES[phrase]}"
     return ""
 
@@ -86,6 +88,9 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
     frame = frame[first + [c for c in frame.columns if c not in first]]
     floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
     style = frame.style.hide(axis="index").format(precision=digits, na_rep="–", subset=floats or None)
+    counts = [c for c in floats if c.endswith(COUNT_ENDINGS) and (frame[c].dropna() % 1 == 0).all()]
+    if counts:  # counts read back from JSON or summed as floats: 40, not 40.00
+        style = style.format("{:.0f}", na_rep="–", subset=counts)
     small = [c for c in SIGNIFICANT_DIGITS if c in floats]
     if small:  # a p-value of 0.004 is not "0.0"
         style = style.format("{:.3g}", na_rep="–", subset=small)
@@ -96,9 +101,11 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
     if "chosen" in frame.columns:  # the chosen volume stands out; the others are not failures
         style = style.map(lambda v: f"background-color: {SHOWN}; font-weight: bold" if v is True or v == "True" else "", subset=["chosen"])
     texts = [c for c in TEXT_COLUMNS if c in frame.columns]
-    if texts:
-        style = style.set_properties(subset=texts, **{"white-space": "normal", "min-width": "16em", "max-width": "34em",
-                                                      "text-align": "left"})
+    if texts:  # a block of its own width: a table cell's min-width is ignored when the table is squeezed
+        style = style.format(lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                             f'<div style="min-width: 18em; max-width: 36em; white-space: normal">{html.escape(str(v))}</div>',
+                             subset=texts)
+        style = style.set_properties(subset=texts, **{"text-align": "left", "vertical-align": "top"})
     style = style.set_table_styles([
         {"selector": "", "props": [("font-size", "12px"), ("border-collapse", "collapse")]},
         {"selector": "th", "props": [("text-align", "left"), ("padding", "3px 8px"), ("border-bottom", "1px solid #999"),

@@ -27,7 +27,7 @@ from llamaduo_nb.stages import infer
 from llamaduo_nb.core.rows import with_cycle
 from llamaduo_nb.core.io import read_jsonl
 from llamaduo_nb.methods import verdict
-from llamaduo_nb import figures
+from llamaduo_nb import figures, tables
 from llamaduo_nb.methods.metrics import aggregate, answer_scores, coverage_at
 from llamaduo_nb.core.rows import is_service
 from llamaduo_nb.core.units import cycle_folders, root_of, stage_dir
@@ -457,7 +457,8 @@ def verdict_explorer(params, run_dir: Path | str):
             rule = dataclasses.replace(base, threshold=float(bound_value), alpha=float(alpha))
         lines, table = verdict_sentences(scores, rule, params)
         display(Markdown("\n".join("- " + line for line in lines)))
-        display(table[columns].round(2))
+        display(tables.for_reading(table[columns], lead=["outcome", "chosen", "estimate", "sequence"],
+                                   intervals={"estimate": ("low", "high")}))
 
     if base.versus_service:
         bound = w.FloatSlider(value=base.margin, min=0, max=30, step=0.5, description="margin δ", continuous_update=False)

@@ -42,3 +42,9 @@ def test_ci_columns_of_metrics_csv_are_joined_and_an_index_becomes_a_column():
     assert tables.for_reading(metrics).data["mean"].tolist() == ["61.8 [55.2, 68.4]", "50.0 [–]"]
     calls = pd.DataFrame({"requests": [3]}, index=pd.Index(["gpt-4o"], name="service LLM"))
     assert list(tables.for_reading(calls).data.columns) == ["service LLM", "requests"]
+
+
+def test_a_missing_value_is_not_coloured_as_a_refusal():
+    frame = pd.DataFrame({"task": ["a", "b"], "met": [None, "no"]})
+    html = tables.for_reading(frame).to_html()
+    assert html.count(tables.REFUTED) == 1  # "no", never "None"

@@ -169,7 +169,8 @@ def cycles_table(cycles: dict | None) -> pd.DataFrame:
         for s in c.get("scores") or [{}]:
             task = s.get("task")
             rows.append({"cycle": c.get("cycle"), "task": task, "local_model": s.get("local_model"), "judge": s.get("judge"),
-                         "volume": s.get("volume"), "value": s.get("value"), "met": s.get("met"), "cycle_met": c.get("met"),
+                         "volume": s.get("volume"), "value": s.get("estimate", s.get("value")),  # the verdict's, or an older run's
+                         "met": s.get("passed", s.get("met")), "cycle_met": c.get("met"),
                          "new_pairs": new.get(task) if task else sum(new.values()),
                          "kept_pairs_total": kept.get(task) if task else sum(kept.values()), "cost_usd": c.get("cost_usd")})
     return pd.DataFrame(rows, columns=cols)
