@@ -71,11 +71,13 @@ def ci_pairs(frame: pd.DataFrame) -> dict:
             if c.endswith("_ci_low") and c[: -len("_ci_low")] in frame.columns and c[: -len("_ci_low")] + "_ci_high" in frame.columns}
 
 
-def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | None = None, intervals: dict | None = None) -> Styler:
+def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | None = None, intervals: dict | None = None,
+                grouped_by=()) -> Styler:
     """`frame` as a table to read: the identifying columns, then `lead` (the deciding ones), then the rest; each
     `<x>` with its `<x>_ci_low` / `<x>_ci_high` (and each pair of `intervals`: estimate → (low, high)) in one cell;
     numbers rounded to `digits`; outcomes coloured; long texts wrapped; a cycle, judge or baseline shared by every
-    row said once in the caption."""
+    row said once in the caption. `grouped_by` ("similarity", "precision"): columns `<group>_<x>` under one spanning
+    header per group (the paper's wide table fits a page)."""
     if not isinstance(frame.index, pd.RangeIndex):  # a named index (a service LLM, a stage) is a column to read
         frame = frame.reset_index()
     frame = with_intervals(frame, {**ci_pairs(frame), **(intervals or {})}, digits)
@@ -87,25 +89,30 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
     first = [c for c in IDENTITY if c in frame.columns] + [c for c in lead if c in frame.columns and c not in IDENTITY]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     floats = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
-    style = frame.style.hide(axis="index").format(precision=digits, na_rep="–", subset=floats or None)
+    key = {c: next(((g, c[len(g) + 1:]) for g in grouped_by if c.startswith(f"{g}_")), ("", c)) if grouped_by else c
+           for c in frame.columns}
     counts = [c for c in floats if c.endswith(COUNT_ENDINGS) and (frame[c].dropna() % 1 == 0).all()]
+    if grouped_by:
+        frame = frame.set_axis(pd.MultiIndex.from_tuples([key[c] for c in frame.columns]), axis=1)
+    at = lambda columns: [key[c] for c in columns] or None  # noqa: E731 (a flat name → the table's column)
+    style = frame.style.hide(axis="index").format(precision=digits, na_rep="–", subset=at(floats))
     if counts:  # counts read back from JSON or summed as floats: 40, not 40.00
-        style = style.format("{:.0f}", na_rep="–", subset=counts)
+        style = style.format("{:.0f}", na_rep="–", subset=at(counts))
     small = [c for c in SIGNIFICANT_DIGITS if c in floats]
     if small:  # a p-value of 0.004 is not "0.0"
-        style = style.format("{:.3g}", na_rep="–", subset=small)
-    style = style.format(na_rep="–", subset=[c for c in frame.columns if c not in floats] or None)
-    shaded = [c for c in OUTCOME_COLUMNS if c in frame.columns and c != "chosen"]
+        style = style.format("{:.3g}", na_rep="–", subset=at(small))
+    style = style.format(na_rep="–", subset=at([c for c in key if c not in floats]))
+    shaded = [c for c in OUTCOME_COLUMNS if c in key and c != "chosen"]
     if shaded:
-        style = style.map(_shade, subset=shaded)
-    if "chosen" in frame.columns:  # the chosen volume stands out; the others are not failures
-        style = style.map(lambda v: f"background-color: {SHOWN}; font-weight: bold" if v is True or v == "True" else "", subset=["chosen"])
-    texts = [c for c in TEXT_COLUMNS if c in frame.columns]
+        style = style.map(_shade, subset=at(shaded))
+    if "chosen" in key:  # the chosen volume stands out; the others are not failures
+        style = style.map(lambda v: f"background-color: {SHOWN}; font-weight: bold" if v is True or v == "True" else "", subset=at(["chosen"]))
+    texts = [c for c in TEXT_COLUMNS if c in key]
     if texts:  # a block of its own width: a table cell's min-width is ignored when the table is squeezed
         style = style.format(lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else
                              f'<div style="min-width: 18em; max-width: 36em; white-space: normal">{html.escape(str(v))}</div>',
-                             subset=texts)
-        style = style.set_properties(subset=texts, **{"text-align": "left", "vertical-align": "top"})
+                             subset=at(texts))
+        style = style.set_properties(subset=at(texts), **{"text-align": "left", "vertical-align": "top"})
     style = style.set_table_styles([
         {"selector": "", "props": [("font-size", "12px"), ("border-collapse", "collapse")]},
         {"selector": "th", "props": [("text-align", "left"), ("padding", "3px 8px"), ("border-bottom", "1px solid #999"),
@@ -114,6 +121,8 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
         {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"), ("font-weight", "bold"),
                                           ("padding-bottom", "4px")]},
     ], overwrite=False)
+    if grouped_by:  # a group's name centred over its columns
+        style = style.set_table_styles([{"selector": "th.col_heading.level0", "props": [("text-align", "center")]}], overwrite=False)
     if texts:  # after the table-wide nowrap: the long texts wrap
-        style = style.set_table_styles({c: [{"selector": "td", "props": [("white-space", "normal")]}] for c in texts}, overwrite=False)
+        style = style.set_table_styles({key[c]: [{"selector": "td", "props": [("white-space", "normal")]}] for c in texts}, overwrite=False)
     return style.set_caption(caption) if caption else style

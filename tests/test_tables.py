@@ -48,3 +48,13 @@ def test_a_missing_value_is_not_coloured_as_a_refusal():
     frame = pd.DataFrame({"task": ["a", "b"], "met": [None, "no"]})
     html = tables.for_reading(frame).to_html()
     assert html.count(tables.REFUTED) == 1  # "no", never "None"
+
+
+def test_the_papers_wide_table_groups_its_columns_by_metric():
+    wide = pd.DataFrame({"task": ["a"], "volume": [4], "similarity_mean": [61.84], "precision_mean": [50.0],
+                         "precision_coverage_50": [75.0]})
+    style = tables.for_reading(wide, grouped_by=("similarity", "precision"))
+    assert list(style.data.columns) == [("", "task"), ("", "volume"), ("similarity", "mean"), ("precision", "mean"),
+                                        ("precision", "coverage_50")]
+    html = style.to_html()
+    assert "61.8" in html and "61.84" not in html and 'colspan="2"' in html  # precision spans its two columns
