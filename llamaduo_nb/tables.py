@@ -25,7 +25,7 @@ OUTCOME_SHADES = {
     "no": REFUTED, "true": SHOWN, "false": REFUTED,
 }
 OUTCOME_COLUMNS = ("outcome", "sequence", "equivalence", "parity", "met", "cycle_met", "passed", "chosen", "outcome_if_dropped")
-TEXT_COLUMNS = ("why", "parity", "advice", "warning", "reason", "stop_reason", "failure_reasons", "instruction", "reference",
+TEXT_COLUMNS = ("why", "parity", "advice", "warning", "stop_reason", "failure_reasons", "instruction", "reference", "partner",
                 "response", "served", "adapter")
 COUNT_ENDINGS = ("requests", "hits", "calls", "tokens", "pairs", "judgements", "prompts", "errors", "answers", "items")
 SIGNIFICANT_DIGITS = ("p_value", "alpha", "cost_usd")  # shown with 3 significant digits, whatever `digits` says
