@@ -296,6 +296,7 @@ def test_widgets_carry_a_static_form_and_the_exported_page_needs_no_network(tmp_
     page = report.export_html(source, tmp_path / "report.html").read_text()
     assert_reads_offline(page)
     assert "STATIC ANSWERS" in page
+    assert report.PRINT_STYLE in page  # printed, outputs flow across pages
 
 
 def assert_reads_offline(page: str) -> None:

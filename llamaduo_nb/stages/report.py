@@ -363,7 +363,18 @@ def export_html(notebook: Path, target: Path) -> Path:
     page = report_page(nbformat.read(notebook, as_version=4), title, subtitle)
     body, _ = exporter.from_notebook_node(page, resources={"metadata": {"name": title}})
     body = re.sub(r"<script src=\"\">\s*</script>", "", body)  # the emptied loaders' tags
+    body = body.replace("</head>", PRINT_STYLE + "</head>", 1)
     return write_text(target, body)
+
+
+# Printed (report.pdf, or the browser's print): JupyterLab keeps every output whole on a page, which leaves half
+# pages empty before a long table or list; figures and table rows stay whole, text flows.
+PRINT_STYLE = """<style>@media print {
+  .jp-OutputArea-child { break-inside: auto; }
+  img, svg, tr, li { break-inside: avoid; }
+  h1, h2, h3 { break-after: avoid; }
+}</style>
+"""
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "microsoft-edge")
