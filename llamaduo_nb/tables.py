@@ -80,6 +80,7 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
     header per group (the paper's wide table fits a page)."""
     if not isinstance(frame.index, pd.RangeIndex):  # a named index (a service LLM, a stage) is a column to read
         frame = frame.reset_index()
+    frame = frame.infer_objects()  # numbers held as objects (a transposed dict of accounts) are formatted as numbers
     frame = with_intervals(frame, {**ci_pairs(frame), **(intervals or {})}, digits)
     constant = [c for c in ONE_VALUE_TO_CAPTION if c in frame.columns and len(frame) > 1 and frame[c].nunique(dropna=False) == 1]
     if constant:
