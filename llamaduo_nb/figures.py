@@ -278,10 +278,11 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
                 low, high = (sub[c].to_numpy(dtype=float) for c in ci_columns(f"coverage_{z}"))
                 err = np.nan_to_num(np.clip(np.vstack([values - low, high - values]), 0, None))
             bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, yerr=err, capsize=2, color=shade_of(colour, share),
-                          edgecolor=colour, lw=0.6, error_kw={"elinewidth": 0.8, "ecolor": "0.25"}, label=f"coverage@{z}")
+                          edgecolor=colour, lw=0.6, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
             for bar, volume in zip(bars, sub["volume"]):
-                if volume == 0:
-                    bar.set_hatch("///")  # the base model: dashed in line figures, hatched here
+                if volume == 0:  # the base model: dashed in line figures, hatched (on a light tint, so the hatch shows) here
+                    bar.set_hatch("///")
+                    bar.set_facecolor(shade_of(colour, 0.3 * share))
         ax.set_xticks(x, [volume_text(r.volume) + (f"\nc{r.cycle}" if r.cycle > 1 else "") for r in sub.itertuples()],
                       fontsize=8 if len(sub) > 6 else 10)
         ax.set_title(task.replace("_", " "))
@@ -291,7 +292,10 @@ def coverage_bars(metrics: pd.DataFrame, metric: str, zetas=(50, 70), local_mode
     axes[0].set_ylim(0, 103)
     title = "; ".join(p for p in ["error bars: 95% CI" if ci else "", "hatched: the base model",
                                   "dash-dot: the service LLM's own answers (band: 95% CI)" if banded else ""] if p)
-    bottom = _figure_legend(fig, axes, title, ncol=len(zetas))
+    shares = [1.0] if len(zetas) == 1 else [0.45 + 0.55 * i / (len(zetas) - 1) for i in range(len(zetas))]
+    handles = [matplotlib.patches.Patch(facecolor=shade_of(colour, share), edgecolor=colour, label=f"coverage@{z}")
+               for z, share in zip(zetas, shares)]  # the ζ's own colour: a bar container's handle would show the base's hatch
+    bottom = _figure_legend(fig, axes, title, handles, ncol=len(zetas))
     fig.suptitle(f"Coverage of {metric} · {local_model} · judge {judge}", fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
