@@ -393,7 +393,7 @@ def static_coverage_tables(scores: pd.DataFrame, zetas=(50, 70), metrics=("preci
     parts = []
     for metric in metrics:
         for zeta in zetas:
-            table = coverage_table(scores, zeta, metric).round(1).reset_index().rename(columns={"index": "volume"})
+            table = coverage_table(scores, zeta, metric).round(1).rename_axis(columns=None).reset_index().rename(columns={"index": "volume"})
             parts.append(_table_html(table, f"coverage@{zeta} of {metric} (% of answers scoring ≥ {zeta})"))
     return "".join(parts)
 
