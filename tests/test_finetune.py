@@ -84,10 +84,10 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
     from llamaduo_nb.stages.finetune import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "none") is None
-    for step, complete in ((2, True), (4, True), (10, False)):
+    for step, state in ((2, "{}"), (4, "{}"), (10, None), (12, ""), (14, '{"log_hist')):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:  # None: killed before the state; "" or cut: killed while the trainer wrote it
+            (folder / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # numeric order, not text order
-    assert not (tmp_path / "checkpoint-10").exists()  # the one killed mid-save is gone
+    assert not any((tmp_path / f"checkpoint-{s}").exists() for s in (10, 12, 14))  # those killed mid-save are gone

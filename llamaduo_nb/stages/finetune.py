@@ -18,6 +18,7 @@ moved to `orphaned/`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -106,15 +107,18 @@ def sft_config(cfg: FinetuneParams, output_dir: Path, seed: int, n_examples: int
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint the trainer finished writing (trainer_state.json is written last); one cut
-    short by a kill is removed, so the resume starts from the one before it."""
+    """The newest checkpoint the trainer finished writing (trainer_state.json is written last, in place: a kill
+    while it is written leaves it empty or cut); one cut short by a kill is removed, so the resume starts from
+    the one before it."""
     if not folder.exists():
         return None
     found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     for checkpoint in reversed(found):
-        if (checkpoint / "trainer_state.json").exists():
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
             return checkpoint
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return None
 
 
