@@ -19,11 +19,12 @@ from llamaduo_nb.methods import verdict
 
 SHOWN, REFUTED, OPEN = "#d9eedc", "#f6d5cf", "#fbeccb"
 OUTCOME_SHADES = {
-    verdict.PASS_RELATIVE: SHOWN, verdict.PASS_ABSOLUTE: SHOWN, verdict.PASSED: SHOWN, "equivalent": SHOWN, "yes": SHOWN,
-    verdict.NOT_SHOWN: OPEN, verdict.UNDECIDED: OPEN, verdict.NOT_REACHED: OPEN, "not shown equivalent": OPEN,
-    verdict.WENT_ON: OPEN, verdict.NOT_NEEDED: "", verdict.FAILED: REFUTED, "worse": REFUTED, "different": REFUTED,
+    verdict.PASS_RELATIVE: SHOWN, verdict.PASS_ABSOLUTE: SHOWN, verdict.PASSED: SHOWN, verdict.EQUIVALENT: SHOWN, "yes": SHOWN,
+    verdict.NOT_SHOWN: OPEN, verdict.UNDECIDED: OPEN, verdict.NOT_REACHED: OPEN, verdict.NOT_SHOWN_EQUIVALENT: OPEN,
+    verdict.WENT_ON: OPEN, verdict.NOT_NEEDED: "", verdict.FAILED: REFUTED, "worse": REFUTED, verdict.DIFFERENT: REFUTED,
     "no": REFUTED, "true": SHOWN, "false": REFUTED,
 }
+PHRASES = sorted(OUTCOME_SHADES, key=len, reverse=True)  # "not shown equivalent" before "equivalent"
 OUTCOME_COLUMNS = ("outcome", "sequence", "equivalence", "parity", "met", "cycle_met", "passed", "chosen", "outcome_if_dropped")
 TEXT_COLUMNS = ("why", "parity", "advice", "warning", "stop_reason", "failure_reasons", "instruction", "reference", "partner",
                 "response", "served", "adapter")
@@ -37,7 +38,7 @@ def _shade(value) -> str:
     if isinstance(value, bool):
         return f"background-color: {SHOWN if value else REFUTED}"
     text = str(value).strip().lower()
-    for phrase in sorted(OUTCOME_SHADES, key=len, reverse=True):  # "not shown equivalent" before "equivalent"
+    for phrase in PHRASES:
         if text.startswith(phrase) and not text[len(phrase):len(phrase) + 1].isalnum():  # a word: "no", never "none"
             return f"background-color: {OUTCOME_SHADES[phrase]}"
     return ""
@@ -124,6 +125,4 @@ def for_reading(frame: pd.DataFrame, lead=(), digits: int = 1, caption: str | No
     ], overwrite=False)
     if grouped_by:  # a group's name centred over its columns
         style = style.set_table_styles([{"selector": "th.col_heading.level0", "props": [("text-align", "center")]}], overwrite=False)
-    if texts:  # after the table-wide nowrap: the long texts wrap
-        style = style.set_table_styles({key[c]: [{"selector": "td", "props": [("white-space", "normal")]}] for c in texts}, overwrite=False)
     return style.set_caption(caption) if caption else style
